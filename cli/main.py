@@ -1,0 +1,40 @@
+"""The `digiq` command: one sub-command per DVC stage plus data, feature and report utilities.
+
+Modules under digiq.cli import only typer at the top; heavy libraries load inside the commands so
+that `digiq --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from digiq import __version__
+from digiq.cli import data as data_cli
+
+app = typer.Typer(
+    name="digiq",
+    help="Digi-Q, reproducible: collect → label → finetune → candidates → embed → features → critic → actor → evaluate → report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"digiq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Run `digiq COMMAND --help` for each stage's options; every default comes from params.yaml."""
+
+
+app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (stats, show).")
+data_cli.register(app)
+
+if __name__ == "__main__":
+    app()

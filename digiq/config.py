@@ -1,0 +1,127 @@
+"""Configuration: pydantic models mirroring params.yaml, one section per DVC stage.
+
+Every CLI option defaults to the value here (read from params.yaml); unknown keys are refused with a
+"did you mean" hint, wrong types with the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from digiq.errors import DigiqError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class CollectParams(Section):
+    tasks: list[str] = Field(
+        default_factory=lambda: [
+            "click-button",
+            "click-link",
+            "click-tab-2",
+            "click-checkboxes",
+            "choose-list",
+            "enter-text",
+            "login-user",
+            "use-autocomplete",
+        ],
+        description="MiniWoB++ task names (without the miniwob/ prefix and -v1 suffix)",
+    )
+    episodes_per_task: int = Field(60, ge=1, description="episodes collected per task")
+    seed: int = Field(0, ge=0, description="base seed; episode e of task t uses a seed derived from it")
+    workers: int = Field(2, ge=1, description="parallel browser processes")
+    max_steps: int = Field(8, ge=1, description="episode length cap (steps)")
+    noise: float = Field(0.3, ge=0.0, le=1.0, description="behaviour policy temperature / noise level")
+    out: str = Field("data/raw", description="dataset folder written by the stage")
+
+
+class LabelParams(Section):
+    epsilon: float = Field(30.0, gt=0, description="ε: label Yes when the downscaled pixel MSE exceeds it")
+    scale: float = Field(0.25, gt=0, le=1, description="downscale factor before the MSE (official: 0.25)")
+    yes_band: tuple[float, float] = Field((0.15, 0.85), description="allowed fraction of Yes labels (gate)")
+    out: str = Field("data/labels.parquet", description="label table")
+
+
+class ModelParams(Section):
+    base: str = Field("models/base", description="'models/base' (embedded default, built by a stage) or a local HF LLaVA checkpoint path")
+    image_size: int = Field(112, ge=14, description="working resolution of the embedded default's vision tower")
+    seed: int = Field(0, ge=0, description="seed for building the embedded default")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
+
+
+class Params(Section):
+    seed: int = Field(0, ge=0, description="global seed")
+    gamma: float = Field(0.95, ge=0.0, le=1.0, description="discount γ (official 0.95)")
+    collect: CollectParams = Field(default_factory=CollectParams)
+    label: LabelParams = Field(default_factory=LabelParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; a missing file gives the defaults."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DigiqError(f"invalid YAML ({exc})", file=path) from None
+    if not isinstance(raw, dict):
+        raise DigiqError("expected a mapping of sections at the top level", file=path)
+    return validate_params(raw, path)
+
+
+def validate_params(raw: dict[str, Any], path: str | Path = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        field = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            raise DigiqError(f"unknown key{_did_you_mean(problem['loc'])}", file=path, field=field) from None
+        raise DigiqError(f"{problem['msg']} (got {problem.get('input')!r})", file=path, field=field) from None
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def params_yaml(params: Params | None = None) -> str:
+    """params.yaml text for the given (default) params, with each field's description as a comment."""
+    import yaml
+
+    params = params or Params()
+    lines: list[str] = []
+    for name, field in Params.model_fields.items():
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{name}:")
+            for sub, subfield in type(value).model_fields.items():
+                dumped = yaml.safe_dump({sub: _plain(getattr(value, sub))}, default_flow_style=None, sort_keys=False).rstrip()
+                comment = f"  # {subfield.description}" if subfield.description else ""
+                lines.append("  " + dumped.replace("\n", "\n  ") + comment)
+        else:
+            comment = f"  # {field.description}" if field.description else ""
+            lines.append(yaml.safe_dump({name: value}, sort_keys=False).rstrip() + comment)
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

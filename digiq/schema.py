@@ -1,0 +1,192 @@
+"""Data contracts (DESIGN.md §4): the AitW/AutoUI action language, steps and trajectories.
+
+Coordinates are ``[y, x]`` in ``[0, 1]`` as in Android-in-the-Wild. Non-point actions carry
+``(-1.0, -1.0)`` exactly as the official data writes them.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NO_POINT: tuple[float, float] = (-1.0, -1.0)
+# AitW's action_matching: touch and lift closer than this (normalised units) is a tap, farther a swipe.
+SWIPE_DISTANCE_THRESHOLD = 0.04
+SCHEMA_VERSION = 1
+
+
+class ActionType(str, Enum):
+    DUAL_POINT = "DUAL_POINT"
+    TYPE = "TYPE"
+    PRESS_BACK = "PRESS_BACK"
+    PRESS_HOME = "PRESS_HOME"
+    PRESS_ENTER = "PRESS_ENTER"
+    STATUS_TASK_COMPLETE = "STATUS_TASK_COMPLETE"
+
+
+class Action(BaseModel):
+    """One action of the AitW action language.
+
+    ``plan`` is the free text inside ``Action Plan: [...]`` (None when the string had no plan part);
+    ``decimals`` is how many decimals the point coordinates are written with (None: shortest repr).
+    Both exist so that parsing then formatting reproduces the official strings exactly.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action_type: ActionType
+    touch_point: tuple[float, float] = NO_POINT
+    lift_point: tuple[float, float] = NO_POINT
+    typed_text: str = ""
+    plan: str | None = None
+    decimals: int | None = Field(default=4, ge=0, le=12)
+
+    @field_validator("touch_point", "lift_point")
+    @classmethod
+    def _finite(cls, point: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(v) for v in point):
+            raise ValueError(f"point {list(point)} is not finite")
+        return point
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Action:
+        if self.decimals is not None:  # canonical form: the coordinates the string form can carry
+            for name in ("touch_point", "lift_point"):
+                point = getattr(self, name)
+                if point != NO_POINT:
+                    object.__setattr__(self, name, tuple(round(v, self.decimals) for v in point))
+        if self.action_type is ActionType.DUAL_POINT:
+            for name in ("touch_point", "lift_point"):
+                point = getattr(self, name)
+                if not all(0.0 <= v <= 1.0 for v in point):
+                    raise ValueError(f"{name} {list(point)} is outside [0, 1] (expected [y, x] normalised)")
+        else:
+            for name in ("touch_point", "lift_point"):
+                if getattr(self, name) != NO_POINT:
+                    raise ValueError(f"{name} must be [-1.0, -1.0] for {self.action_type.value}")
+        if self.typed_text and self.action_type is not ActionType.TYPE:
+            raise ValueError(f"typed_text must be empty for {self.action_type.value}")
+        return self
+
+    @classmethod
+    def tap(cls, y: float, x: float, **kw: Any) -> Action:
+        return cls(action_type=ActionType.DUAL_POINT, touch_point=(y, x), lift_point=(y, x), **kw)
+
+    @classmethod
+    def swipe(cls, touch: tuple[float, float], lift: tuple[float, float], **kw: Any) -> Action:
+        return cls(action_type=ActionType.DUAL_POINT, touch_point=touch, lift_point=lift, **kw)
+
+    @classmethod
+    def type_text(cls, text: str, **kw: Any) -> Action:
+        return cls(action_type=ActionType.TYPE, typed_text=text, **kw)
+
+    @classmethod
+    def simple(cls, action_type: ActionType | str, **kw: Any) -> Action:
+        return cls(action_type=ActionType(action_type), **kw)
+
+    @property
+    def is_tap(self) -> bool:
+        return self.action_type is ActionType.DUAL_POINT and self.swipe_distance <= SWIPE_DISTANCE_THRESHOLD
+
+    @property
+    def is_swipe(self) -> bool:
+        return self.action_type is ActionType.DUAL_POINT and not self.is_tap
+
+    @property
+    def swipe_distance(self) -> float:
+        (y0, x0), (y1, x1) = self.touch_point, self.lift_point
+        return math.hypot(y1 - y0, x1 - x0)
+
+    @property
+    def kind(self) -> str:
+        """Finer than action_type: tap / swipe / type / press_back / press_home / press_enter / complete."""
+        if self.action_type is ActionType.DUAL_POINT:
+            return "tap" if self.is_tap else "swipe"
+        return {
+            ActionType.TYPE: "type",
+            ActionType.PRESS_BACK: "press_back",
+            ActionType.PRESS_HOME: "press_home",
+            ActionType.PRESS_ENTER: "press_enter",
+            ActionType.STATUS_TASK_COMPLETE: "complete",
+        }[self.action_type]
+
+    def __str__(self) -> str:
+        from digiq.actions import format_action
+
+        return format_action(self)
+
+
+class Step(BaseModel):
+    """One transition (s, a, r, s'), as stored in a dataset's step table.
+
+    Screenshots are PNG files under the dataset folder, referenced by relative path and sha256.
+    ``next_screenshot`` is None when no valid next frame exists (e.g. MiniWoB's black frame on
+    termination is never stored as a real next state).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    traj_id: str = Field(min_length=1)
+    step_id: int = Field(ge=0)
+    task: str = Field(min_length=1)
+    seed: int | None = None
+    goal: str
+    observation: str
+    screenshot: str
+    screenshot_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    next_screenshot: str | None = None
+    next_screenshot_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    elements: str | None = None  # JSON list of DOM/UI elements, when the env has them
+    action: Action
+    reward: float
+    done: bool
+    mc_return: float = 0.0  # discounted return from this step on; filled by the store at write time
+
+    @field_validator("reward", "mc_return")
+    @classmethod
+    def _finite_reward(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        return value
+
+
+class Trajectory(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    traj_id: str
+    task: str
+    goal: str
+    steps: list[Step]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Trajectory:
+        if not self.steps:
+            raise ValueError(f"trajectory {self.traj_id} has no steps")
+        for i, step in enumerate(self.steps):
+            if step.traj_id != self.traj_id:
+                raise ValueError(f"step {i} belongs to trajectory {step.traj_id}, not {self.traj_id}")
+            if step.step_id != i:
+                raise ValueError(f"step ids out of order: position {i} has step_id {step.step_id}")
+            if step.done and i != len(self.steps) - 1:
+                raise ValueError(f"step {i} is done but is not the last step")
+        return self
+
+    @property
+    def success(self) -> bool:
+        return any(step.reward > 0 for step in self.steps)
+
+    @property
+    def total_reward(self) -> float:
+        return float(sum(step.reward for step in self.steps))
+
+
+def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
+    """G_t = r_t + γ G_{t+1}, computed backwards."""
+    returns, running = [0.0] * len(rewards), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        returns[t] = running
+    return returns
