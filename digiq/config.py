@@ -105,23 +105,24 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
 
 def params_yaml(params: Params | None = None) -> str:
     """params.yaml text for the given (default) params, with each field's description as a comment."""
-    import yaml
-
     params = params or Params()
     lines: list[str] = []
     for name, field in Params.model_fields.items():
         value = getattr(params, name)
         if isinstance(value, BaseModel):
             lines.append(f"{name}:")
-            for sub, subfield in type(value).model_fields.items():
-                dumped = yaml.safe_dump({sub: _plain(getattr(value, sub))}, default_flow_style=None, sort_keys=False).rstrip()
-                comment = f"  # {subfield.description}" if subfield.description else ""
-                lines.append("  " + dumped.replace("\n", "\n  ") + comment)
+            lines.extend(f"  {_yaml_line(sub, getattr(value, sub), subfield.description)}" for sub, subfield in type(value).model_fields.items())
         else:
-            comment = f"  # {field.description}" if field.description else ""
-            lines.append(yaml.safe_dump({name: value}, sort_keys=False).rstrip() + comment)
+            lines.append(_yaml_line(name, value, field.description))
     return "\n".join(lines) + "\n"
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def _yaml_line(key: str, value: Any, description: str | None) -> str:
+    import yaml
+
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("...").strip()
+    comment = f"  # {description}" if description else ""
+    return f"{key}: {text}{comment}"

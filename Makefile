@@ -1,0 +1,38 @@
+# The README's two commands: `make repro` (set up everything, then `dvc repro`) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.digiq-installed
+CHROMIUM := /usr/lib/chromium/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup system venv repro test clean-outputs
+
+setup: system venv
+
+# Debian's chromium + chromedriver for MiniWoB++ (DESIGN.md §5)
+system:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then echo "chromium: present"; else \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; fi
+
+venv: $(STAMP)
+
+# torch first, as the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build
+$(STAMP): pyproject.toml requirements.lock
+	[ -x $(PY) ] || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+# pytest exits 5 when it collects no test: not a failure of the suite
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+clean-outputs:
+	rm -rf data models metrics plots reports dvclive
