@@ -10,6 +10,7 @@ import typer
 
 from digiq import __version__
 from digiq.cli import data as data_cli
+from digiq.cli import view as view_cli
 
 app = typer.Typer(
     name="digiq",
@@ -35,6 +36,7 @@ def main(
 
 app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (stats, show).")
 data_cli.register(app)
+view_cli.register(app)
 
 if __name__ == "__main__":
     app()

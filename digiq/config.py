@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from digiq.errors import DigiqError
+from digiq.viewer.options import ViewParams
 
 PARAMS_FILE = "params.yaml"
 
@@ -63,6 +64,7 @@ class Params(Section):
     collect: CollectParams = Field(default_factory=CollectParams)
     label: LabelParams = Field(default_factory=LabelParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    view: ViewParams = Field(default_factory=ViewParams)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
