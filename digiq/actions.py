@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from digiq.errors import ActionParseError
-from digiq.schema import NO_POINT, Action, ActionType
+from digiq.schema import MAX_DECIMALS, NO_POINT, Action, ActionType
 
 PLAN_PREFIX = "Action Plan: ["
 DECISION_SEPARATOR = "] ; Action Decision: "
@@ -117,19 +117,20 @@ def _parse_action_type(name: str) -> ActionType:
         raise ActionParseError(f'unknown action_type "{name}" (expected one of {known})') from None
 
 
-def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int | None]]:
+def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int]]:
     if text == _NO_POINT_TEXT:
         return NO_POINT, []
     parts = text.split(", ")
     matches = [_NUMBER.match(part) for part in parts]
     if len(parts) != 2 or not all(matches):
         raise ActionParseError(f'{field} "[{text}]" is not two numbers "[y, x]"')
-    decimals = [len(m.group(1)) if m.group(1) is not None else None for m in matches if m]
+    decimals = [len(m.group(1)) if m.group(1) is not None else 0 for m in matches if m]
     return (float(parts[0]), float(parts[1])), decimals
 
 
-def _common_decimals(decimals: list[int | None]) -> int | None:
-    return decimals[0] if decimals and all(d == decimals[0] for d in decimals) else None
+def _common_decimals(decimals: list[int]) -> int | None:
+    shared = decimals[0] if decimals and all(d == decimals[0] for d in decimals) else None
+    return shared if shared is not None and shared <= MAX_DECIMALS else None
 
 
 def _format_point(point: tuple[float, float], decimals: int | None) -> str:

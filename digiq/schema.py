@@ -16,6 +16,8 @@ NO_POINT: tuple[float, float] = (-1.0, -1.0)
 # AitW's action_matching: touch and lift closer than this (normalised units) is a tap, farther a swipe.
 SWIPE_DISTANCE_THRESHOLD = 0.04
 SCHEMA_VERSION = 1
+DEFAULT_DECIMALS = 4  # AutoUI writes coordinates with 4 decimals
+MAX_DECIMALS = 12
 
 
 class ActionType(str, Enum):
@@ -42,7 +44,7 @@ class Action(BaseModel):
     lift_point: tuple[float, float] = NO_POINT
     typed_text: str = ""
     plan: str | None = None
-    decimals: int | None = Field(default=4, ge=0, le=12)
+    decimals: int | None = Field(default=DEFAULT_DECIMALS, ge=0, le=MAX_DECIMALS)
 
     @field_validator("touch_point", "lift_point")
     @classmethod
@@ -53,6 +55,7 @@ class Action(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Action:
+        object.__setattr__(self, "decimals", self._canonical_decimals())
         if self.decimals is not None:  # canonical form: the coordinates the string form can carry
             for name in ("touch_point", "lift_point"):
                 point = getattr(self, name)
@@ -70,6 +73,16 @@ class Action(BaseModel):
         if self.typed_text and self.action_type is not ActionType.TYPE:
             raise ValueError(f"typed_text must be empty for {self.action_type.value}")
         return self
+
+    def _canonical_decimals(self) -> int | None:
+        """The decimals the string form will show: fixed for non-point actions, else given or shared by all four numbers."""
+        if self.action_type is not ActionType.DUAL_POINT:
+            return DEFAULT_DECIMALS
+        if self.decimals is not None:
+            return self.decimals
+        counts = {_repr_decimals(v) for v in (*self.touch_point, *self.lift_point)}
+        only = counts.pop() if len(counts) == 1 else None
+        return only if only is not None and only <= MAX_DECIMALS else None
 
     @classmethod
     def tap(cls, y: float, x: float, **kw: Any) -> Action:
@@ -181,6 +194,14 @@ class Trajectory(BaseModel):
     @property
     def total_reward(self) -> float:
         return float(sum(step.reward for step in self.steps))
+
+
+def _repr_decimals(value: float) -> int:
+    """Decimals in the shortest exact positional rendering of ``value`` (0.5 -> 1, 1.0 -> 0)."""
+    import numpy as np
+
+    text = np.format_float_positional(value, unique=True, trim="-")
+    return len(text.partition(".")[2])
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
