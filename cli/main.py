@@ -10,6 +10,9 @@ import typer
 
 from digiq import __version__
 from digiq.cli import data as data_cli
+from digiq.cli import features as features_cli
+from digiq.cli import label as label_cli
+from digiq.cli import model as model_cli
 from digiq.cli import view as view_cli
 
 app = typer.Typer(
@@ -18,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts quote "[params: …]"; rich markup would swallow the brackets
 )
 
 
@@ -35,7 +39,10 @@ def main(
 
 
 app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (stats, show).")
+app.add_typer(model_cli.app, name="model", help="Build the default VLM; summarise a checkpoint folder.")
+app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)
+label_cli.register(app)
 view_cli.register(app)
 
 if __name__ == "__main__":

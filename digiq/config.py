@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from digiq.errors import DigiqError
 from digiq.viewer.options import ViewParams
@@ -47,8 +47,32 @@ class CollectParams(Section):
 class LabelParams(Section):
     epsilon: float = Field(30.0, gt=0, description="ε: label Yes when the downscaled pixel MSE exceeds it")
     scale: float = Field(0.25, gt=0, le=1, description="downscale factor before the MSE (official: 0.25)")
-    yes_band: tuple[float, float] = Field((0.15, 0.85), description="allowed fraction of Yes labels (gate)")
+    yes_band: tuple[float, float] = Field((0.15, 0.85), description="allowed Yes fraction overall, and per action kind unless overridden (gate)")
+    kind_bands: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"swipe": (0.0, 0.85), "press_enter": (0.0, 0.85)},
+        description="per-action-kind Yes bands overriding yes_band (swipes and Enter rarely change a MiniWoB page)",
+    )
+    min_count: int = Field(30, ge=1, description="action kinds with fewer labelled transitions are reported, not gated")
+    resample: Literal["box", "bilinear", "bicubic", "lanczos", "nearest"] = Field("box", description="PIL filter for the downscale (box: exact block mean)")
+    sweep_epsilons: list[float] = Field(default_factory=lambda: [5.0, 10.0, 20.0, 30.0, 50.0, 80.0], description="ε values of plots/label_sweep.csv")
     out: str = Field("data/labels.parquet", description="label table")
+
+    @field_validator("yes_band")
+    @classmethod
+    def _band(cls, band: tuple[float, float]) -> tuple[float, float]:
+        return _check_band(band)
+
+    @field_validator("kind_bands")
+    @classmethod
+    def _bands(cls, bands: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        return {kind: _check_band(band) for kind, band in bands.items()}
+
+
+def _check_band(band: tuple[float, float]) -> tuple[float, float]:
+    low, high = band
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"band {list(band)} must satisfy 0 <= low <= high <= 1")
+    return band
 
 
 class ModelParams(Section):
@@ -58,12 +82,50 @@ class ModelParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
 
 
+class FeaturesParams(Section):
+    repo: str = Field("features", description="the Feast repository folder")
+    variant: str = Field("finetuned", description="embedding variant served: data/embeddings/<variant>/ (finetuned, off_the_shelf, no_vlm, ...)")
+    embeddings: str = Field("data/embeddings", description="folder holding one sub-folder of embedding tables per variant")
+    metrics: str = Field("metrics/features.json", description="stage output: rows materialized and timings")
+
+
+class CriticParams(Section):
+    target: Literal["td", "mc"] = Field("td", description="td: bootstrapped targets; mc: regress on the discounted return")
+    tau: float = Field(0.1, gt=0, le=1, description="Polyak rate (official 0.1)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (official 1e-3)")
+    grad_clip: float = Field(0.01, gt=0, description="max grad norm per head pair (official 0.01)")
+    batch_size: int = Field(128, ge=1, description="transitions per update (official 128)")
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
+    updates: int = Field(3000, ge=1, description="gradient updates")
+    log_every: int = Field(50, ge=1, description="updates per logged point")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    out: str = Field("models/critic", description="critic folder")
+
+
+class ActorParams(Section):
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce"], description="foreach stage items")
+    n: int = Field(16, ge=1, description="Best-of-N candidates per state (paper 16 of 64)")
+    threshold: float = Field(0.10, description="keep the best candidate if A > threshold (official 0.10)")
+    awr_beta: float = Field(0.05, gt=0, description="AWR temperature β (official 0.05)")
+    awr_max_weight: float = Field(20.0, gt=0, description="AWR weight clip")
+    use_state: bool = Field(True, description="score [f(s), f(s,a)] or f(s,a) alone")
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="scorer MLP widths")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(128, ge=1, description="states per update")
+    updates: int = Field(1000, ge=1, description="gradient updates")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    out: str = Field("models/actor", description="one sub-folder per method")
+
+
 class Params(Section):
     seed: int = Field(0, ge=0, description="global seed")
     gamma: float = Field(0.95, ge=0.0, le=1.0, description="discount γ (official 0.95)")
     collect: CollectParams = Field(default_factory=CollectParams)
     label: LabelParams = Field(default_factory=LabelParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    features: FeaturesParams = Field(default_factory=FeaturesParams)
+    critic: CriticParams = Field(default_factory=CriticParams)
+    actor: ActorParams = Field(default_factory=ActorParams)
     view: ViewParams = Field(default_factory=ViewParams)
 
 
@@ -124,7 +186,11 @@ def _yaml_line(key: str, value: Any, description: str | None) -> str:
 
     if isinstance(value, tuple):
         value = list(value)
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    class _NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    text = yaml.dump(value, Dumper=_NoAliases, default_flow_style=True, width=10**6).strip()
     text = text.removesuffix("...").strip()
     comment = f"  # {description}" if description else ""
     return f"{key}: {text}{comment}"

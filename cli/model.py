@@ -1,0 +1,59 @@
+"""`digiq model build|info`: the embedded default VLM and a look inside any checkpoint folder.
+
+Only typer is imported at module level; torch/transformers load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+
+app = typer.Typer(no_args_is_help=True, help="Build the default VLM; summarise a checkpoint folder.")
+
+
+@app.command("build")
+@handle_errors
+def build(
+    out: Path | None = typer.Option(None, "--out", help="checkpoint folder to write, replaced atomically [params: model.base]"),
+    image_size: int | None = typer.Option(None, "--image-size", help="working resolution in px, a multiple of 14 (112 → 64 image tokens) [params: model.image_size]"),
+    seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector) [params: model.seed]"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings, seeded Llama layers)."""
+    from digiq.pipelines.build_model import run
+
+    cfg = load(params).model
+    out = pick(out, Path(cfg.base))
+    image_size = pick(image_size, cfg.image_size)
+    seed = pick(seed, cfg.seed)
+    record = run(out, image_size=image_size, seed=seed)
+    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}")
+
+
+@app.command("info")
+@handle_errors
+def info(
+    path: Path = typer.Argument(..., help="checkpoint folder (config.json + safetensors)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Parameter count and config summary of a checkpoint folder (weights are not loaded)."""
+    from digiq.vlm.load import model_info
+
+    summary = model_info(path)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    typer.echo(f"{summary['path']}: {summary['architecture']}, {summary['parameters']:,} parameters "
+               f"({', '.join(summary['dtypes'])})")
+    for part in ("vision", "text"):
+        typer.echo(f"  {part}: " + ", ".join(f"{k}={v}" for k, v in summary[part].items()))
+    typer.echo(f"  image tokens: {summary['image_seq_length']} (feature layer {summary['vision_feature_layer']}, "
+               f"strategy {summary['vision_feature_select_strategy']}, token id {summary['image_token_id']})")
+    build = summary.get("digiq_build")
+    if build:
+        typer.echo(f"  digiq build: seed {build['config']['seed']}, pretrained: "
+                   + ", ".join(sorted(build["pretrained"])) + "; random: " + ", ".join(build["random"]))

@@ -1,0 +1,258 @@
+"""Policy extraction on frozen features: Best-of-N (Digi-Q) and the paper's baselines.
+
+The policy scores a state's candidate actions and acts through a softmax over the valid ones:
+
+    π(k | s) = softmax_k( MLP([f(s), f(s, a_k)]) )   over k with cand_mask[s, k]      (or MLP(f(s, a_k)))
+
+Every method is plain weighted imitation. It first turns the data (and the critic's advantages
+A(s, a_k) = max(Q1, Q2)(s, a_k) − max(V1, V2)(s), see :func:`digiq.critic.advantage`) into a weight
+matrix W [B, K], then minimises
+
+    L = −(1/|batch|) Σ_b Σ_k W[b, k] · log π(k | s_b)      over states with some W[b, k] ≠ 0.
+
+    bc           W[b, 0] = 1                                   (the dataset action, every state)
+    filtered-bc  W[b, 0] = 1 if the trajectory succeeded        (successful trajectories only)
+    digiq        N of the K candidates, always with index 0;  k* = argmax A over them;
+                 W[b, k*] = 1 if A(s_b, a_k*) > threshold       (Best-of-N; official threshold 0.10)
+    awr          W[b, 0] = min(exp(A(s_b, a_0) / β), w_max)
+    reinforce    W[b, k] = A(s_b, a_k) for the N sampled k      (negative terms included)
+
+REINFORCE's loss is unbounded below when negative weights dominate (log π of a bad candidate → −∞):
+the instability the paper attributes to negative gradients; it is kept as specified, not clamped.
+(The official code differs for its baselines: it clamps A to [0, 1] and applies every loss to the
+Best-of-N action; here AWR weighs the dataset action and REINFORCE keeps negative terms, as in the paper.)
+
+Ties in Best-of-N go to the lowest candidate index (the dataset action, index 0, wins every tie).
+The N-subset is drawn per state with a seeded generator: index 0 plus N−1 others chosen uniformly
+without replacement among the valid candidates (all of them when fewer are valid).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax
+from digiq.errors import DigiqError
+from digiq.nn import (EpochSampler, RunningMeans, load_pretrained, load_state, map_chunks, mlp, progress,
+                      resolve_device, save_pretrained, seeded_generator)
+
+Method = Literal["digiq", "bc", "filtered-bc", "awr", "reinforce"]
+KIND = "digiq.policy"
+
+
+class ActorConfig(BaseModel):
+    """Policy-extraction hyper-parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = Field("digiq", description="digiq (Best-of-N) | bc | filtered-bc | awr | reinforce")
+    n: int = Field(16, ge=1, description="Best-of-N / REINFORCE: candidates scored per state, dataset action included (paper 16 of 64)")
+    threshold: float = Field(0.10, description="Best-of-N: imitate the best candidate only if its advantage exceeds this (official 0.10)")
+    awr_beta: float = Field(0.05, gt=0.0, description="AWR temperature β in exp(A/β) (official awr_beta 0.05)")
+    awr_max_weight: float = Field(20.0, gt=0.0, description="AWR: weights are clipped at this value")
+    use_state: bool = Field(True, description="score [f(s), f(s, a)] (True) or f(s, a) alone (False)")
+    hidden: tuple[int, ...] = Field((256, 256), description="hidden layer widths of the scorer MLP")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
+    batch_size: int = Field(128, ge=1, description="states per update")
+    updates: int = Field(1000, ge=1, description="gradient updates")
+    log_every: int = Field(50, ge=1, description="updates per logged point (window means)")
+    seed: int = Field(0, ge=0, description="seed for weight init, the N-subsets and batch sampling")
+    device: str = Field("auto", description="'auto' (cuda when visible), 'cpu', 'cuda', …")
+
+
+# ----------------------------------------------------------------------------------------------- the policy
+
+
+class CandidatePolicy(nn.Module):
+    """An MLP scorer over [f(s), f(s, a_k)] (or f(s, a_k)) → logits over a state's candidate set."""
+
+    def __init__(self, d_s: int, d_sa: int, config: ActorConfig | None = None):
+        super().__init__()
+        self.config = config or ActorConfig()
+        self.d_s, self.d_sa = d_s, d_sa
+        self.scorer = mlp(d_sa + (d_s if self.config.use_state else 0), self.config.hidden)
+
+    def logits(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """[B, K] scores; invalid candidates get −inf."""
+        x = torch.cat([s.unsqueeze(1).expand(-1, cand_sa.shape[1], -1), cand_sa], dim=-1) if self.config.use_state else cand_sa
+        return self.scorer(x).squeeze(-1).masked_fill(~cand_mask, -math.inf)
+
+    def log_probs(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """log π(k | s) [B, K]; invalid candidates: 0 (never −inf, so 0 · log π stays 0)."""
+        return F.log_softmax(self.logits(s, cand_sa, cand_mask), dim=-1).masked_fill(~cand_mask, 0.0)
+
+    @torch.no_grad()
+    def act(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor,
+            mode: Literal["argmax", "sample"] = "argmax", generator: torch.Generator | None = None) -> torch.Tensor:
+        """The chosen candidate index per state [B]: argmax (ties: lowest index) or a sample from π."""
+        logits = self.logits(s, cand_sa, cand_mask)
+        if mode == "argmax":
+            return first_argmax(logits)
+        if mode == "sample":
+            return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        raise DigiqError(f"unknown mode {mode!r} (expected argmax or sample)", field="mode")
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_pretrained(directory, self, kind=KIND, config=self.config, dims={"d_s": self.d_s, "d_sa": self.d_sa})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> CandidatePolicy:
+        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=ActorConfig)
+        policy = cls(dims["d_s"], dims["d_sa"], config)  # type: ignore[arg-type]
+        load_state(policy, state, directory)
+        return policy.to(device).eval()
+
+
+def imitation_loss(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L = −mean_b Σ_k W[b, k] · log π(k | s_b)."""
+    return -(weights * log_probs).sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------- weights per method
+
+
+def sample_n_subset(cand_mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, K] bool: index 0 plus min(n, valid) − 1 other valid candidates, uniformly without replacement."""
+    keys = torch.rand(cand_mask.shape, generator=generator)
+    keys[:, 0] = -1.0  # the dataset action sorts first: always taken
+    keys[~cand_mask] = 2.0  # invalid candidates sort last: never taken
+    rank = keys.argsort(dim=1).argsort(dim=1)  # position of each candidate in its row's order
+    return (rank < n) & cand_mask
+
+
+def best_of_n_weights(adv: torch.Tensor, subset: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W[b, k*] = 1 where k* = argmax of A over the subset (ties: lowest index) and A[b, k*] > threshold.
+
+    Returns (W [B, K], k* [B]).
+    """
+    best = first_argmax(adv.masked_fill(~subset, math.nan))
+    best_adv = adv.gather(1, best.unsqueeze(1)).squeeze(1)
+    weights = torch.zeros_like(adv)
+    weights[torch.arange(len(best)), best] = (best_adv > threshold).to(adv.dtype)
+    return weights, best
+
+
+def awr_weights(adv0: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """w = min(exp(A(s, a_data) / β), w_max) for each state [B]."""
+    return torch.exp(adv0 / beta).clamp(max=max_weight)
+
+
+def reinforce_weights(adv: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """W[b, k] = A(s_b, a_k) on the sampled subset, 0 elsewhere (negative advantages push log π down)."""
+    return torch.where(subset, adv, torch.zeros_like(adv))
+
+
+def method_weights(config: ActorConfig, data: Transitions, adv: torch.Tensor | None, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The imitation weights W [B, K] of ``config.method`` and its selection metrics."""
+    data.require("cand_sa", "cand_mask")
+    b, k = data.cand_mask.shape
+    first = torch.zeros(b, k)
+    if config.method in ("digiq", "awr", "reinforce") and adv is None:
+        raise DigiqError(f"method {config.method!r} needs the critic's advantages", field="method")
+    if config.method == "bc":
+        first[:, 0] = 1.0
+        weights, imitated = first, torch.zeros(b, dtype=torch.long)
+    elif config.method == "filtered-bc":
+        data.require("traj_success")
+        first[:, 0] = data.traj_success.float().cpu()
+        weights, imitated = first, torch.zeros(b, dtype=torch.long)
+    elif config.method == "digiq":
+        weights, imitated = best_of_n_weights(adv, sample_n_subset(data.cand_mask.cpu(), config.n, generator), config.threshold)
+    elif config.method == "awr":
+        first[:, 0] = awr_weights(adv[:, 0], config.awr_beta, config.awr_max_weight)
+        weights, imitated = first, torch.zeros(b, dtype=torch.long)
+    else:  # reinforce
+        weights = reinforce_weights(adv, sample_n_subset(data.cand_mask.cpu(), config.n, generator))
+        imitated = first_argmax(weights.masked_fill(weights == 0, math.nan))
+    return weights, _selection_metrics(config.method, weights, imitated, adv)
+
+
+def _selection_metrics(method: str, weights: torch.Tensor, imitated: torch.Tensor, adv: torch.Tensor | None) -> dict[str, float]:
+    kept = (weights != 0).any(dim=1)
+    out = {"n_states": int(len(kept)), "n_kept": int(kept.sum()), "frac_states_kept": kept.float().mean().item()}
+    if method != "reinforce":
+        out["frac_imitated_not_dataset"] = (imitated[kept] != 0).float().mean().item() if kept.any() else math.nan
+    if adv is not None:
+        if method == "reinforce":  # every sampled (state, candidate) pair carries its advantage
+            sampled = weights[weights != 0]
+            out["mean_advantage_kept"] = sampled.mean().item() if len(sampled) else math.nan
+            out["frac_negative_weights"] = (sampled < 0).float().mean().item() if len(sampled) else math.nan
+        else:  # the advantage of the imitated action, weighted by its weight (AWR: Σ w A / Σ w)
+            w = weights.gather(1, imitated.unsqueeze(1)).squeeze(1)
+            a = adv.gather(1, imitated.unsqueeze(1)).squeeze(1)
+            out["mean_advantage_kept"] = ((w * a).sum() / w.sum()).item() if w.sum() > 0 else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_actor(
+    data: Transitions,
+    config: ActorConfig | None = None,
+    critic: DoubleCritic | None = None,
+    log_fn: LogFn | None = None,
+    *,
+    show_progress: bool = False,
+) -> tuple[CandidatePolicy, dict[str, float], list[dict[str, float]]]:
+    """Extract a policy with ``config.method``; returns (policy, metrics, history).
+
+    ``critic`` is required for digiq / awr / reinforce; given for bc / filtered-bc it only adds the mean
+    advantage of the imitated actions to the metrics. Metrics: n_states, n_kept, frac_states_kept,
+    mean_advantage_kept, train_loss (last window), agreement (policy argmax = imitated candidate, kept states).
+    """
+    config = config or ActorConfig()
+    data.require("cand_sa", "cand_mask")
+    device = resolve_device(config.device)
+    generator = seeded_generator(config.seed)
+    adv = advantage(critic, data.s, data.cand_sa) if critic is not None else None
+    weights, metrics = method_weights(config, data, adv, generator)
+    kept = (weights != 0).any(dim=1)
+    if not bool(kept.any()):
+        raise DigiqError(f"method {config.method!r} kept no state (threshold {config.threshold}?)", file=data.source, field="method")
+    rows = kept.nonzero().squeeze(1)
+    table = [t[rows].to(device, dtype).contiguous() for t, dtype in
+             ((data.s, torch.float32), (data.cand_sa, torch.float32), (data.cand_mask, torch.bool), (weights, torch.float32))]
+    policy = CandidatePolicy(data.s.shape[1], data.sa.shape[1], config).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)
+    sampler = EpochSampler(len(rows), config.batch_size, generator, device)
+    window, history = RunningMeans(), []
+    with progress(config.updates, f"actor ({config.method})", show_progress) as advance:
+        for step in range(1, config.updates + 1):
+            idx = sampler.next()
+            s, cand_sa, mask, w = (t.index_select(0, idx) for t in table)
+            loss = imitation_loss(policy.log_probs(s, cand_sa, mask), w)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip, foreach=True)
+            optimizer.step()
+            window.add({"loss": loss, "grad_norm": grad_norm})
+            advance()
+            if step % config.log_every == 0 or step == config.updates:
+                point = {"step": step, "epoch": step * config.batch_size / len(rows), **window.pop()}
+                history.append(point)
+                if log_fn is not None:
+                    log_fn(point, step)
+    policy.eval()
+    metrics["train_loss"] = history[-1]["loss"]
+    metrics["agreement"] = _agreement(policy, table)
+    return policy, metrics, history
+
+
+@torch.no_grad()
+def _agreement(policy: CandidatePolicy, table: list[torch.Tensor]) -> float:
+    """Fraction of states with a positive weight where π's argmax is the highest-weighted candidate."""
+    s, cand_sa, mask, weights = table
+    rows = weights.max(dim=1).values > 0
+    if not bool(rows.any()):
+        return math.nan
+    chosen = map_chunks(policy.act, s[rows], cand_sa[rows], mask[rows], device=weights.device)
+    return (chosen == first_argmax(weights[rows].cpu())).float().mean().item()

@@ -1,0 +1,95 @@
+"""Prompts for the visual-change question, one variant per action type, in the Digi-Q style.
+
+A prompt is one string in the LLaVA-1.5 conversation form::
+
+    USER: <image>
+    Previous Actions: ... Goal: ...
+    Action: tap (y=0.52, x=0.31) on "Submit" (the spot: <tap>). Will tapping there change the screen? Answer Yes or No. ASSISTANT:
+
+- ``<image>`` (:data:`IMAGE`) stands for the screenshot; the VLM expands it to its image tokens.
+- ``<tap>`` (:data:`TAP_SLOT`) is the tap placeholder: the VLM replaces its embedding by the projected patch
+  token under the touch point (a swipe has two slots: touch, then lift). This puts the action's location into
+  the input without drawing a marker and re-encoding the screenshot for each candidate. ``marker="none"``
+  or ``"draw"`` leave the slot out (``"draw"``: the caller draws :func:`~digiq.vlm.inputs.draw_tap_marker`
+  on the screenshot instead).
+- Everything before "Action:" depends on the state only, so all candidates of a state share that prefix
+  (the VLM computes it once).
+- The answer the model is asked for is the next token after "ASSISTANT:": :data:`ANSWERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from digiq.actions import describe_action
+
+if TYPE_CHECKING:
+    from digiq.schema import Action
+
+Marker = Literal["patch", "draw", "none"]
+MARKERS: tuple[str, ...] = ("patch", "draw", "none")
+
+IMAGE = "<image>"
+TAP_SLOT = "<tap>"
+ANSWERS = ("Yes", "No")
+TEMPLATE = "USER: {image}\n{state}\n{action} ASSISTANT:"
+
+QUESTIONS = {
+    "tap": "Will tapping there change the screen? Answer Yes or No.",
+    "swipe": "Will this swipe scroll or change the screen? Answer Yes or No.",
+    "type": "Will typing this text change the screen? Answer Yes or No.",
+    "press_enter": "Will pressing Enter change the screen? Answer Yes or No.",
+    "complete": "Will declaring the task complete change the screen? Answer Yes or No.",
+    "press_back": "Will this action change the screen? Answer Yes or No.",
+    "press_home": "Will this action change the screen? Answer Yes or No.",
+}
+_EOS_MARKS = ("</s>", "<|endoftext|>", "[SEP]")
+
+
+def state_text(goal: str, observation: str = "") -> str:
+    """The state part: the observation text (previous actions; the official form already names the goal),
+    with a ``Goal:`` line added when the observation does not contain the goal."""
+    text = observation.strip()
+    for mark in _EOS_MARKS:
+        text = text.replace(mark, "")
+    text = text.strip()
+    goal = goal.strip()
+    if goal and goal not in text:
+        text = f"{text}\nGoal: {goal}" if text else f"Goal: {goal}"
+    return text
+
+
+def action_text(action: Action, target: str | None = None, marker: Marker = "patch") -> str:
+    """The action part: what the action is, where (tap slots with ``marker="patch"``), and the question."""
+    kind = action.kind
+    text = f"Action: {describe_action(action, target)}"
+    if marker == "patch" and kind == "tap":
+        text += f" (the spot: {TAP_SLOT})"
+    elif marker == "patch" and kind == "swipe":
+        text += f" (from {TAP_SLOT} to {TAP_SLOT})"
+    return f"{text}. {QUESTIONS[kind]}"
+
+
+def build_prompt(goal: str, observation: str, action: Action, target: str | None = None,
+                 marker: Marker = "patch") -> str:
+    """The full prompt for one (state, action) pair."""
+    if marker not in MARKERS:
+        raise ValueError(f"unknown marker {marker!r} (expected one of {', '.join(MARKERS)})")
+    return TEMPLATE.format(image=IMAGE, state=state_text(goal, observation),
+                           action=action_text(action, target, marker))
+
+
+def build_prompts(goal: str, observation: str, actions: Sequence[Action],
+                  targets: Sequence[str | None] | None = None, marker: Marker = "patch") -> list[str]:
+    """Prompts for the candidates of one state (they share the state prefix)."""
+    targets = list(targets) if targets is not None else [None] * len(actions)
+    if len(targets) != len(actions):
+        raise ValueError(f"{len(actions)} actions but {len(targets)} targets")
+    return [build_prompt(goal, observation, a, t, marker) for a, t in zip(actions, targets, strict=True)]
+
+
+def state_prompt(goal: str, observation: str) -> str:
+    """A prompt for the state alone (f(s)): the image and the state text, no action."""
+    return TEMPLATE.format(image=IMAGE, state=state_text(goal, observation),
+                           action="What will the next action be?")

@@ -1,0 +1,19 @@
+"""Stage `model build`: write the embedded default VLM (a Hugging Face checkpoint folder) atomically.
+
+Deterministic: the same image size and seed give byte-identical weights, so DVC caches the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def run(out: Path, image_size: int = 112, seed: int = 0) -> dict:
+    """Build the default VLM into ``out`` (replaced atomically) and return its build record."""
+    from digiq.runtime import set_threads
+    from digiq.vlm.build import BUILD_FILE, build_default_vlm
+
+    set_threads()
+    path = build_default_vlm(Path(out), image_size=image_size, seed=seed)
+    return json.loads((path / BUILD_FILE).read_text())

@@ -1,0 +1,236 @@
+"""Critic: TD / MC targets, Polyak update, diagnostics — on hand-computed examples — and a toy MDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from digiq.critic import (Batch, CriticConfig, CriticTrainer, DoubleCritic, Transitions, action_sensitivity, advantage,
+                          critic_diagnostics, ranking_quality, td_q_target, td_v_target, toy_transitions, train_critic,
+                          v_calibration)
+from digiq.errors import DigiqError
+from digiq.nn import EpochSampler, soft_update
+
+torch.set_num_threads(1)
+
+
+def set_linear(head: nn.Sequential, weight: list[float], bias: float = 0.0) -> None:
+    """Make a hidden=() head compute x · weight + bias."""
+    with torch.no_grad():
+        head[0].weight.copy_(torch.tensor([weight]))
+        head[0].bias.fill_(bias)
+
+
+def linear_critic(d_s: int = 2, d_sa: int = 2, **config) -> DoubleCritic:
+    critic = DoubleCritic(d_s, d_sa, CriticConfig(hidden=(), device="cpu", **config))
+    for heads in (critic.online, critic.target):
+        for head in (heads.q1, heads.q2, heads.v1, heads.v2):
+            set_linear(head, [0.0] * head[0].in_features)
+    return critic
+
+
+def hand_batch() -> Batch:
+    return Batch(
+        s=torch.tensor([[1.0, 1.0], [1.0, 1.0]]),
+        sa=torch.tensor([[1.0, 4.0], [3.0, 2.0]]),
+        s_next=torch.tensor([[2.0, 3.0], [5.0, -1.0]]),
+        reward=torch.tensor([0.5, 1.0]),
+        done=torch.tensor([0.0, 1.0]),
+        mc_return=torch.tensor([1.0, 0.5]),
+    )
+
+
+def test_td_q_target_uses_min_of_target_v_heads_and_done():
+    critic = linear_critic()
+    set_linear(critic.target.v1, [1.0, 0.0])  # V̄1(s') = s'_0 → [2, 5]
+    set_linear(critic.target.v2, [0.0, 1.0])  # V̄2(s') = s'_1 → [3, -1]
+    # min → [2, -1];  y = r + 0.95 (1 − done) min:  [0.5 + 0.95·2, 1 + 0] = [2.4, 1.0]
+    y = td_q_target(critic.target, hand_batch(), gamma=0.95)
+    torch.testing.assert_close(y, torch.tensor([2.4, 1.0]))
+
+
+def test_td_v_target_is_min_of_target_q_heads_at_the_dataset_action():
+    critic = linear_critic()
+    set_linear(critic.target.q1, [1.0, 0.0])  # Q̄1(s, a) = sa_0 → [1, 3]
+    set_linear(critic.target.q2, [0.0, 1.0])  # Q̄2(s, a) = sa_1 → [4, 2]
+    set_linear(critic.online.q1, [5.0, 5.0])  # the online heads must not matter
+    torch.testing.assert_close(td_v_target(critic.target, hand_batch()), torch.tensor([1.0, 2.0]))
+
+
+def test_trainer_td_losses_against_hand_targets():
+    critic = linear_critic(gamma=0.95)
+    set_linear(critic.target.v1, [1.0, 0.0])
+    set_linear(critic.target.v2, [0.0, 1.0])
+    set_linear(critic.target.q1, [1.0, 0.0])
+    set_linear(critic.target.q2, [0.0, 1.0])
+    log = CriticTrainer(critic, critic.config).update(hand_batch())
+    # online heads output 0 before the update: L_Q = 2 · mean(y_Q²) = 2 · (2.4² + 1²)/2 = 6.76
+    # L_V = 2 · mean(y_V²) = 2 · (1² + 2²)/2 = 5.0
+    assert log["q_loss"].item() == pytest.approx(6.76)
+    assert log["v_loss"].item() == pytest.approx(5.0)
+    assert log["q_target_mean"].item() == pytest.approx(1.7)
+    assert log["td_error"].item() == pytest.approx(1.7)
+
+
+def test_trainer_mc_regresses_both_heads_on_the_return():
+    critic = linear_critic(target="mc")
+    set_linear(critic.target.v1, [1.0, 0.0])  # targets must be ignored in MC
+    before = [p.clone() for p in critic.target.parameters()]
+    log = CriticTrainer(critic, critic.config).update(hand_batch())
+    # Q = V = 0: L = 2 · mean(G²) = 2 · (1² + 0.5²)/2 = 1.25 for both
+    assert log["q_loss"].item() == pytest.approx(1.25)
+    assert log["v_loss"].item() == pytest.approx(1.25)
+    assert all(torch.equal(a, b) for a, b in zip(before, critic.target.parameters()))  # no Polyak step in MC
+
+
+def test_soft_update_is_polyak_average():
+    target, source = nn.Linear(1, 1), nn.Linear(1, 1)
+    set_linear(nn.Sequential(target), [0.0], 0.0)
+    set_linear(nn.Sequential(source), [1.0], 2.0)
+    soft_update(target, source, tau=0.1)  # 0.1·1 + 0.9·0 = 0.1 ; bias 0.1·2 = 0.2
+    assert target.weight.item() == pytest.approx(0.1) and target.bias.item() == pytest.approx(0.2)
+    soft_update(target, source, tau=0.1)  # 0.1·1 + 0.9·0.1 = 0.19 ; bias 0.2 + 0.9·0.2 = 0.38
+    assert target.weight.item() == pytest.approx(0.19) and target.bias.item() == pytest.approx(0.38)
+
+
+def test_trainer_moves_targets_by_tau_after_each_update():
+    critic = linear_critic(tau=0.1)
+    old_target = [p.clone() for p in critic.target.parameters()]
+    CriticTrainer(critic, critic.config).update(hand_batch())
+    for old, new, online in zip(old_target, critic.target.parameters(), critic.online.parameters()):
+        torch.testing.assert_close(new, 0.1 * online + 0.9 * old)
+
+
+def test_advantage_is_max_q_heads_minus_max_v_heads():
+    critic = linear_critic(d_s=1, d_sa=1)
+    set_linear(critic.online.q1, [1.0])  # candidates sa = [1, −1] → Q1 = [1, −1]
+    set_linear(critic.online.q2, [2.0])  # Q2 = [2, −2] → max = [2, −1]
+    set_linear(critic.online.v1, [1.0])  # s = 3 → V1 = 3
+    set_linear(critic.online.v2, [-1.0])  # V2 = −3 → max = 3
+    adv = advantage(critic, torch.tensor([[3.0]]), torch.tensor([[[1.0], [-1.0]]]))
+    torch.testing.assert_close(adv, torch.tensor([[-1.0, -4.0]]))  # [2 − 3, −1 − 3]
+
+
+def diagnostics_data() -> tuple[DoubleCritic, Transitions]:
+    """Q = f(s, a) (1-d), V = f(s) (1-d): diagnostics computable by hand."""
+    critic = linear_critic(d_s=1, d_sa=1)
+    for head in (critic.online.q1, critic.online.q2, critic.online.v1, critic.online.v2):
+        set_linear(head, [1.0])
+    cand = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 0.0]]).unsqueeze(-1)
+    data = Transitions(s=torch.tensor([[1.0], [2.0]]), sa=cand[:, 0], s_next=torch.zeros(2, 1), reward=torch.zeros(2),
+                       done=torch.ones(2), mc_return=torch.tensor([2.0, 4.0]), cand_sa=cand,
+                       cand_mask=torch.tensor([[True, True, True], [True, True, False]]), traj_success=torch.tensor([True, True]))
+    return critic, data
+
+
+def test_action_sensitivity_by_hand():
+    critic, data = diagnostics_data()
+    out = action_sensitivity(critic, data)
+    # state 0: Q = [1, 3, 2] → std √(2/3) = 0.8165, mean 2 ; state 1: Q = [5, 5] (third masked) → std 0, mean 5
+    # within = (0.8165 + 0)/2 = 0.40825 ; across = std([2, 5]) = 1.5 ; ratio 0.27217
+    assert out["q_std_within_state"] == pytest.approx(math.sqrt(2 / 3) / 2, rel=1e-5)
+    assert out["q_std_across_states"] == pytest.approx(1.5)
+    assert out["action_sensitivity"] == pytest.approx(math.sqrt(2 / 3) / 2 / 1.5, rel=1e-5)
+    # argmax: state 0 → candidate 1 (≠ dataset); state 1 → tie 5 = 5 goes to index 0 → 1/2
+    assert out["argmax_not_dataset_frac"] == pytest.approx(0.5)
+
+
+def test_ranking_quality_by_hand_ties_count_half():
+    critic, data = diagnostics_data()
+    # state 0: Q(a0) = 1 beats neither 3 nor 2 → 0 ; state 1: 5 vs 5 → tie → ½ (masked 0 ignored) ; mean 0.25
+    assert ranking_quality(critic, data)["ranking_quality"] == pytest.approx(0.25)
+    data.traj_success = torch.tensor([False, True])  # only state 1 counts
+    assert ranking_quality(critic, data) == {"ranking_quality": pytest.approx(0.5), "ranking_states": 1}
+
+
+def test_v_calibration_by_hand():
+    critic, data = diagnostics_data()
+    out = v_calibration(critic, data)  # V = [1, 2], G = [2, 4] → errors [−1, −2]
+    assert out["v_mean_error"] == pytest.approx(-1.5)
+    assert out["v_mae"] == pytest.approx(1.5)
+    assert out["v_return_corr"] == pytest.approx(1.0)
+    assert set(critic_diagnostics(critic, data)) >= {"action_sensitivity", "ranking_quality", "v_return_corr"}
+
+
+def test_epoch_sampler_visits_every_row_once_per_epoch():
+    sampler = EpochSampler(10, 5, torch.Generator().manual_seed(0))
+    first_epoch = torch.cat([sampler.next(), sampler.next()])
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    batches = [sampler.next() for _ in range(7)]  # 10 rows, batch 5 → crosses epochs, always full batches
+    assert all(len(b) == 5 for b in batches)
+
+
+def test_transitions_refuse_bad_input_naming_the_field():
+    good = dict(s=torch.zeros(3, 2), sa=torch.zeros(3, 4), s_next=torch.zeros(3, 2), reward=torch.zeros(3),
+                done=torch.zeros(3), mc_return=torch.zeros(3))
+    with pytest.raises(DigiqError, match=r"feats\.pt: s_next: expected shape \[3, 2\]"):
+        Transitions(**{**good, "s_next": torch.zeros(3, 5)}, source="feats.pt")
+    with pytest.raises(DigiqError, match="reward: expected finite"):
+        Transitions(**{**good, "reward": torch.tensor([0.0, math.nan, 1.0])})
+    with pytest.raises(DigiqError, match="cand_sa: expected"):
+        Transitions(**good, cand_sa=torch.zeros(3, 5, 3))
+    with pytest.raises(DigiqError, match="cand_mask: column 0"):
+        Transitions(**good, cand_sa=torch.zeros(3, 5, 4), cand_mask=torch.tensor([[False, True, True, True, True]] * 3))
+    with pytest.raises(DigiqError, match="traj_success: expected dtype torch.bool"):
+        Transitions(**good, traj_success=torch.ones(3))
+    with pytest.raises(DigiqError, match="cand_sa: required"):
+        action_sensitivity(linear_critic(), Transitions(**good))
+
+
+def test_save_pretrained_round_trip_from_any_path(tmp_path):
+    data = toy_transitions(30, seed=1)
+    critic, _ = train_critic(data, CriticConfig(updates=20, hidden=(16,), device="cpu", seed=3))
+    critic.save_pretrained(tmp_path / "a" / "critic")
+    shutil.move(tmp_path / "a", tmp_path / "elsewhere")  # no absolute paths inside
+    loaded = DoubleCritic.from_pretrained(tmp_path / "elsewhere" / "critic")
+    assert loaded.config == critic.config
+    for a, b in zip(critic.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / "critic").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_from_pretrained_refuses_broken_folders(tmp_path):
+    with pytest.raises(DigiqError, match="config.json: missing"):
+        DoubleCritic.from_pretrained(tmp_path / "nothing")
+    linear_critic().save_pretrained(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**meta, "kind": "digiq.policy"}))
+    with pytest.raises(DigiqError, match="kind: expected kind 'digiq.critic'"):
+        DoubleCritic.from_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**meta, "dims": {"d_s": 3, "d_sa": 2}}))
+    with pytest.raises(DigiqError, match="weights do not match the config"):
+        DoubleCritic.from_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "gama": 0.9}}))
+    with pytest.raises(DigiqError, match=r"config\.gama"):
+        DoubleCritic.from_pretrained(tmp_path / "c")
+
+
+TOY = CriticConfig(updates=600, hidden=(64, 64), device="cpu", seed=0)
+
+
+def test_toy_mdp_critic_uses_the_action_and_is_deterministic():
+    data = toy_transitions(400, seed=0)
+    points: list[int] = []
+    critic, history = train_critic(data, TOY, log_fn=lambda point, step: points.append(step))
+    again, _ = train_critic(data, TOY)
+    assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), again.state_dict().values()))
+    assert points == list(range(50, 601, 50)) and history[-1]["step"] == 600
+    assert history[-1]["q_loss"] < history[0]["q_loss"]
+    diag = critic_diagnostics(critic, data)
+    # measured (seed 0): sensitivity ≈ 2.8, ranking ≈ 1.00, V/return correlation ≈ 0.34 (outcomes are random)
+    assert diag["action_sensitivity"] > 1.0
+    assert diag["ranking_quality"] > 0.8
+    assert diag["v_return_corr"] > 0.2
+
+
+def test_toy_mdp_mc_ablation_and_validation_losses():
+    data, val = toy_transitions(300, seed=0), toy_transitions(100, seed=1)
+    critic, history = train_critic(data, TOY.model_copy(update={"target": "mc"}), val_data=val)
+    assert {"val_q_loss", "val_v_loss"} <= set(history[-1])
+    assert critic_diagnostics(critic, val)["ranking_quality"] > 0.8  # held-out episodes

@@ -1,0 +1,294 @@
+"""The Feast feature store, for real: DuckDB offline store, SQLite online store, `feast` CLI, `feast serve`.
+
+One synthetic project (the embed/label/collect contracts exactly, random vectors) is materialized
+once per module through the CLI; the tests read it back and compare with the source tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from digiq.cli.features import app
+from digiq.errors import DigiqError
+from digiq.pipelines import features as fx
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURE_REPO = ROOT / "features"
+N_STATES, K, DIM = 40, 64, 8
+FEAST = str(Path(sys.executable).with_name("feast"))
+
+
+def _copy_repo(dest: Path) -> Path:
+    shutil.copytree(FEATURE_REPO, dest / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return dest / "features"
+
+
+def _materialize_args(project: Path, *extra: str) -> list[str]:
+    return ["materialize", "--repo", str(project / "features"), "--embeddings", str(project / "data" / "embeddings"),
+            "--dataset", str(project / "data" / "raw"), "--labels", str(project / "data" / "labels.parquet"),
+            "--metrics", str(project / "metrics" / "features.json"), "--params", str(project / "params.yaml"), *extra]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project folder (features/ copied from the repo, data/ synthetic) materialized by `digiq features materialize`."""
+    project = tmp_path_factory.mktemp("project")
+    _copy_repo(project)
+    fx.write_synthetic_sources(project / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
+    result = CliRunner().invoke(app, _materialize_args(project))
+    assert result.exit_code == 0, result.output
+    return project
+
+
+@pytest.fixture(scope="module")
+def store(project):
+    return fx.open_store(project / "features", "finetuned")
+
+
+def _sources(project: Path) -> dict[str, pd.DataFrame]:
+    data = project / "data"
+    return {
+        "states": pq.read_table(data / "embeddings" / "finetuned" / "states.parquet").to_pandas().set_index("state_key"),
+        "candidates": pq.read_table(data / "embeddings" / "finetuned" / "candidates.parquet").to_pandas().set_index("cand_key"),
+    }
+
+
+# ----------------------------------------------------------------------------- stage output
+
+def test_materialize_writes_metrics_and_runtime_state(project):
+    metrics = json.loads((project / "metrics" / "features.json").read_text())
+    n_labels = pq.read_metadata(project / "data" / "labels.parquet").num_rows
+    assert metrics["rows"] == {"state_embedding": N_STATES, "candidate_embedding": N_STATES * K,
+                               "transition": N_STATES, "eps_label": n_labels}
+    assert metrics["dim"] == DIM and metrics["candidates_per_state"] == {"min": K, "max": K}
+    assert metrics["models"] == [{"model_hash": "synthetic0", "layer": 4}]
+    assert set(metrics["timings_s"]) >= {"apply", "materialize_candidate_embedding", "total"}
+    state_dir = project / "features" / "data" / "finetuned"
+    assert {p.name for p in state_dir.iterdir()} == {"registry.db", "online_store.db", "sources", "sources.json", "feature_store.yaml"}
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in json.loads((state_dir / "sources.json").read_text()).values())
+
+
+def test_committed_repo_has_no_absolute_paths():
+    for path in FEATURE_REPO.iterdir():
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"""["'\s:](/(work|tmp|home|root|Users)/)""", text), f"absolute path committed in {path}"
+    assert (FEATURE_REPO / ".feastignore").read_text().count("data/") == 1
+
+
+# ----------------------------------------------------------------------------- online store
+
+def test_online_state_and_its_64_candidates_equal_the_sources(project, store):
+    src = _sources(project)
+    key = "traj00002/0"
+    traj, step = key.split("/")
+    row = fx.online_state(store, traj, int(step), candidates=True)
+    np.testing.assert_array_equal(row["embedding"], src["states"].loc[key, "embedding"])
+    assert row["embedding"].dtype == np.float32
+    cand_keys = [f"{key}/{k}" for k in range(K)]
+    expected = np.stack(src["candidates"].loc[cand_keys, "embedding"].to_list())
+    assert row["candidates"]["embedding"].shape == (K, DIM)
+    assert np.array_equal(row["candidates"]["embedding"], expected)  # bit-exact float32
+    assert row["candidates"]["action"] == src["candidates"].loc[cand_keys, "action"].to_list()
+    assert row["candidates"]["cand_idx"] == list(range(K))
+    steps = duckdb.sql(f"SELECT * FROM read_parquet('{project}/data/raw/steps/*.parquet') WHERE traj_id = ? AND step_id = ?",
+                       params=[traj, int(step)]).df().iloc[0]
+    assert (row["reward"], row["done"], row["mc_return"], row["action"]) == (steps.reward, steps.done, steps.mc_return, steps.action)
+    assert row["candidates"]["action"][0] == steps.action
+
+
+def test_online_unknown_state_is_one_clear_error(project, store):
+    with pytest.raises(DigiqError, match="no features online for state 'nope/0'"):
+        fx.online_state(store, "nope", 0)
+    result = CliRunner().invoke(app, ["get", "--traj", "t", "--step", "0", "--variant", "absent", "--repo", str(project / "features")])
+    assert result.exit_code == 2
+    assert "features materialize --variant absent" in result.output and "registry.db" in result.output
+
+
+def test_cli_get_json_is_the_online_row(project):
+    result = CliRunner().invoke(app, ["get", "--traj", "traj00001", "--step", "0", "--candidates", "--json",
+                                      "--repo", str(project / "features"), "--params", str(project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)
+    src = _sources(project)
+    assert np.array_equal(np.asarray(row["embedding"], dtype=np.float32), src["states"].loc["traj00001/0", "embedding"])
+    assert len(row["candidates"]["embedding"]) == K
+
+
+# ----------------------------------------------------------------------------- offline store: training sets
+
+def _direct_join(project: Path) -> pd.DataFrame:
+    """The same training rows straight from the source tables with DuckDB (no Feast, no derived tables)."""
+    data = project / "data"
+    return duckdb.sql(f"""
+        WITH steps AS (SELECT * FROM read_parquet('{data}/raw/steps/*.parquet')),
+             st AS (SELECT * FROM read_parquet('{data}/embeddings/finetuned/states.parquet')),
+             ca AS (SELECT state_key, list(embedding ORDER BY cand_idx) AS cands, list(action ORDER BY cand_idx) AS actions
+                    FROM read_parquet('{data}/embeddings/finetuned/candidates.parquet') GROUP BY state_key),
+             lb AS (SELECT * FROM read_parquet('{data}/labels.parquet'))
+        SELECT s.traj_id || '/' || s.step_id AS state_key, st.embedding AS state, nx.embedding AS next_state,
+               s.reward, s.done, s.mc_return, ca.cands, ca.actions, lb.label
+        FROM steps s
+        JOIN st ON st.traj_id = s.traj_id AND st.step_id = s.step_id
+        LEFT JOIN st nx ON NOT s.done AND nx.traj_id = s.traj_id AND nx.step_id = s.step_id + 1
+        JOIN ca ON ca.state_key = st.state_key
+        LEFT JOIN lb ON lb.traj_id = s.traj_id AND lb.step_id = s.step_id""").df().set_index("state_key")
+
+
+def test_training_frame_equals_a_direct_join_row_by_row(project, store):
+    expected = _direct_join(project)
+    order = list(expected.index[::-1])  # not the sources' order: rows must come back as asked
+    frame = fx.training_frame(store, pd.DataFrame({"state_key": order}))
+    assert list(frame.state_key) == order
+    assert frame.candidates.shape == (N_STATES, K, DIM) and frame.candidate_mask.all()
+    for i, key in enumerate(order):
+        want = expected.loc[key]
+        assert np.array_equal(frame.state[i], want.state), key
+        cands = np.stack(want.cands)
+        assert np.array_equal(frame.candidates[i], cands), key
+        assert np.array_equal(frame.action[i], cands[0]), key
+        assert list(frame.candidate_actions[i]) == list(want.actions), key
+        has_next = isinstance(want.next_state, np.ndarray)  # DuckDB gives NA for a missing array
+        assert frame.has_next[i] == has_next, key
+        assert np.array_equal(frame.next_state[i], want.next_state if has_next else np.zeros(DIM, np.float32)), key
+        assert (frame.reward[i], frame.done[i], frame.mc_return[i]) == (want.reward, want.done, want.mc_return), key
+        assert frame.label[i] == (want.label if isinstance(want.label, str) else None), key
+    assert frame.done.any() and (~frame.has_next & ~frame.done).any()  # terminal and cut-off steps both present
+
+
+def test_training_frame_takes_traj_step_columns_and_honours_as_of(store):
+    frame = fx.training_frame(store, pd.DataFrame({"traj_id": ["traj00001", "traj00000"], "step_id": [0, 0]}))
+    assert list(frame.state_key) == ["traj00001/0", "traj00000/0"]
+    with pytest.raises(DigiqError, match="no state embedding for 'traj00001/0'"):
+        fx.training_frame(store, pd.DataFrame({"state_key": ["traj00001/0"]}), as_of=fx.FEATURE_EPOCH.replace(year=2000))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_or_malformed_source_names_the_file(tmp_path):
+    data = tmp_path / "data"
+    paths = fx.write_synthetic_sources(data, n_states=6, k=2, dim=4)
+    _copy_repo(tmp_path)
+    inputs = fx.Inputs.from_params(fx.FeaturesParams(repo=str(tmp_path / "features"), embeddings=str(data / "embeddings")),
+                                   dataset=paths["dataset"], labels=paths["labels"])
+    paths["candidates"].unlink()
+    with pytest.raises(DigiqError) as err:
+        fx.materialize(inputs, tmp_path / "m.json", progress=False)
+    assert str(paths["candidates"].resolve()) in str(err.value) and "missing input table" in str(err.value)
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "features" / "data").exists()
+
+    states = pq.read_table(paths["states"])
+    as_list = states.set_column(4, "embedding", states["embedding"].cast(pa.list_(pa.float32())))
+    pq.write_table(as_list, paths["states"])
+    with pytest.raises(DigiqError, match=r"states\.parquet: embedding: expected fixed_size_list<float32>\[d\]"):
+        fx.materialize(inputs, progress=False)
+
+    result = CliRunner().invoke(app, ["materialize", "--repo", str(tmp_path / "features"), "--embeddings", str(data / "embeddings"),
+                                      "--dataset", str(paths["dataset"]), "--labels", str(paths["labels"])])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "states.parquet: embedding: expected fixed_size_list" in result.output
+
+
+def test_keys_must_follow_the_contract(tmp_path):
+    paths = fx.write_synthetic_sources(tmp_path, n_states=4, k=3, dim=4)
+    cands = pq.read_table(paths["candidates"]).filter(pc.field("cand_idx") != 1)
+    pq.write_table(cands, paths["candidates"])
+    with pytest.raises(DigiqError, match=r"candidates\.parquet: cand_idx: the candidates of state .* are not numbered 0\.\.K-1"):
+        fx.check_keys(paths["states"], paths["candidates"])
+
+
+# ----------------------------------------------------------------------------- plain Feast CLI
+
+def test_feast_feature_views_list_in_the_repo(project):
+    out = subprocess.run([FEAST, "feature-views", "list"], cwd=project / "features", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for view in fx.VIEWS:
+        assert re.search(rf"^{view}\s", out.stdout, re.M), out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_feast_serve_answers_an_online_request(project):
+    port = _free_port()
+    server = subprocess.Popen([FEAST, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log"], cwd=project / "features",
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        body = json.dumps({"feature_service": "state_features", "entities": {"state_key": ["traj00002/0"]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", data=body,
+                                         headers={"Content-Type": "application/json"})
+        deadline, answer = time.monotonic() + 90, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answer = json.loads(response.read())
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        assert answer is not None, f"feast serve did not answer: {server.stderr.read1().decode() if server.poll() is not None else 'timeout'}"
+        names = answer["metadata"]["feature_names"]
+        embedding = answer["results"][names.index("embedding")]["values"][0]
+        assert np.array_equal(np.asarray(embedding, dtype=np.float32), _sources(project)["states"].loc["traj00002/0", "embedding"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+# ----------------------------------------------------------------------------- the documented snippets
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (ROOT / "docs" / "features.md").read_text(), re.S)
+
+
+def test_docs_python_snippet_runs(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    (snippet,) = _blocks("python")
+    namespace: dict = {}
+    exec(compile(snippet, "docs/features.md", "exec"), namespace)
+    frame = namespace["frame"]
+    assert len(frame) == N_STATES and namespace["row"]["candidates"]["embedding"].shape == (K, DIM)
+    assert f"({N_STATES}, {K}, {DIM})" in capsys.readouterr().out
+
+
+def test_docs_cli_lines_run(tmp_path, monkeypatch):
+    """The documented commands, run with the default (relative) paths in a fresh project with two variants."""
+    _copy_repo(tmp_path)
+    fx.write_synthetic_sources(tmp_path / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
+    other = fx.write_synthetic_sources(tmp_path / "other", n_states=N_STATES, k=K, dim=4, seed=3, variant="off_the_shelf")
+    shutil.copytree(other["states"].parent, tmp_path / "data" / "embeddings" / "off_the_shelf")
+    monkeypatch.chdir(tmp_path)
+    lines = [line.split("#")[0].split(">")[0].strip() for line in _blocks("bash")[0].splitlines()]
+    commands = [line.replace('"$TRAJ"', "traj00001").split()[2:] for line in lines if line.startswith("digiq features")]
+    assert [c[0] for c in commands] == ["materialize", "materialize", "get", "get"]
+    for command in commands:
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, (command, result.output)
+    assert json.loads(result.output)["state_key"] == "traj00001/0"
+    other = fx.training_frame(fx.open_store("features", "off_the_shelf"))
+    assert other.state.shape == (N_STATES, 4)

@@ -1,0 +1,332 @@
+"""The VLM layer with real components: default build, loading, prompts, and the cached fast paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from digiq.errors import DigiqError
+from digiq.schema import Action
+from digiq.vlm import prompts as P
+from digiq.vlm.inputs import draw_tap_marker, pad_to_square, patch_index, square_point
+from digiq.vlm.load import load_vlm
+
+OBS = 'Previous Actions: tap (y=0.10, x=0.20) on "Username"; type "bob"\nGoal: log in as bob'
+GOAL = "log in as bob"
+ACTIONS = [
+    Action.tap(0.5, 0.3),
+    Action.type_text("hello"),
+    Action.simple("PRESS_ENTER"),
+    Action.swipe((0.8, 0.5), (0.2, 0.5)),
+    Action.simple("STATUS_TASK_COMPLETE"),
+    Action.tap(0.05, 0.9),
+]
+
+
+def screenshot(seed: int = 0, size: tuple[int, int] = (160, 210)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, (245, 245, 245))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, size[0] - 20), rng.integers(0, size[1] - 20)
+        draw.rectangle([x0, y0, x0 + 20, y0 + 12], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIGIQ_CACHE", str(tmp_path_factory.mktemp("digiq-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def base_path(cache, tmp_path_factory):
+    from digiq.pipelines.build_model import run
+
+    out = tmp_path_factory.mktemp("models") / "base"
+    record = run(out, image_size=112, seed=0)
+    assert record["config"]["image_size"] == 112
+    return out
+
+
+@pytest.fixture(scope="module")
+def vlm(base_path):
+    return load_vlm(base_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokens(vlm):
+    return vlm.encode_images([screenshot()])
+
+
+# ---------------------------------------------------------------- build / load
+def test_default_build_is_deterministic_and_round_trips(base_path, vlm, tmp_path):
+    from safetensors.torch import load_file
+
+    from digiq.vlm.build import DefaultVLMConfig, build_default_model
+
+    model, _, record = build_default_model(DefaultVLMConfig(image_size=112, seed=0))
+    model.save_pretrained(tmp_path)
+    assert _sha256(tmp_path / "model.safetensors") == _sha256(base_path / "model.safetensors"), \
+        "a second build gave other weights"
+    assert record["parameters"] == json.loads((base_path / "digiq_build.json").read_text())["parameters"]
+    print(f"default VLM: {record['parameters']:,} parameters")
+
+    # pretrained parts really are pretrained: MiniLM word embeddings, DINOv2 weights
+    from digiq.vlm.build import minilm_dir
+
+    minilm = load_file(str(minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    assert torch.equal(model.get_input_embeddings().weight[: minilm.shape[0]], minilm)
+
+    # save/load round trip: identical logits
+    inputs = vlm.processor(images=[pad_to_square(screenshot(), vlm.pad_fill)],
+                           text=[P.build_prompt(GOAL, OBS, ACTIONS[1], marker="none")], return_tensors="pt")
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = vlm.model(**inputs).logits
+    assert torch.equal(a, b)
+
+
+def test_plain_transformers_loads_the_checkpoint(base_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(base_path), local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(base_path), local_files_only=True)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    inputs = processor(images=[pad_to_square(screenshot())], text=["USER: <image>\nhello ASSISTANT:"], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 112, 112)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+
+
+def test_bad_paths_name_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(DigiqError, match="no-such-model.*never downloads"):
+        load_vlm(missing)
+    with pytest.raises(DigiqError, match="config.json is missing"):
+        load_vlm(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(DigiqError, match=str(tmp_path)):
+        load_vlm(tmp_path)
+    with pytest.raises(DigiqError, match="llava-hf"):
+        load_vlm("llava-hf/llava-1.5-7b-hf")  # a hub id is not a folder: never fetched
+
+
+def test_cli_info(base_path):
+    from digiq.cli.model import app
+
+    result = CliRunner().invoke(app, ["info", str(base_path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["architecture"] == "LlavaForConditionalGeneration" and info["image_seq_length"] == 64
+    assert info["parameters"] == info["digiq_build"]["parameters"]
+    bad = CliRunner().invoke(app, ["info", "/nonexistent/model"])
+    assert bad.exit_code == 2 and "/nonexistent/model" in bad.output
+    bad = CliRunner().invoke(app, ["build", "--out", "unused", "--image-size", "100"])
+    assert bad.exit_code == 2 and "multiple of 14" in bad.output
+
+
+# ---------------------------------------------------------------- fast paths
+def test_cached_path_equals_full_model_path(vlm, tokens):
+    img = screenshot()
+    for action in ACTIONS[:3]:
+        prompt = P.build_prompt(GOAL, OBS, action, marker="none")
+        with torch.no_grad():
+            full = vlm.full_forward([img], [prompt])
+            out = vlm.forward(tokens, [prompt], [action], layers=range(vlm.num_layers + 1), yes_no=True)
+        for k in range(vlm.num_layers + 1):
+            torch.testing.assert_close(out.features[k], full.hidden_states[k][:, -1].float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.yes_no, full.logits[:, -1, list(vlm.answer_ids)].float(), rtol=0, atol=1e-5)
+
+
+def test_identical_inputs_identical_outputs(vlm, tokens):
+    prompts = P.build_prompts(GOAL, OBS, ACTIONS, marker="patch")
+    kw = dict(layers=[2], yes_no=True, image_sizes=[screenshot().size])
+    with torch.no_grad():
+        a, b = vlm.forward(tokens, prompts, ACTIONS, **kw), vlm.forward(tokens, prompts, ACTIONS, **kw)
+        again = vlm.encode_images([screenshot()])
+    assert torch.equal(a.features[2], b.features[2]) and torch.equal(a.yes_no, b.yes_no)
+    assert torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize(("marker", "pooling"), [("patch", "last"), ("none", "mean")])
+def test_prefix_cache_batching_and_truncation_agree(vlm, tokens, marker, pooling):
+    prompts = P.build_prompts(GOAL, OBS, ACTIONS, marker=marker)
+    kw = dict(layers=[0, 2, vlm.num_layers], pooling=pooling, image_sizes=[screenshot().size])
+    with torch.no_grad():
+        shared = vlm.forward(tokens, prompts, ACTIONS, yes_no=True, batch_size=4, **kw)
+        plain = vlm.forward(tokens, prompts, ACTIONS, yes_no=True, prefix_cache=False, **kw)
+        whole = vlm.forward(tokens, prompts, ACTIONS, truncate=False, **kw)
+        alone = [vlm.forward(tokens, [p], [a], **kw) for p, a in zip(prompts, ACTIONS)]
+        shallow = vlm.forward_features(tokens, prompts, ACTIONS, layer=2, pooling=pooling, image_sizes=[screenshot().size])
+    for k in kw["layers"]:
+        torch.testing.assert_close(shared.features[k], plain.features[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(whole.features[k], plain.features[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(torch.cat([o.features[k] for o in alone]), plain.features[k], rtol=0, atol=2e-5)
+    torch.testing.assert_close(shallow, plain.features[2], rtol=0, atol=2e-5)
+    torch.testing.assert_close(shared.yes_no, plain.yes_no, rtol=0, atol=2e-5)
+    assert len({tuple(f.tolist()) for f in plain.features[2]}) == len(ACTIONS)  # the action matters
+
+
+def test_tap_slot_takes_the_patch_under_the_point(vlm, tokens):
+    size = screenshot().size  # 160 × 210: padded to 210², the point moves
+    action = Action.tap(0.5, 0.3)
+    row = vlm._row(P.build_prompt(GOAL, OBS, action), tokens, 0, action, [size])
+    y, x = square_point(action.touch_point, size)
+    assert (y, x) == pytest.approx((0.5, (0.3 * 160 + 25) / 210))
+    expected = patch_index((y, x), 8)
+    assert expected == 4 * 8 + 2
+    assert torch.equal(row.sources[-1], tokens[0, expected])
+    # the slot moves the features: two taps differing only in position give different features
+    far = Action.tap(0.95, 0.95)
+    prompts = [P.build_prompt(GOAL, OBS, a).replace(P.describe_action(a), "tap") for a in (action, far)]
+    feats = vlm.forward_features(tokens, prompts, [action, far], layer=2, image_sizes=[size])
+    assert not torch.allclose(feats[0], feats[1])
+    with pytest.raises(DigiqError, match="image_sizes"):
+        vlm.forward_features(tokens, prompts, [action, far], layer=2)
+
+
+def test_candidate_features_draw_marker_path(vlm, tokens):
+    img = screenshot()
+    out = vlm.candidate_features(img, GOAL, OBS, ACTIONS[:3], layers=[2], marker="draw", yes_no=True)
+    assert out.features[2].shape == (3, vlm.hidden_size) and out.yes_no.shape == (3, 2)
+    fast = vlm.candidate_features(img, GOAL, OBS, ACTIONS[:3], layers=[2], image_tokens=tokens)
+    assert fast.features[2].shape == (3, vlm.hidden_size)
+    states = vlm.state_features([img, screenshot(1)], [GOAL, GOAL], [OBS, ""], layers=[-1], pooling="mean")
+    assert states.features[vlm.num_layers].shape == (2, vlm.hidden_size)
+
+
+def test_encode_equals_vision_features_then_projector(vlm, tokens):
+    with torch.no_grad():
+        two_step = vlm.project(vlm.vision_features([screenshot()]))
+    assert torch.equal(two_step, tokens)
+    assert tokens.shape == (1, 64, vlm.hidden_size)
+
+
+def test_bf16_runs(base_path):
+    vlm16 = load_vlm(base_path, dtype="bfloat16", device="cpu")
+    tok = vlm16.encode_images([screenshot()])
+    assert tok.dtype == torch.bfloat16
+    feats = vlm16.forward_features(tok, P.build_prompts(GOAL, OBS, ACTIONS[:2]), ACTIONS[:2], layer=2,
+                                   image_sizes=[screenshot().size])
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
+
+
+def test_gradients_reach_lora_and_projector(base_path):
+    """Fine-tuning path: Yes/No logits through the prefix cache are differentiable (LoRA + projector)."""
+    from peft import LoraConfig, get_peft_model
+
+    from digiq.vlm.model import VLM
+
+    plain = load_vlm(base_path, dtype="float32", device="cpu")
+    peft_model = get_peft_model(plain.model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                                        modules_to_save=["multi_modal_projector"]))
+    vlm = VLM(peft_model, plain.processor)
+    vision = vlm.vision_features([screenshot()])
+    prompts = P.build_prompts(GOAL, OBS, ACTIONS)
+    grads = []
+    for prefix_cache in (True, False):
+        peft_model.zero_grad()
+        tokens = vlm.project(vision)
+        logits = vlm.yes_no_logits(tokens, prompts, ACTIONS, image_sizes=[screenshot().size], prefix_cache=prefix_cache)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1] * 3)).backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None})
+    assert any("lora_B" in n for n in grads[0]) and any("multi_modal_projector" in n for n in grads[0])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------- any LLaVA-style checkpoint
+def test_tiny_llava_checkpoint_loads_and_matches(tmp_path):
+    """A LLaVA-1.5-shaped model (CLIP vision, feature layer -2, centre-cropping processor), saved and loaded."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import CLIPImageProcessor
+
+    from digiq.vlm.build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=16,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                           do_center_crop=True),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    tiny = load_vlm(tmp_path, dtype="float32", device="cpu")
+    img = screenshot(3, (120, 200))
+    tok = tiny.encode_images([img])
+    assert tok.shape == (1, 16, 32)  # 4×4 patches, CLS dropped
+    prompt = P.build_prompt(GOAL, OBS, ACTIONS[1], marker="none")
+    with torch.no_grad():
+        full = tiny.full_forward([img], [prompt])
+        ours = tiny.forward(tok, [prompt], [ACTIONS[1]], layers=[1, 3], yes_no=True)
+    torch.testing.assert_close(ours.features[1], full.hidden_states[1][:, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.yes_no, full.logits[:, -1, list(tiny.answer_ids)], rtol=0, atol=1e-5)
+    # its own patch grid for the tap slot (4×4 here, 24×24 for llava-1.5-7b)
+    feats = tiny.forward_features(tok, P.build_prompts(GOAL, OBS, ACTIONS), ACTIONS, layer=2, image_sizes=[img.size])
+    assert feats.shape == (len(ACTIONS), 32)
+
+
+# ---------------------------------------------------------------- prompts and images
+def test_prompts_per_action_type():
+    for action in ACTIONS + [Action.simple("PRESS_BACK")]:
+        prompt = P.build_prompt(GOAL, OBS, action)
+        assert prompt.count(P.IMAGE) == 1 and prompt.endswith("ASSISTANT:")
+        assert "Answer Yes or No." in prompt and P.describe_action(action) in prompt
+        assert prompt.count(P.TAP_SLOT) == {"tap": 1, "swipe": 2}.get(action.kind, 0)
+        assert P.TAP_SLOT not in P.build_prompt(GOAL, OBS, action, marker="none")
+    assert P.build_prompt(GOAL, OBS, ACTIONS[0]).count(GOAL) == 1  # the observation already names the goal
+    assert "Goal: open mail" in P.build_prompt("open mail", "Previous Actions: </s>", ACTIONS[0])
+    prefix = P.build_prompt(GOAL, OBS, ACTIONS[0]).split("Action:")[0]
+    assert all(p.startswith(prefix) for p in P.build_prompts(GOAL, OBS, ACTIONS))
+
+
+def test_pad_to_square_and_marker():
+    img = screenshot(size=(160, 210))
+    square = pad_to_square(img, (1, 2, 3))
+    assert square.size == (210, 210) and square.getpixel((0, 0)) == (1, 2, 3)
+    # a pixel of the original lands where square_point says
+    y, x = square_point((100 / 210, 40 / 160), img.size)
+    assert square.getpixel((round(x * 210), round(y * 210))) == img.getpixel((40, 100))
+    marked = draw_tap_marker(img, Action.tap(0.5, 0.5))
+    assert marked.getpixel((80, 105)) == (255, 0, 0) and img.getpixel((80, 105)) != (255, 0, 0)
+    assert draw_tap_marker(img, ACTIONS[1]).tobytes() == img.tobytes()
+
+
+def test_choose_dtype(monkeypatch):
+    from digiq import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
+    runtime._cpu_dtype.cache_clear()
+    assert runtime.choose_dtype("cpu") == torch.float32  # no bf16 hardware: never bf16
+    runtime._cpu_dtype.cache_clear()
+    monkeypatch.undo()
+    assert runtime.choose_dtype("cpu", budget_s=0.2) in (torch.float32, torch.bfloat16)
+    assert runtime.dtype_from_name("bf16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        runtime.dtype_from_name("int3")
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
