@@ -10,9 +10,11 @@ import typer
 
 from digiq import __version__
 from digiq.cli import data as data_cli
+from digiq.cli import evaluate as evaluate_cli
 from digiq.cli import features as features_cli
 from digiq.cli import label as label_cli
 from digiq.cli import model as model_cli
+from digiq.cli import report as report_cli
 from digiq.cli import view as view_cli
 
 app = typer.Typer(
@@ -43,6 +45,8 @@ app.add_typer(model_cli.app, name="model", help="Build the default VLM; summaris
 app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)
 label_cli.register(app)
+evaluate_cli.register(app)
+report_cli.register(app)
 view_cli.register(app)
 
 if __name__ == "__main__":

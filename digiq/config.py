@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from digiq.errors import DigiqError
+from digiq.evaluate import EvaluateParams
+from digiq.report import ReportParams
 from digiq.viewer.options import ViewParams
 
 PARAMS_FILE = "params.yaml"
@@ -126,6 +128,8 @@ class Params(Section):
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     critic: CriticParams = Field(default_factory=CriticParams)
     actor: ActorParams = Field(default_factory=ActorParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    report: ReportParams = Field(default_factory=ReportParams)
     view: ViewParams = Field(default_factory=ViewParams)
 
 
@@ -184,8 +188,9 @@ def params_yaml(params: Params | None = None) -> str:
 def _yaml_line(key: str, value: Any, description: str | None) -> str:
     import yaml
 
-    if isinstance(value, tuple):
-        value = list(value)
+    from pydantic_core import to_jsonable_python
+
+    value = to_jsonable_python(value)  # nested models, tuples -> plain YAML types
     class _NoAliases(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
             return True

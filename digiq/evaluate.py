@@ -1,0 +1,223 @@
+"""Online evaluation: a policy picks among π_β's candidates, live, in MiniWoB++.
+
+Each live step of every evaluated method is built the same way, so methods differ only in the choice:
+
+    1. π_β proposes K candidates:  a_1 … a_K ~ π_β(· | s)   (draws from a generator seeded by the episode;
+       duplicates dropped, first-draw order kept)
+    2. a chooser picks one:
+         behavior   a_1                       (the first draw: exactly a sample of π_β)
+         random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
+         <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)])   (a trained CandidatePolicy)
+    3. f(s) and f(s, a_k) come from the frozen VLM; the screenshot is encoded once per step and every
+       candidate reuses the encoding (DESIGN §6).
+
+Success rates carry a 95 % Wilson score interval (it stays inside [0, 1] and behaves at 0 and n):
+
+    p̂ = s / n,   c = (p̂ + z²/2n) / (1 + z²/n),   h = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²),   CI = [c − h, c + h]
+
+Nothing here imports torch or the VLM at module level: :class:`EvaluateParams` is embedded in the params
+model, and the heavy pieces load inside :func:`build_eval_policy` (in each rollout worker).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from digiq.errors import DigiqError
+
+if TYPE_CHECKING:  # kept out of the import path of params loading (`digiq --help` stays fast)
+    import numpy as np
+
+    from digiq.envs.policy import StepView
+    from digiq.schema import Action
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+BASELINES = ("behavior", "random")  # evaluated without a trained model
+
+
+# ----------------------------------------------------------------------------------------------- params
+
+
+class FeatureParams(BaseModel):
+    """How live f(s) / f(s, a) are computed — must match the embed stage's variant."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("models/base", description="VLM checkpoint folder (the embed stage's base model)")
+    adapter: str | None = Field(None, description="LoRA adapter folder applied on top (the fine-tuned variant); null: none")
+    layer: int = Field(-1, description="hidden_states layer read as the feature (0 = embeddings, -1 = last)")
+    pooling: str = Field("last", description="last | mean token pooling")
+    marker: str = Field("patch", description="tap marker: patch (encode once) | none | draw")
+    dtype: str = Field("float32", description="VLM dtype in the workers (auto | float32 | bfloat16)")
+
+
+class EvaluateParams(BaseModel):
+    """The ``evaluate:`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
+                               description="trained policies (models/actor/<method>) plus the baselines behavior and random")
+    tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
+    episodes_per_task: int = Field(50, ge=1, description="episodes per (method, task)")
+    seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
+    k: int = Field(16, ge=1, description="candidates drawn from π_β per live step")
+    noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")
+    max_steps: int | None = Field(None, ge=1, description="episode step cap; null: collect.max_steps")
+    workers: int = Field(2, ge=1, description="parallel browser processes")
+    time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
+    episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
+    actors: str = Field("models/actor", description="folder with one trained policy per method")
+    features: FeatureParams = Field(default_factory=FeatureParams)
+    shards: str = Field("data/eval", description="per-(method, task, episode block) result shards (resume)")
+    out: str = Field("metrics/eval.json", description="evaluation metrics")
+    plots: str = Field("plots/eval.csv", description="DVC plot data: method, task, success, CI")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (``(0, 1)`` when n = 0)."""
+    if n < 0 or not 0 <= successes <= n:
+        raise DigiqError(f"need 0 <= successes <= n, got {successes} of {n}", field="successes")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def success_summary(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success rate, its 95 % Wilson interval, mean episode length and counts of a list of episode summaries."""
+    n = len(episodes)
+    wins = sum(bool(e["success"]) for e in episodes)
+    low, high = wilson_interval(wins, n)
+    return {
+        "episodes": n,
+        "successes": wins,
+        "success": wins / n if n else 0.0,
+        "ci95": [round(low, 4), round(high, 4)],
+        "mean_steps": sum(e["steps"] for e in episodes) / n if n else 0.0,
+        "timed_out": sum(bool(e.get("timed_out")) for e in episodes),
+        "step_cap": sum(not e.get("terminated", True) for e in episodes),
+    }
+
+
+def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Overall (pooled over tasks) and per-task summaries of one method."""
+    return {**success_summary(episodes),
+            "per_task": {t: success_summary([e for e in episodes if e["task"] == t]) for t in tasks}}
+
+
+# ----------------------------------------------------------------------------------------------- live policy
+
+
+def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> list[Action]:
+    """K draws from π_β(· | view), duplicates dropped (first-draw order kept)."""
+    from digiq.actions import format_action
+
+    seen: dict[str, Action] = {}
+    for action in behavior.sample(view, k, rng):
+        seen.setdefault(format_action(action), action)
+    return list(seen.values())
+
+
+class LiveFeaturizer:
+    """f(s) [1, d] and f(s, a_k) [1, K, d] of a live state from the frozen VLM (screenshot encoded once).
+
+    Thin adapter over :meth:`VLM.state_features` / :meth:`VLM.candidate_features`; replace the body with the
+    embed stage's function once it exists, so that live features equal training features exactly.
+    """
+
+    def __init__(self, spec: FeatureParams):
+        from digiq.vlm import load_vlm
+
+        self.spec = spec
+        self.vlm = load_vlm(spec.model, dtype=spec.dtype, device="cpu", adapter=spec.adapter)
+
+    def __call__(self, view: StepView, actions: list[Action]) -> tuple[Any, Any]:
+        from PIL import Image
+
+        if view.screenshot is None:
+            raise DigiqError("a live step has no screenshot", field="screenshot")
+        image = Image.fromarray(view.screenshot)
+        tokens = self.vlm.encode_images([image])
+        layer = self.spec.layer
+        s = self.vlm.state_features([image], [view.goal], [view.observation], layers=[layer], pooling=self.spec.pooling,
+                                    image_tokens=tokens).features
+        sa = self.vlm.candidate_features(image, view.goal, view.observation, actions, layers=[layer],
+                                         pooling=self.spec.pooling, marker=self.spec.marker, image_tokens=tokens).features
+        (s_vec,), (sa_mat,) = s.values(), sa.values()
+        return s_vec.float(), sa_mat.float().unsqueeze(0)
+
+
+@dataclass
+class EvalPolicy:
+    """π_β proposes, ``chooser`` picks. Implements the rollout Policy protocol (reset, act)."""
+
+    method: str
+    k: int
+    noise: float
+    featurizer: Any = None  # LiveFeaturizer for trained policies
+    actor: Any = None  # CandidatePolicy for trained policies
+    behavior: Any = field(init=False)
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.behavior = _behavior(self.noise)
+        self.reset(0)
+
+    def reset(self, seed: int) -> None:
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, view: StepView) -> Action:
+        candidates = candidate_set(self.behavior, view, self.k, self.rng)
+        return candidates[self.choose(view, candidates)]
+
+    def choose(self, view: StepView, candidates: list[Action]) -> int:
+        if self.method == "behavior":
+            return 0
+        if self.method == "random":
+            return int(self.rng.integers(len(candidates)))
+        import torch
+
+        s, cand_sa = self.featurizer(view, candidates)
+        mask = torch.ones(1, len(candidates), dtype=torch.bool)
+        return int(self.actor.act(s, cand_sa, mask, mode="argmax")[0])
+
+
+def _behavior(noise: float) -> Any:
+    from digiq.envs.behavior import BehaviorPolicy
+
+    return BehaviorPolicy(noise=noise)
+
+
+def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None = None,
+                      features: dict[str, Any] | None = None, threads: int = 1) -> EvalPolicy:
+    """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``)."""
+    if method in BASELINES:
+        return EvalPolicy(method, k, noise)
+    if actor_dir is None:
+        raise DigiqError(f"method {method!r} needs a trained policy folder", field="actor_dir")
+    import torch
+
+    from digiq.actor import CandidatePolicy
+
+    torch.set_num_threads(threads)
+    actor = CandidatePolicy.from_pretrained(actor_dir)
+    featurizer = LiveFeaturizer(FeatureParams(**(features or {})))
+    width = featurizer.vlm.hidden_size
+    if (actor.d_s, actor.d_sa) != (width, width):
+        raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but the VLM "
+                         f"{featurizer.spec.model} gives {width}: evaluate with the model the policy was trained on",
+                         file=actor_dir, field="evaluate.features.model")
+    return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor)

@@ -1,0 +1,200 @@
+"""`digiq evaluate`: Wilson intervals, seed disjointness, shards and resume, and real episodes in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digiq.config import Params
+from digiq.envs.behavior import BehaviorPolicy
+from digiq.envs.policy import StepView
+from digiq.errors import DigiqError
+from digiq.evaluate import EvalPolicy, candidate_set, success_summary, wilson_interval
+from digiq.pipelines import evaluate as stage
+
+
+# ---------------------------------------------------------------------------------------------- Wilson
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 8 of 10, z = 1.96: c = (0.8 + 0.19208) / 1.38416 = 0.716737…, h = 1.96/1.38416·sqrt(0.016 + 0.0096040) = 0.226562…
+    low, high = wilson_interval(8, 10, z=1.96)
+    assert low == pytest.approx(0.490156, abs=1e-5)
+    assert high == pytest.approx(0.943318, abs=1e-5)
+    # 0 of 20: [0, z²/(n + z²)] = [0, 3.8416 / 23.8416]
+    assert wilson_interval(0, 20, z=1.96) == pytest.approx((0.0, 3.8416 / 23.8416), abs=1e-9)
+    # n of n mirrors 0 of n
+    assert wilson_interval(20, 20, z=1.96) == pytest.approx((1 - 3.8416 / 23.8416, 1.0), abs=1e-9)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(DigiqError):
+        wilson_interval(3, 2)
+
+
+def test_success_summary_counts_and_interval():
+    eps = [{"task": "t", "success": s, "steps": n, "timed_out": False, "terminated": True}
+           for s, n in [(True, 2), (False, 4), (True, 3), (False, 8)]]
+    s = success_summary(eps)
+    assert (s["episodes"], s["successes"], s["success"], s["mean_steps"]) == (4, 2, 0.5, 4.25)
+    low, high = wilson_interval(2, 4)
+    assert s["ci95"] == [round(low, 4), round(high, 4)]
+
+
+# ---------------------------------------------------------------------------------------------- choosers
+
+
+def _view() -> StepView:
+    elements = [{"ref": 1, "parent": 0, "tag": "button", "text": "Submit", "value": None, "id": "subbtn", "classes": "",
+                 "bbox": [0.4, 0.3, 0.5, 0.6], "focused": False, "tampered": False, "leaf": True},
+                {"ref": 2, "parent": 0, "tag": "button", "text": "Cancel", "value": None, "id": "", "classes": "",
+                 "bbox": [0.6, 0.3, 0.7, 0.6], "focused": False, "tampered": False, "leaf": True}]
+    return StepView.live("click-button", 'Click on the "Submit" button.', elements, [], 1)
+
+
+def test_candidates_are_distinct_and_choices_reproducible():
+    view = _view()
+    cands = candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(3))
+    assert 1 <= len(cands) <= 16
+    assert len({c.model_dump_json() for c in cands}) == len(cands)
+    for method in ("behavior", "random"):
+        a, b = EvalPolicy(method, 16, 0.3), EvalPolicy(method, 16, 0.3)
+        a.reset(7), b.reset(7)
+        assert [a.act(view) for _ in range(5)] == [b.act(view) for _ in range(5)]
+    # π_β's choice is its first draw: the same as BehaviorPolicy.sample with the same generator
+    p = EvalPolicy("behavior", 16, 0.3)
+    p.reset(11)
+    assert p.act(view) == candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(11))[0]
+
+
+# ---------------------------------------------------------------------------------------------- config, seeds, shards
+
+
+def _config(tmp_path: Path, **over) -> stage.EvaluateConfig:
+    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes=2, seed=1000, collect_seed=0,
+                  collect_tasks=["click-button"], collect_episodes=60, k=8, noise=0.3, max_steps=4, workers=2,
+                  episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "metrics/eval.json"),
+                  plots=str(tmp_path / "plots/eval.csv"), actors=str(tmp_path / "actors"))
+    values.update(over)
+    return stage.EvaluateConfig(**values)
+
+
+def test_evaluation_seeds_must_be_disjoint_from_collection(tmp_path):
+    with pytest.raises(DigiqError, match="evaluate.seed"):
+        _config(tmp_path, seed=0).validate()
+    cfg = _config(tmp_path)
+    cfg.validate()
+    assert not stage.collect_seeds(0, ["click-button"], 60) & stage.collect_seeds(1000, ["click-button"], 2)
+
+
+def test_missing_trained_policy_is_one_clear_error(tmp_path):
+    with pytest.raises(DigiqError, match="no trained policy for method 'digiq'") as err:
+        _config(tmp_path, methods=["digiq", "behavior"]).validate()
+    assert "actors/digiq" in str(err.value)
+
+
+def test_from_params_uses_collect_defaults():
+    cfg = stage.EvaluateConfig.from_params(Params(), episodes=3)
+    p = Params()
+    assert cfg.tasks == p.collect.tasks and cfg.noise == p.collect.noise and cfg.max_steps == p.collect.max_steps
+    assert cfg.episodes == 3 and cfg.seed != p.collect.seed
+
+
+def _fake_shards(cfg: stage.EvaluateConfig, successes: dict[str, list[bool]]) -> None:
+    """Write finished shards by hand (the format run() writes), so summarising needs no browser."""
+    for method, wins in successes.items():
+        fp = stage.fingerprint(cfg, method)
+        for unit in stage.units_of(cfg):
+            eps = [{"task": unit.task, "index": i, "seed": 0, "steps": 3, "success": wins[i], "raw_reward": float(wins[i]),
+                    "terminated": True, "timed_out": False, "failed_steps": 0, "retries": 0} for i in unit.indices]
+            path = stage.shard_path(cfg, method, unit, fp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"method": method, "task": unit.task, "fingerprint": fp, "episodes": eps}))
+
+
+def test_resume_skips_finished_shards(tmp_path):
+    cfg = _config(tmp_path)
+    _fake_shards(cfg, {"behavior": [True, False], "random": [False, False]})
+    stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.shards).rglob("*.json")}
+    metrics = stage.run(cfg)  # everything is on disk: no browser starts, nothing is rewritten
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.shards).rglob("*.json")} == stamps
+    assert metrics["timing"]["this_run"] == {}
+    assert metrics["methods"]["behavior"]["successes"] == 1 and metrics["methods"]["random"]["successes"] == 0
+    # another K changes the episodes: the old shards no longer count
+    assert stage.fingerprint(_config(tmp_path, k=4), "behavior") != stage.fingerprint(cfg, "behavior")
+
+
+# ---------------------------------------------------------------------------------------------- real browser
+
+
+@pytest.mark.browser
+def test_behavior_and_random_in_a_real_browser(tmp_path):
+    cfg = _config(tmp_path)
+    metrics = stage.run(cfg)
+    first = stage.shard_path(cfg, "random", stage.units_of(cfg)[0], stage.fingerprint(cfg, "random"))
+    assert first.exists()
+    data = json.loads(Path(cfg.out).read_text())
+    assert data == json.loads(json.dumps(metrics))
+    for method in ("behavior", "random"):
+        m = data["methods"][method]
+        assert m["episodes"] == 2 and m["per_task"]["click-button"]["episodes"] == 2
+        low, high = wilson_interval(m["successes"], 2)
+        assert m["ci95"] == [round(low, 4), round(high, 4)]
+        assert 1 <= m["mean_steps"] <= cfg.max_steps
+        assert m["timed_out"] == 0
+    rows = list(csv.DictReader(Path(cfg.plots).open()))
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("behavior", "random") for t in ("click-button", "all")}
+    assert all(math.isfinite(float(r["success"])) for r in rows)
+    assert set(data["timing"]["this_run"]) == {"behavior", "random"}
+    # same seeds, same policies → identical episodes on a re-run from scratch
+    first.unlink()
+    again = stage.run(cfg)
+    assert again["methods"]["random"] == data["methods"]["random"]
+    assert set(again["timing"]["this_run"]) == {"random"}
+
+
+def test_cli_refuses_collection_seeds_with_one_line(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from digiq.cli import evaluate as cli
+
+    app = typer.Typer()
+    cli.register(app)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["evaluate", "--seed", "0", "--methods", "behavior", "--tasks", "click-button",
+                                      "--episodes", "1", "--params", str(tmp_path / "absent.yaml"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "evaluate.seed: evaluation seed 0 reuses" in result.output
+    assert not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
+    """A CandidatePolicy (untrained weights, real checkpoint format) picks among live candidates scored from the
+    real default VLM: the whole per-step path of a trained method, in a real browser."""
+    import torch
+
+    from digiq.actor import ActorConfig, CandidatePolicy
+    from digiq.evaluate import FeatureParams, build_eval_policy
+    from digiq.pipelines.build_model import run as build_model
+
+    monkeypatch.setenv("DIGIQ_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    build_model(base, image_size=112, seed=0)
+    width = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
+    torch.manual_seed(0)
+    CandidatePolicy(width, width, ActorConfig(method="digiq")).save_pretrained(tmp_path / "actors/digiq")
+    cfg = _config(tmp_path, methods=["digiq"], workers=1, episodes_per_unit=2, features=FeatureParams(model=str(base)))
+    metrics = stage.run(cfg)
+    m = metrics["methods"]["digiq"]
+    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
+    assert metrics["timing"]["this_run"]["digiq"]["steps"] == 2 * m["mean_steps"]
+    # a policy trained on other features is refused with one clear message
+    CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
+    with pytest.raises(DigiqError, match="evaluate.features.model"):
+        build_eval_policy("bc", 4, 0.3, actor_dir=str(tmp_path / "actors/bc"), features={"model": str(base)})
