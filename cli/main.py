@@ -9,6 +9,8 @@ from __future__ import annotations
 import typer
 
 from digiq import __version__
+from digiq.cli import actor as actor_cli
+from digiq.cli import critic as critic_cli
 from digiq.cli import data as data_cli
 from digiq.cli import evaluate as evaluate_cli
 from digiq.cli import features as features_cli
@@ -45,6 +47,8 @@ app.add_typer(model_cli.app, name="model", help="Build the default VLM; summaris
 app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)
 label_cli.register(app)
+critic_cli.register(app)
+actor_cli.register(app)
 evaluate_cli.register(app)
 report_cli.register(app)
 view_cli.register(app)

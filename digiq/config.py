@@ -100,6 +100,7 @@ class CriticParams(Section):
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
     updates: int = Field(3000, ge=1, description="gradient updates")
     log_every: int = Field(50, ge=1, description="updates per logged point")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
     device: str = Field("auto", description="auto | cpu | cuda")
     out: str = Field("models/critic", description="critic folder")
 
