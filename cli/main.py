@@ -10,10 +10,13 @@ import typer
 
 from digiq import __version__
 from digiq.cli import actor as actor_cli
+from digiq.cli import candidates as candidates_cli
 from digiq.cli import critic as critic_cli
 from digiq.cli import data as data_cli
+from digiq.cli import embed as embed_cli
 from digiq.cli import evaluate as evaluate_cli
 from digiq.cli import features as features_cli
+from digiq.cli import finetune as finetune_cli
 from digiq.cli import label as label_cli
 from digiq.cli import model as model_cli
 from digiq.cli import report as report_cli
@@ -47,6 +50,9 @@ app.add_typer(model_cli.app, name="model", help="Build the default VLM; summaris
 app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)
 label_cli.register(app)
+finetune_cli.register(app)
+candidates_cli.register(app)
+embed_cli.register(app)
 critic_cli.register(app)
 actor_cli.register(app)
 evaluate_cli.register(app)

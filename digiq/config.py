@@ -84,6 +84,83 @@ class ModelParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
 
 
+Variant = Literal["finetuned", "off_the_shelf", "no_vlm"]
+
+
+class CandidatesParams(Section):
+    """The `candidates` section of params.yaml."""
+
+
+    k: int = Field(64, ge=1, description="candidates per state, index 0 the dataset action (paper: 64)")
+    seed: int = Field(0, ge=0, description="base seed; each state's draws are seeded by (seed, traj_id, step_id)")
+    noise: float = Field(0.3, ge=0.0, le=1.0, description="π_β uniform-noise mix used for sampling")
+    min_mean_distinct: float = Field(4.0, ge=0.0, description="gate: mean distinct actions per state at least this")
+    min_frac_two_distinct: float = Field(0.9, ge=0.0, le=1.0, description="gate: fraction of states with ≥ 2 distinct actions at least this")
+    out: str = Field("data/candidates.parquet", description="candidate table written by the stage")
+    metrics: str = Field("metrics/candidates.json", description="stage metrics")
+    checks: str = Field("data/checks/candidates", description="Data Docs of the action-diversity gate")
+
+
+def validated(model: type[BaseModel], values: dict[str, Any], section: str) -> Any:
+    """``model(**values)`` or one DigiqError naming the first bad field (``section.field``)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join([section, *(str(part) for part in error["loc"])])
+        raise DigiqError(error["msg"], field=field) from None
+
+
+class EmbedParams(Section):
+    """The `embed` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    variant: Variant = Field("finetuned", description="which features: finetuned | off_the_shelf | no_vlm")
+    variants: list[Variant] = Field(default_factory=lambda: ["finetuned", "off_the_shelf", "no_vlm"],
+                                    description="foreach items of the embed stage")
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"finetuned": "models/finetuned", "off_the_shelf": "models/base", "no_vlm": "models/base"},
+        description="checkpoint folder per variant (no_vlm uses that model's vision tower only)")
+    layer: int = Field(2, description="hidden_states index of the LM layer read (0 = embeddings, -1 = last)")
+    pooling: Literal["last", "mean"] = Field("last", description="last token or mean over tokens")
+    batch_size: int = Field(64, ge=1, description="prompts (or screenshots) per forward pass")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 only where faster")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    chunk_states: int = Field(64, ge=1, description="states per resumable part file")
+    candidates: str = Field("data/candidates.parquet", description="candidate table (stage candidates)")
+    out: str = Field("data/embeddings", description="root: one <variant>/ folder of tables each")
+    parts: str = Field("data/embeddings/.parts", description="resumable chunk files, one <variant>/ folder each")
+    metrics: str = Field("metrics", description="folder of embed-<variant>.json")
+
+
+class FinetuneParams(Section):
+    """params.yaml section ``finetune`` (to move into digiq/config.py)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    mode: Literal["lora", "full"] = Field("lora", description="lora: LoRA adapters on the language model + the projector; full: every language-model and projector weight (small default only)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", description="LoRA targets: module-name regex or list of names (language model only; the vision tower stays frozen)")
+    marker: Literal["patch", "draw", "none"] = Field("patch", description="how a tap's location enters the prompt: 'patch' (the projected patch under the point, no re-encoding) or 'none'")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (1e-3 and 3e-3 collapsed to one class in epoch 1 on realmini60)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    batch_size: int = Field(16, ge=1, description="transitions per optimizer step")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of trajectories held out for validation (split by trajectory)")
+    seed: int = Field(0, ge=0, description="seeds the split, LoRA init and batch order")
+    probe_layer: int = Field(2, description="hidden_states layer of the frozen off-the-shelf model for the linear-probe baseline (last token of the prompt)")
+    checkpoint_every: int = Field(20, ge=1, description="optimizer steps between checkpoints (plus one per epoch)")
+    checkpoint_dir: str = Field("models/finetune-ckpt", description="checkpoint folder (resume after an interruption)")
+    max_train_seconds: float = Field(600.0, gt=0, description="safety cap on training wall time; the run stops (and says so) when exceeded")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto = bf16 autocast where faster here (fp32 master weights)")
+    out: str = Field("models/finetuned", description="output folder: merged model + adapter/ + README.md")
+    metrics: str = Field("metrics/finetune.json", description="metrics file")
+    live_dir: str = Field("dvclive/finetune", description="DVCLive folder (per-epoch plots)")
+
+
 class FeaturesParams(Section):
     repo: str = Field("features", description="the Feast repository folder")
     variant: str = Field("finetuned", description="embedding variant served: data/embeddings/<variant>/ (finetuned, off_the_shelf, no_vlm, ...)")
@@ -126,6 +203,9 @@ class Params(Section):
     collect: CollectParams = Field(default_factory=CollectParams)
     label: LabelParams = Field(default_factory=LabelParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    candidates: CandidatesParams = Field(default_factory=CandidatesParams)
+    embed: EmbedParams = Field(default_factory=EmbedParams)
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     critic: CriticParams = Field(default_factory=CriticParams)
     actor: ActorParams = Field(default_factory=ActorParams)

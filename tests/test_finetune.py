@@ -1,0 +1,154 @@
+"""Representation fine-tuning with real components: a tiny LLaVA checkpoint, a real PNG dataset, peft, DVCLive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from digiq import finetune as F
+from digiq.errors import DigiqError
+from digiq.labels import write_labels
+from digiq.pipelines.finetune import FinetuneParams, run
+from digiq.schema import Action, Step, Trajectory
+from digiq.store import Dataset, DatasetWriter
+from digiq.vlm.load import load_vlm
+
+N_TRAJ, N_STEPS = 8, 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny LLaVA-1.5-shaped checkpoint (CLIP vision, Llama text) with the default model's tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import CLIPImageProcessor
+
+    from digiq.vlm.build import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
+                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """N_TRAJ trajectories of taps (label Yes when the tap is in the top half) and typing (No), real PNGs."""
+    root = tmp_path_factory.mktemp("dataset")
+    rng = np.random.default_rng(0)
+    writer = DatasetWriter(root, gamma=0.95, source="test")
+    trajs, labels = [], []
+    for t in range(N_TRAJ):
+        traj_id, steps = f"t{t:02d}", []
+        for i in range(N_STEPS):
+            shot, sha = writer.put_image(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8))
+            nxt, nsha = writer.put_image(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8))
+            action = Action.tap(float(rng.uniform(0.05, 0.95)), 0.5) if i % 2 == 0 else Action.type_text("abc")
+            steps.append(Step(traj_id=traj_id, step_id=i, task="synthetic", goal="press the top button",
+                              observation="", screenshot=shot, screenshot_sha256=sha, next_screenshot=nxt,
+                              next_screenshot_sha256=nsha, action=action, reward=0.0, done=False))
+            yes = action.kind == "tap" and action.touch_point[0] < 0.5
+            labels.append({"traj_id": traj_id, "step_id": i, "action_kind": action.kind, "mse": 50.0 if yes else 0.0,
+                           "label": "Yes" if yes else "No", "epsilon": 30.0, "scale": 0.25})
+        trajs.append(Trajectory(traj_id=traj_id, task="synthetic", goal="press the top button", steps=steps))
+    writer.write_shard("part-0", trajs)
+    writer.finalize()
+    labels_path = root.parent / "labels.parquet"
+    write_labels(pd.DataFrame(labels), labels_path)
+    return root, labels_path
+
+
+def params(tmp: Path, **kw) -> FinetuneParams:
+    defaults = dict(lora_r=4, lora_alpha=8, epochs=2, batch_size=4, val_fraction=0.25, lr=5e-3, probe_layer=1,
+                    checkpoint_every=2, dtype="float32", out=str(tmp / "model"), metrics=str(tmp / "metrics.json"),
+                    live_dir=str(tmp / "live"), checkpoint_dir=str(tmp / "ckpt"))
+    return FinetuneParams(**{**defaults, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base, data) -> tuple[FinetuneParams, dict]:
+    p = params(tmp_path_factory.mktemp("run"))
+    return p, run(*data, base, p)
+
+
+def test_split_by_trajectory_is_disjoint_and_seeded():
+    trajs = [f"t{i // 3}" for i in range(60)]
+    train, val = F.split_by_trajectory(trajs, 0.2, seed=1)
+    assert not {trajs[i] for i in train} & {trajs[i] for i in val}
+    assert len(train) + len(val) == 60 and len({trajs[i] for i in val}) == 4
+    again = F.split_by_trajectory(trajs, 0.2, seed=1)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, F.split_by_trajectory(trajs, 0.2, seed=2)[1])
+
+
+def test_class_weights_and_balanced_accuracy():
+    y = np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(F.class_weights(y), [4 / 6, 2.0])
+    m = F.classification_metrics(y, np.array([0, 0, 0, 0]))
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5
+
+
+def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
+    p, metrics = finished
+    out = Path(p.out)
+    for name in ("config.json", "model.safetensors", "README.md", "adapter/adapter_config.json", "finetune.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads(Path(p.metrics).read_text())
+    assert saved["finetuned"] == metrics["finetuned"] and len(saved["history"]) == p.epochs
+    assert {"val_balanced_accuracy", "layer"} <= saved["linear_probe"].keys()
+    assert (Path(p.live_dir) / "metrics.json").is_file() and list((Path(p.live_dir) / "plots").rglob("*.tsv"))
+    assert saved["data"]["sha256"] in (out / "README.md").read_text()
+
+    merged = load_vlm(out, dtype="float32", device="cpu")
+    adapted = load_vlm(base, dtype="float32", device="cpu", adapter=out / "adapter")
+    plain = load_vlm(base, dtype="float32", device="cpu")
+    ds = Dataset(data[0])
+    ex = F.load_examples(ds, pd.read_parquet(data[1]), data[1])
+    rows = np.arange(8)
+    logits = []
+    for vlm in (merged, adapted, plain):
+        tokens = vlm.encode_images([ds.load_image(*ex.images[i]) for i in ex.image[rows]])
+        with torch.no_grad():
+            logits.append(vlm.yes_no_logits(tokens, [ex.prompts[i] for i in rows], [ex.actions[i] for i in rows],
+                                             image_sizes=[ex.sizes[i] for i in rows]))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits[0], logits[2], atol=1e-4)  # training changed the model
+
+
+def test_resume_after_interruption_gives_the_same_metrics(finished, base, data, tmp_path):
+    p_done, done = finished
+    p = params(tmp_path)
+    assert run(*data, base, p, stop_after_steps=3) is None  # "killed" after 3 steps: only the checkpoint exists
+    assert (tmp_path / "ckpt" / F.CHECKPOINT_FILE).is_file() and not (tmp_path / "model").exists()
+    resumed = run(*data, base, p)
+    assert resumed["history"] == done["history"]
+    assert resumed["finetuned"] == done["finetuned"]
+
+
+def test_labels_naming_missing_steps_name_file_and_field(base, data, tmp_path):
+    labels = pd.read_parquet(data[1])
+    extra = labels.iloc[:1].assign(traj_id="nowhere")
+    bad = tmp_path / "bad-labels.parquet"
+    write_labels(pd.concat([labels, extra]), bad)
+    with pytest.raises(DigiqError) as err:
+        run(data[0], bad, base, params(tmp_path))
+    assert err.value.file is not None and str(bad) in str(err.value) and "step_id" in str(err.value)
+    assert "nowhere" in str(err.value) and not (tmp_path / "model").exists()
