@@ -18,7 +18,7 @@ from typing import Any
 
 from digiq import candidates as C
 from digiq.atomic import write_json
-from digiq.config import CandidatesParams
+from digiq.config import CandidatesParams, validated  # noqa: F401 - validated is used by cli/candidates.py
 from digiq.errors import DigiqError
 from digiq.store import Dataset
 

@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 
 from digiq import embed as E
 from digiq.atomic import write_json
-from digiq.config import EmbedParams
+from digiq.config import EmbedParams, Variant, validated  # noqa: F401 - validated is used by cli/embed.py
 from digiq.errors import DigiqError
-from digiq.pipelines.candidates import validated  # noqa: F401 - shared by cli/embed.py
 from digiq.store import Dataset
 
 
