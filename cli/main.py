@@ -11,6 +11,7 @@ import typer
 from digiq import __version__
 from digiq.cli import actor as actor_cli
 from digiq.cli import candidates as candidates_cli
+from digiq.cli import collect as collect_cli
 from digiq.cli import critic as critic_cli
 from digiq.cli import data as data_cli
 from digiq.cli import embed as embed_cli
@@ -49,6 +50,7 @@ app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (sta
 app.add_typer(model_cli.app, name="model", help="Build the default VLM; summarise a checkpoint folder.")
 app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)
+collect_cli.register(app)
 label_cli.register(app)
 finetune_cli.register(app)
 candidates_cli.register(app)

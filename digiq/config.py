@@ -43,7 +43,19 @@ class CollectParams(Section):
     workers: int = Field(2, ge=1, description="parallel browser processes")
     max_steps: int = Field(8, ge=1, description="episode length cap (steps)")
     noise: float = Field(0.3, ge=0.0, le=1.0, description="behaviour policy temperature / noise level")
+    history: int = Field(1, ge=0, description="previous actions quoted in the observation text (official Digi-Q: 1)")
+    shard_episodes: int = Field(10, ge=1, description="episodes per shard (the unit of resumption)")
+    time_limit_s: float = Field(60.0, gt=0, description="MiniWoB episode clock in seconds (its default 10 s times out slow steps)")
+    hang_timeout_s: float = Field(120.0, gt=0, description="a worker silent this long is killed and its shard redone")
+    success_band: tuple[float, float] = Field((0.2, 0.6), description="data check: episode success rate must lie in this band")
+    required_action_kinds: list[str] = Field(default_factory=lambda: ["tap", "type", "press_enter"], description="data check: action kinds the data must contain")
     out: str = Field("data/raw", description="dataset folder written by the stage")
+    metrics: str = Field("metrics/collect.json", description="stage metrics")
+
+    @field_validator("success_band")
+    @classmethod
+    def _success_band(cls, band: tuple[float, float]) -> tuple[float, float]:
+        return _check_band(band)
 
 
 class LabelParams(Section):

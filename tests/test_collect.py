@@ -1,0 +1,195 @@
+"""`digiq collect`: real browsers in worker processes; determinism, resumption, recovery, data checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from digiq.envs.behavior import BehaviorPolicy
+from digiq.envs.miniwob import BrowserConfig
+from digiq.envs.policy import PolicySpec
+from digiq.envs.workers import RunConfig, run_units
+from digiq.errors import DigiqError
+from digiq.pipelines import collect as stage
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TASKS = ["click-button", "enter-text"]
+
+
+def config(out: Path, **kw) -> stage.CollectConfig:
+    values = dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, out=str(out),
+                  success_band=(0.0, 1.0), required_action_kinds=("tap", "type"),
+                  metrics=str(out.parent / f"{out.name}-metrics.json"))
+    values.update(kw)
+    return stage.CollectConfig(**values)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every shard and screenshot file (the dataset's content)."""
+    files = sorted([*root.glob("steps/*.parquet"), *root.glob("screenshots/*/*.png")])
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """2 tasks × 2 episodes collected by 2 workers."""
+    out = tmp_path_factory.mktemp("collect") / "reference"
+    outcome = stage.run(config(out, workers=2))
+    assert outcome.collected_units == 2 and outcome.kept_units == 0
+    return out
+
+
+def test_collect_writes_a_checked_dataset(reference):
+    from digiq.store import Dataset
+
+    data = Dataset(reference)
+    df = data.steps_df()
+    metrics = json.loads((reference.parent / "reference-metrics.json").read_text())
+    assert metrics["transitions"] == len(df) and metrics["episodes"] == 4 == len(data.trajectory_ids())
+    assert set(metrics["per_task"]) == set(TASKS) and metrics["checks_passed"]
+    assert (reference / "checks" / "index.html").is_file()
+    assert json.loads((reference / "checks" / "result.json").read_text())["success"] is True
+    for traj in data.iter_trajectories():
+        assert traj.steps[-1].done and not any(s.done for s in traj.steps[:-1])
+        assert all(s.next_screenshot is not None for s in traj.steps)  # terminal steps: the page, not a black frame
+        assert traj.steps[-1].reward == float(traj.success)
+        for step in (traj.steps[0], traj.steps[-1]):
+            assert data.load_image(step.next_screenshot, step.next_screenshot_sha256).getextrema() != ((0, 0),) * 3
+    assert data.manifest["collect"]["seed"] == 11
+
+
+def test_same_params_give_the_same_dataset_with_one_worker(reference, tmp_path):
+    serial = tmp_path / "serial"
+    stage.run(config(serial, workers=1))
+    assert tree_hashes(serial) == tree_hashes(reference)
+
+
+def test_a_deleted_shard_is_collected_again_and_nothing_else(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    shard = sorted(copy.glob("steps/*.parquet"))[0]
+    shard.unlink()
+    (copy / "screenshots" / "00").mkdir(exist_ok=True)
+    (copy / "screenshots" / "00" / "stray.png").write_bytes(b"left by a killed run")
+    outcome = stage.run(config(copy))
+    assert (outcome.collected_units, outcome.kept_units) == (1, 1)
+    assert outcome.metrics["pruned_screenshots"] == 1
+    assert tree_hashes(copy) == tree_hashes(reference)
+
+    outcome = stage.run(config(copy, episodes_per_task=1, shard_episodes=1))  # another plan: old shards go
+    assert len(outcome.removed_shards) == 2 and outcome.metrics["episodes"] == 2
+
+
+def test_failed_checks_stop_the_stage_with_a_readable_message(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    with pytest.raises(DigiqError) as err:
+        stage.run(config(copy, success_band=(0.99, 1.0)))
+    message = str(err.value)
+    assert "collect_raw failed: episode success rate inside [0.99, 1]" in message and "index.html" in message
+    assert not (copy / "manifest.json").exists()  # an unchecked dataset is not complete
+    assert json.loads((copy / "checks" / "result.json").read_text())["success"] is False
+
+
+def test_a_foreign_folder_is_not_touched(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(DigiqError, match="was not written by `digiq collect`"):
+        stage.run(config(tmp_path))
+    with pytest.raises(DigiqError, match="unknown MiniWoB task"):
+        stage.run(config(tmp_path / "new", tasks=["click-buttons"]))
+
+
+class FlakyPolicy:
+    """π_β that breaks its worker once per marker file: kills its own Chromium, or hangs."""
+
+    def __init__(self, noise: float, crash_marker: str, hang_marker: str):
+        self.inner = BehaviorPolicy(noise)
+        self.crash_marker, self.hang_marker = Path(crash_marker), Path(hang_marker)
+
+    def reset(self, seed: int) -> None:
+        self.inner.reset(seed)
+
+    def act(self, view):
+        if view.task == "click-button" and _claim(self.crash_marker):
+            _kill_own_chromium()
+        if view.task == "enter-text" and _claim(self.hang_marker):
+            time.sleep(3600)
+        return self.inner.act(view)
+
+
+def _claim(marker: Path) -> bool:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _kill_own_chromium() -> None:
+    """SIGKILL the Chromium browser process (not chromedriver) of this worker: a browser crash."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            pid = int(cmdline.parent.name)
+            if args[0].endswith(b"chromium") and not any(a.startswith(b"--type=") for a in args) and os.getpgid(pid) == os.getpgrp():
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            continue
+
+
+def test_crashed_and_hung_browsers_are_restarted_and_episodes_replayed(reference, tmp_path):
+    params = config(reference)
+    units = stage.plan(params)
+    profiles_before = set(Path(tempfile.gettempdir()).glob("digiq-chromium-*"))
+    out = tmp_path / "flaky"
+    run = RunConfig(
+        policy=PolicySpec(f"{__name__}:FlakyPolicy", {"noise": params.noise, "crash_marker": str(tmp_path / "crash"),
+                                                      "hang_marker": str(tmp_path / "hang")}),
+        seed=params.seed, max_steps=params.max_steps, history=params.history,
+        browser=BrowserConfig(time_limit_s=params.time_limit_s), dataset=str(out), gamma=params.gamma,
+        source=stage.SOURCE, hang_timeout_s=8.0,
+    )
+    summaries = run_units(units, run, workers=2)
+    assert (tmp_path / "crash").exists() and (tmp_path / "hang").exists()  # both failures happened
+    assert any(s["retries"] == 1 for s in summaries if s["task"] == "click-button")  # crash: replayed in the worker
+    ref = tree_hashes(reference)
+    assert {k: v for k, v in tree_hashes(out).items() if k.startswith("steps/")} == {k: v for k, v in ref.items() if k.startswith("steps/")}
+    assert set(Path(tempfile.gettempdir()).glob("digiq-chromium-*")) <= profiles_before  # killed worker's profile removed
+    assert [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)] == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return b""
+
+
+def test_cli_collect_reuses_finished_shards(reference, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from digiq.cli.collect import register
+
+    app = typer.Typer()
+    register(app)  # `collect` and `rollout`, as cli/main.py registers them under `digiq`
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    args = ["collect", "--tasks", ",".join(TASKS), "--episodes-per-task", "2", "--seed", "11", "--max-steps", "6",
+            "--noise", "0.3", "--out", str(copy), "--require-actions", "tap,type", "--metrics", str(tmp_path / "m.json"), "--params", str(tmp_path / "absent.yaml")]
+    result = CliRunner().invoke(app, [*args, "--success-band", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert "0 shards collected, 2 kept" in result.output and "click-button" in result.output
+    assert tree_hashes(copy) == tree_hashes(reference)
+    bad = CliRunner().invoke(app, [*args, "--success-band", "high"])
+    assert bad.exit_code == 2 and "--success-band: expected LOW,HIGH" in bad.output
