@@ -27,12 +27,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
+# stage commands are `digiq <stage>`: the venv's bin/ goes first on PATH
 repro: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 # pytest exits 5 when it collects no test: not a failure of the suite
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 clean-outputs:
 	rm -rf data models metrics plots reports dvclive

@@ -38,7 +38,7 @@ class CollectParams(Section):
         ],
         description="MiniWoB++ task names (without the miniwob/ prefix and -v1 suffix)",
     )
-    episodes_per_task: int = Field(60, ge=1, description="episodes collected per task")
+    episodes_per_task: int = Field(70, ge=1, description="episodes collected per task")
     seed: int = Field(0, ge=0, description="base seed; episode e of task t uses a seed derived from it")
     workers: int = Field(2, ge=1, description="parallel browser processes")
     max_steps: int = Field(8, ge=1, description="episode length cap (steps)")

@@ -182,6 +182,27 @@ class VisionOnlyExtractor:
         return tokens[:, offset:]
 
 
+def build_extractor(variant: str, model_path: str | Path, *, layer: int, pooling: str, batch_size: int = 64,
+                    dtype: str = "auto", device: str = "auto") -> tuple[Extractor, str, str]:
+    """(extractor, model hash, dtype name) of an embedding variant — the one recipe shared by the embed stage and
+    the live featurizer of online evaluation, so that both compute the same f(s) and f(s, a)."""
+    from digiq.vlm import load_vlm
+
+    vlm = load_vlm(model_path, dtype=dtype, device=device)
+    dtype_name = str(vlm.dtype).removeprefix("torch.")
+    if variant == "no_vlm":
+        return VisionOnlyExtractor(vlm, batch_size=batch_size), model_hash(model_path, extra="no_vlm"), dtype_name
+    return VLMExtractor(vlm, layer, pooling, batch_size), model_hash(model_path), dtype_name
+
+
+def featurize(extractor: Extractor, image: Image.Image, goal: str, observation: str,
+              actions: Sequence[Action]) -> tuple[np.ndarray, np.ndarray]:
+    """f(s) [d_s] and f(s, a_k) [K, d_sa] of one state, its screenshot encoded once (as :func:`embed_chunk` does)."""
+    tokens = extractor.encode([image])
+    f_s = extractor.states(tokens, [goal], [observation])[0]
+    return f_s, extractor.candidates(tokens, image.size, goal, observation, actions)
+
+
 def action_encoding(action: Action) -> np.ndarray:
     """one-hot(kind) ⊕ (touch y, x, lift y, x) ⊕ hashed character-trigram bag of the typed text (L2-normalised)."""
     kind = np.zeros(len(ACTION_KINDS), np.float32)

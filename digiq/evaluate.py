@@ -43,16 +43,16 @@ BASELINES = ("behavior", "random")  # evaluated without a trained model
 
 
 class FeatureParams(BaseModel):
-    """How live f(s) / f(s, a) are computed — must match the embed stage's variant."""
+    """How live f(s) / f(s, a) are computed: the embed stage's recipe for the served variant (see
+    :meth:`pipelines.evaluate.EvaluateConfig.from_params`), so that live features equal training features."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("models/base", description="VLM checkpoint folder (the embed stage's base model)")
-    adapter: str | None = Field(None, description="LoRA adapter folder applied on top (the fine-tuned variant); null: none")
-    layer: int = Field(-1, description="hidden_states layer read as the feature (0 = embeddings, -1 = last)")
+    variant: str = Field("off_the_shelf", description="embedding variant: finetuned | off_the_shelf | no_vlm")
+    model: str = Field("models/base", description="VLM checkpoint folder of that variant")
+    layer: int = Field(2, description="hidden_states layer read as the feature (0 = embeddings, -1 = last)")
     pooling: str = Field("last", description="last | mean token pooling")
-    marker: str = Field("patch", description="tap marker: patch (encode once) | none | draw")
-    dtype: str = Field("float32", description="VLM dtype in the workers (auto | float32 | bfloat16)")
+    dtype: str = Field("auto", description="VLM dtype in the workers (auto | float32 | bfloat16)")
 
 
 class EvaluateParams(BaseModel):
@@ -72,7 +72,6 @@ class EvaluateParams(BaseModel):
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
-    features: FeatureParams = Field(default_factory=FeatureParams)
     shards: str = Field("data/eval", description="per-(method, task, episode block) result shards (resume)")
     out: str = Field("metrics/eval.json", description="evaluation metrics")
     plots: str = Field("plots/eval.csv", description="DVC plot data: method, task, success, CI")
@@ -130,32 +129,25 @@ def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generato
 
 
 class LiveFeaturizer:
-    """f(s) [1, d] and f(s, a_k) [1, K, d] of a live state from the frozen VLM (screenshot encoded once).
-
-    Thin adapter over :meth:`VLM.state_features` / :meth:`VLM.candidate_features`; replace the body with the
-    embed stage's function once it exists, so that live features equal training features exactly.
-    """
+    """f(s) [1, d_s] and f(s, a_k) [1, K, d_sa] of a live state, by the embed stage's own extractor."""
 
     def __init__(self, spec: FeatureParams):
-        from digiq.vlm import load_vlm
+        from digiq.embed import build_extractor
 
         self.spec = spec
-        self.vlm = load_vlm(spec.model, dtype=spec.dtype, device="cpu", adapter=spec.adapter)
+        self.extractor, self.model_hash, _ = build_extractor(spec.variant, spec.model, layer=spec.layer,
+                                                             pooling=spec.pooling, dtype=spec.dtype, device="cpu")
 
     def __call__(self, view: StepView, actions: list[Action]) -> tuple[Any, Any]:
+        import torch
         from PIL import Image
+
+        from digiq.embed import featurize
 
         if view.screenshot is None:
             raise DigiqError("a live step has no screenshot", field="screenshot")
-        image = Image.fromarray(view.screenshot)
-        tokens = self.vlm.encode_images([image])
-        layer = self.spec.layer
-        s = self.vlm.state_features([image], [view.goal], [view.observation], layers=[layer], pooling=self.spec.pooling,
-                                    image_tokens=tokens).features
-        sa = self.vlm.candidate_features(image, view.goal, view.observation, actions, layers=[layer],
-                                         pooling=self.spec.pooling, marker=self.spec.marker, image_tokens=tokens).features
-        (s_vec,), (sa_mat,) = s.values(), sa.values()
-        return s_vec.float(), sa_mat.float().unsqueeze(0)
+        f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions)
+        return torch.from_numpy(f_s).unsqueeze(0), torch.from_numpy(f_sa).unsqueeze(0)
 
 
 @dataclass
@@ -215,9 +207,9 @@ def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None =
     torch.set_num_threads(threads)
     actor = CandidatePolicy.from_pretrained(actor_dir)
     featurizer = LiveFeaturizer(FeatureParams(**(features or {})))
-    width = featurizer.vlm.hidden_size
-    if (actor.d_s, actor.d_sa) != (width, width):
-        raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but the VLM "
-                         f"{featurizer.spec.model} gives {width}: evaluate with the model the policy was trained on",
-                         file=actor_dir, field="evaluate.features.model")
+    dims = (featurizer.extractor.dim_state, featurizer.extractor.dim_candidate)
+    if (actor.d_s, actor.d_sa) != dims:
+        raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but variant "
+                         f"{featurizer.spec.variant!r} of {featurizer.spec.model} gives {dims}: evaluate with the "
+                         f"features the policy was trained on", file=actor_dir, field="features.variant")
     return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor)

@@ -133,10 +133,14 @@ def set_threads(n: int | None = None) -> int:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' per-call progress bars ("Loading weights", "Writing model shards")."""
+    """Silence transformers' per-call progress bars ("Loading weights", "Writing model shards") and the
+    deprecation notice peft's LoRA wrapping triggers on every run (nothing a user can act on)."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def seed_everything(seed: int) -> None:

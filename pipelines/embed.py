@@ -41,18 +41,14 @@ class EmbedOutcome:
 def build_extractor(p: EmbedParams) -> tuple[Any, str, str]:
     """(extractor, model hash, dtype name) for ``p.variant``."""
     from digiq.runtime import quiet_transformers, set_threads
-    from digiq.vlm import load_vlm
 
     set_threads()
     quiet_transformers()
     path = p.models.get(p.variant)
     if path is None:
         raise DigiqError(f"no model path for variant {p.variant!r}", field="embed.models")
-    vlm = load_vlm(path, dtype=p.dtype, device=p.device)
-    dtype = str(vlm.dtype).removeprefix("torch.")
-    if p.variant == "no_vlm":
-        return E.VisionOnlyExtractor(vlm, batch_size=p.batch_size), E.model_hash(path, extra="no_vlm"), dtype
-    return E.VLMExtractor(vlm, p.layer, p.pooling, p.batch_size), E.model_hash(path), dtype
+    return E.build_extractor(p.variant, path, layer=p.layer, pooling=p.pooling, batch_size=p.batch_size,
+                             dtype=p.dtype, device=p.device)
 
 
 def run(dataset: str | Path, p: EmbedParams, *, progress: bool = False, on_chunk: Any = None,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from digiq.atomic import write_json, write_text
+from digiq.embed import model_hash
 from digiq.envs.miniwob import BrowserConfig, check_tasks
 from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed
@@ -68,7 +69,7 @@ class EvaluateConfig:
             collect_seed=col.seed, collect_tasks=list(col.tasks), collect_episodes=col.episodes_per_task, k=ev.k,
             noise=col.noise if ev.noise is None else ev.noise, max_steps=ev.max_steps or col.max_steps,
             workers=ev.workers, time_limit_s=ev.time_limit_s, episodes_per_unit=ev.episodes_per_unit, actors=ev.actors,
-            features=ev.features, shards=ev.shards, out=ev.out, plots=ev.plots,
+            features=live_features(params), shards=ev.shards, out=ev.out, plots=ev.plots,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -89,6 +90,15 @@ class EvaluateConfig:
                 raise DigiqError(f"no trained policy for method {method!r} (run the actor stage, or drop it from evaluate.methods)",
                                  file=Path(self.actors) / method, field="evaluate.methods")
         check_disjoint_seeds(self)
+
+
+def live_features(params: Any) -> FeatureParams:
+    """The embed stage's recipe for the variant the policies were trained on (``features.variant``)."""
+    variant, embed = params.features.variant, params.embed
+    if variant not in embed.models:
+        raise DigiqError(f"no model path for variant {variant!r} in embed.models", field="features.variant")
+    return FeatureParams(variant=variant, model=embed.models[variant], layer=embed.layer, pooling=embed.pooling,
+                         dtype=embed.dtype)
 
 
 def collect_seeds(seed: int, tasks: list[str], episodes: int) -> set[int]:
@@ -124,6 +134,7 @@ def fingerprint(config: EvaluateConfig, method: str) -> str:
     if method not in BASELINES:
         parts["actor"] = file_digest(Path(config.actors) / method)
         parts["features"] = config.features.model_dump()
+        parts["model"] = model_hash(config.features.model)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -41,13 +41,14 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
 
     from digiq import finetune as F
     from digiq.labels import read_labels
-    from digiq.runtime import dtype_from_name, seed_everything, set_threads
+    from digiq.runtime import dtype_from_name, quiet_transformers, seed_everything, set_threads
     from digiq.store import Dataset
     from digiq.vlm.load import load_vlm
 
     say = report or (lambda _msg: None)
     started = time.perf_counter()
     set_threads()
+    quiet_transformers()
     seed_everything(p.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     dtype = dtype_from_name(p.dtype, "cpu") if p.dtype != "auto" else dtype_from_name("auto")

@@ -193,3 +193,39 @@ def test_cli_collect_reuses_finished_shards(reference, tmp_path):
     assert tree_hashes(copy) == tree_hashes(reference)
     bad = CliRunner().invoke(app, [*args, "--success-band", "high"])
     assert bad.exit_code == 2 and "--success-band: expected LOW,HIGH" in bad.output
+
+
+def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """`digiq collect` SIGKILLed after its first shard: no browser survives, and the re-run's dataset is byte-equal
+    to an uninterrupted collection with the same seed."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    plan = {"tasks": TASKS, "episodes_per_task": 3, "seed": 11, "workers": 2, "max_steps": 6, "noise": 0.3,
+            "shard_episodes": 1, "success_band": [0.0, 1.0], "required_action_kinds": ["tap", "type"]}
+    uninterrupted = tmp_path / "uninterrupted"
+    stage.run(config(uninterrupted, **{k: (tuple(v) if isinstance(v, list) and k != "tasks" else v) for k, v in plan.items()}))
+
+    killed = tmp_path / "killed"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"collect": {**plan, "out": str(killed), "metrics": str(tmp_path / "m.json")}}))
+    command = [str(Path(sys.executable).parent / "digiq"), "collect", "--params", str(params)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("steps/*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards_at_kill = len(list(killed.glob("steps/*.parquet")))
+    assert 1 <= shards_at_kill < 6 and not (killed / "manifest.json").exists()
+    deadline = time.monotonic() + 30  # workers follow their parent (PR_SET_PDEATHSIG) and close their browsers
+    while [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(killed).encode() in _read(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)] == []
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{6 - shards_at_kill} shards collected, {shards_at_kill} kept" in rerun.stdout
+    assert tree_hashes(killed) == tree_hashes(uninterrupted)

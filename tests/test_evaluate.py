@@ -189,12 +189,12 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     width = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
     torch.manual_seed(0)
     CandidatePolicy(width, width, ActorConfig(method="digiq")).save_pretrained(tmp_path / "actors/digiq")
-    cfg = _config(tmp_path, methods=["digiq"], workers=1, episodes_per_unit=2, features=FeatureParams(model=str(base)))
+    cfg = _config(tmp_path, methods=["digiq"], workers=1, episodes_per_unit=2, features=FeatureParams(variant="off_the_shelf", model=str(base)))
     metrics = stage.run(cfg)
     m = metrics["methods"]["digiq"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
     assert metrics["timing"]["this_run"]["digiq"]["steps"] == 2 * m["mean_steps"]
     # a policy trained on other features is refused with one clear message
     CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
-    with pytest.raises(DigiqError, match="evaluate.features.model"):
+    with pytest.raises(DigiqError, match="features.variant"):
         build_eval_policy("bc", 4, 0.3, actor_dir=str(tmp_path / "actors/bc"), features={"model": str(base)})
