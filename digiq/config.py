@@ -166,7 +166,7 @@ class FinetuneParams(Section):
     probe_layer: int = Field(2, description="hidden_states layer of the frozen off-the-shelf model for the linear-probe baseline (last token of the prompt)")
     checkpoint_every: int = Field(20, ge=1, description="optimizer steps between checkpoints (plus one per epoch)")
     checkpoint_dir: str = Field("models/finetune-ckpt", description="checkpoint folder (resume after an interruption)")
-    max_train_seconds: float = Field(600.0, gt=0, description="safety cap on training wall time; the run stops (and says so) when exceeded")
+    max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time (the default run needs ~11 min on 2 cores); a run that hits it stops, says so and records completed: false")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto = bf16 autocast where faster here (fp32 master weights)")
     out: str = Field("models/finetuned", description="output folder: merged model + adapter/ + README.md")
     metrics: str = Field("metrics/finetune.json", description="metrics file")

@@ -46,7 +46,10 @@ def _small_project(root: Path) -> Path:
     for section, values in SMALL.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=digiq tests", "-c", "user.email=tests@digiq.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "small configuration"], cwd=root, check=True)
     return root
 
 
@@ -73,7 +76,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     assert all(m["episodes"] == 2 for m in evaluation["methods"].values())
     assert "Digi-Q" in (root / "reports/report.md").read_text()
     page = (root / "reports/report.html").read_text()
-    assert "<svg" in page and 'src="http' not in page and 'href="http' not in page  # self-contained
+    assert "data:image/svg+xml;base64," in page and 'src="http' not in page  # plots embedded, nothing fetched
 
     again = _dvc(root, "status")
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout
