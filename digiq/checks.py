@@ -50,11 +50,14 @@ class SuiteResult:
     failures: list[str]  # "<description> (observed …)" for each failed expectation
     results: list[dict[str, Any]]  # description, expectation, success, observed, details
     statistics: dict[str, Any] = field(default_factory=dict)
+    docs: Path | None = None  # the Data Docs page, when the suite wrote one
 
     def raise_for_failures(self, file: str | Path | None) -> None:
-        """DigiqError "<file>: <suite> failed: <desc> (observed …); <desc> (observed …)" when any check failed."""
+        """DigiqError "<file>: <suite> failed: <desc> (observed …); … (details: <Data Docs page>)" when any check
+        failed."""
         if not self.success:
-            raise DigiqError(f"{self.name} failed: " + "; ".join(self.failures), file=file)
+            details = f" (details: {self.docs})" if self.docs is not None else ""
+            raise DigiqError(f"{self.name} failed: " + "; ".join(self.failures) + details, file=file)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ def run_suite(name: str, df: Any, expectations: list[Expect], docs_dir: Path | N
     result = _summarise(name, expectations, raw.to_json_dict())
     if docs_dir is not None:
         _write_docs(context, Path(docs_dir), result)
+        result.docs = Path(docs_dir) / "index.html"
     return result
 
 

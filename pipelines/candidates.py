@@ -19,7 +19,6 @@ from typing import Any
 from digiq import candidates as C
 from digiq.atomic import write_json
 from digiq.config import CandidatesParams, validated  # noqa: F401 - validated is used by cli/candidates.py
-from digiq.errors import DigiqError
 from digiq.store import Dataset
 
 
@@ -57,9 +56,6 @@ def run(dataset: str | Path, p: CandidatesParams, *, progress: bool = False,
     write_json(p.metrics, metrics)
     if report is not None:
         report(metrics)
-    try:
-        gate.raise_for_failures(dataset)
-    except DigiqError as exc:
-        raise DigiqError(f"{exc.message} (details: {Path(p.checks) / 'index.html'})", file=exc.file) from None
+    gate.raise_for_failures(dataset)
     C.write_candidates(table, p.out)
     return CandidatesOutcome(metrics=metrics, seconds=time.perf_counter() - started)

@@ -157,10 +157,7 @@ def run(config: CollectConfig, progress: bool = False, report: Any = None) -> Co
     write_json(config.metrics, metrics)
     if report is not None:
         report(metrics)
-    try:
-        checks.raise_for_failures(root)
-    except DigiqError as exc:
-        raise DigiqError(f"{exc.message} (details: {root / CHECKS_DIR / 'index.html'})", file=exc.file) from None
+    checks.raise_for_failures(root)
     DatasetWriter(root, gamma=config.gamma, source=SOURCE).finalize(
         collect=config.episode_params(), tasks=list(config.tasks), episodes_per_task=config.episodes_per_task
     )

@@ -15,7 +15,6 @@ from typing import Any
 
 from digiq import labels as L
 from digiq.atomic import atomic_path, write_json
-from digiq.errors import DigiqError
 from digiq.store import Dataset
 
 SWEEP_CSV = "label_sweep.csv"
@@ -61,10 +60,7 @@ def run(
     write_json(metrics_path, metrics)
     if report is not None:
         report(metrics)
-    try:  # before writing: labels that fail the gate never become the stage output
-        gate.raise_for_failures(dataset)
-    except DigiqError as exc:
-        raise DigiqError(f"{exc.message} (details: {Path(checks_dir) / 'index.html'})", file=exc.file) from None
+    gate.raise_for_failures(dataset)  # before writing: labels that fail the gate never become the stage output
     L.write_labels(run_.table, out)
     return LabelOutcome(metrics=metrics, gate=gate, sweep=table, seconds=time.perf_counter() - started)
 

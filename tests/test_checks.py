@@ -87,6 +87,8 @@ def test_data_docs_and_json_written_atomically(frame, tmp_path):
     assert saved == result.to_json()
     assert saved["success"] is False and saved["results"][0]["details"]["unexpected_count"] == 1
     assert not [p for p in docs.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    with pytest.raises(DigiqError, match=rf"data/x.parquet: docs failed: .* \(details: {index}\)$"):
+        result.raise_for_failures("data/x.parquet")  # the one-line error points at the Data Docs page
 
 
 def test_same_suite_twice_in_one_process(frame):
