@@ -165,7 +165,12 @@ def test_crashed_and_hung_browsers_are_restarted_and_episodes_replayed(reference
     ref = tree_hashes(reference)
     assert {k: v for k, v in tree_hashes(out).items() if k.startswith("steps/")} == {k: v for k, v in ref.items() if k.startswith("steps/")}
     assert set(Path(tempfile.gettempdir()).glob("digiq-chromium-*")) <= profiles_before  # killed worker's profile removed
-    assert [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)] == []
+    assert _browsers() == []
+
+
+def _browsers() -> list[Path]:
+    """Chromium processes started by digiq (their profile folder is named digiq-chromium-*)."""
+    return [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)]
 
 
 def _read(path: Path) -> bytes:
@@ -221,9 +226,9 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
     shards_at_kill = len(list(killed.glob("steps/*.parquet")))
     assert 1 <= shards_at_kill < 6 and not (killed / "manifest.json").exists()
     deadline = time.monotonic() + 30  # workers follow their parent (PR_SET_PDEATHSIG) and close their browsers
-    while [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(killed).encode() in _read(p)] and time.monotonic() < deadline:
+    while _browsers() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)] == []
+    assert _browsers() == []
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
