@@ -101,6 +101,9 @@ def test_from_params_uses_collect_defaults():
     p = Params()
     assert cfg.tasks == p.collect.tasks and cfg.noise == p.collect.noise and cfg.max_steps == p.collect.max_steps
     assert cfg.episodes == 3 and cfg.seed != p.collect.seed
+    # live features are the embed stage's recipe for the variant the policies were trained on
+    assert cfg.features.variant == p.features.variant and cfg.features.model == p.embed.models[p.features.variant]
+    assert (cfg.features.layer, cfg.features.pooling, cfg.features.dtype) == (p.embed.layer, p.embed.pooling, p.embed.dtype)
 
 
 def _fake_shards(cfg: stage.EvaluateConfig, successes: dict[str, list[bool]]) -> None:
