@@ -63,7 +63,7 @@ class EvaluateParams(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
                                description="trained policies (models/actor/<method>) plus the baselines behavior and random")
     tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
-    episodes_per_task: int = Field(10, ge=1, description="episodes per (method, task); 50 for the paper-style comparison (about 4x the evaluation time)")
+    episodes_per_task: int = Field(10, ge=1, description="episodes per (method, task); 50 for the paper-style comparison (5x the episodes)")
     seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
     k: int = Field(16, ge=1, description="candidates drawn from π_β per live step")
     noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")
