@@ -42,7 +42,7 @@ def collect(
     )
     outcome = stage.run(config, progress=True, report=_print_collect)
     typer.echo(f"wrote {config.out} ({outcome.collected_units} shards collected, {outcome.kept_units} kept), "
-               f"{config.out}/checks/index.html, {config.metrics}")
+               f"{config.checks}/index.html, {config.metrics}")
 
 
 @handle_errors

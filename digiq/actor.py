@@ -81,9 +81,16 @@ class CandidatePolicy(nn.Module):
         self.scorer = mlp(d_sa + (d_s if self.config.use_state else 0), self.config.hidden)
 
     def logits(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-        """[B, K] scores; invalid candidates get −inf."""
-        x = torch.cat([s.unsqueeze(1).expand(-1, cand_sa.shape[1], -1), cand_sa], dim=-1) if self.config.use_state else cand_sa
-        return self.scorer(x).squeeze(-1).masked_fill(~cand_mask, -math.inf)
+        """[B, K] scores; invalid candidates get −inf.
+
+        The first layer W·[f(s); f(s, a_k)] + b is computed as W_a·f(s, a_k) + (W_s·f(s) + b): the state's
+        half once per state instead of once per candidate (same weights, ~1.6× fewer FLOPs at K = 64).
+        """
+        first, rest = self.scorer[0], self.scorer[1:]
+        if not self.config.use_state:
+            return rest(first(cand_sa)).squeeze(-1).masked_fill(~cand_mask, -math.inf)
+        hidden = F.linear(cand_sa, first.weight[:, self.d_s:]) + F.linear(s, first.weight[:, :self.d_s], first.bias).unsqueeze(1)
+        return rest(hidden).squeeze(-1).masked_fill(~cand_mask, -math.inf)
 
     def log_probs(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
         """log π(k | s) [B, K]; invalid candidates: 0 (never −inf, so 0 · log π stays 0)."""

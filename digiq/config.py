@@ -51,6 +51,7 @@ class CollectParams(Section):
     required_action_kinds: list[str] = Field(default_factory=lambda: ["tap", "type", "press_enter"], description="data check: action kinds the data must contain")
     out: str = Field("data/raw", description="dataset folder written by the stage")
     metrics: str = Field("metrics/collect.json", description="stage metrics")
+    checks: str = Field("data/checks/collect", description="Data Docs of the raw-data checks (outside `out`: their timestamps would change the dataset's hash)")
 
     @field_validator("success_band")
     @classmethod
@@ -159,7 +160,7 @@ class FinetuneParams(Section):
     marker: Literal["patch", "draw", "none"] = Field("patch", description="how a tap's location enters the prompt: 'patch' (the projected patch under the point, no re-encoding) or 'none'")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (1e-3 and 3e-3 collapsed to one class in epoch 1 on realmini60)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    epochs: int = Field(3, ge=1, description="passes over the training split")
+    epochs: int = Field(2, ge=1, description="passes over the training split (default data: a 3rd epoch lowered validation balanced accuracy 0.813 → 0.779)")
     batch_size: int = Field(16, ge=1, description="transitions per optimizer step")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of trajectories held out for validation (split by trajectory)")
     seed: int = Field(0, ge=0, description="seeds the split, LoRA init and batch order")

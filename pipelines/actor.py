@@ -23,7 +23,8 @@ import numpy as np
 
 from digiq.atomic import atomic_path, write_json
 from digiq.errors import DigiqError
-from digiq.pipelines.critic import StageData, finite_or_none, live_curves, load_stage_data, training_threads, write_parquet
+from digiq.pipelines.critic import StageData, finite_or_none, live_curves, load_stage_data, write_parquet
+from digiq.runtime import set_threads
 
 if TYPE_CHECKING:
     from digiq.actor import ActorConfig, CandidatePolicy
@@ -108,7 +109,7 @@ def run(
     from digiq.actor import train_actor
 
     started = time.perf_counter()
-    threads = training_threads()
+    threads = set_threads()  # 128 states × K candidates per update: enough work for every core (1.4× with 2 here)
     critic = load_critic(critic_dir, required=config.method in NEEDS_CRITIC)
     stage = load_stage_data(repo, variant)
     if critic is not None:

@@ -7,7 +7,7 @@
                                 that changes an episode (seed, policy, noise, steps, …, and the env and
                                 policy source, miniwob and Chromium versions: see code_version)
     DATASET/screenshots/…       PNG frames (content-addressed)
-    DATASET/checks/             Great Expectations Data Docs + result.json of the raw-data suite
+    collect.checks/             Great Expectations Data Docs + result.json of the raw-data suite (default data/checks/collect)
     DATASET/manifest.json       written last, only when the checks pass
     metrics/collect.json        transitions, episodes, success per task, wall time, steps/s
 
@@ -35,7 +35,6 @@ from digiq.errors import DigiqError
 from digiq.store import MANIFEST, SCREENSHOTS_DIR, STEP_SCHEMA, Dataset, DatasetWriter
 
 PLAN_FILE = "collect.json"
-CHECKS_DIR = "checks"
 SOURCE = "miniwob/behavior"
 WEB_ACTION_KINDS = ("tap", "swipe", "type", "press_enter", "complete")  # PRESS_BACK/HOME do not exist on MiniWoB
 
@@ -57,6 +56,7 @@ class CollectConfig:
     success_band: tuple[float, float] = (0.2, 0.6)
     required_action_kinds: tuple[str, ...] = ("tap", "type", "press_enter")
     metrics: str = "metrics/collect.json"
+    checks: str = "data/checks/collect"  # Data Docs, outside ``out``: their timestamps would change the dataset's hash
 
     def validate(self) -> None:
         if not self.tasks:
@@ -152,7 +152,7 @@ def run(config: CollectConfig, progress: bool = False, report: Any = None) -> Co
     df = step_frame(root, table, config.max_steps)
     from digiq.checks import run_suite
 
-    checks = run_suite("collect_raw", df, expectations(config), docs_dir=root / CHECKS_DIR)
+    checks = run_suite("collect_raw", df, expectations(config), docs_dir=Path(config.checks))
     metrics = collect_metrics(df, config, time.perf_counter() - started, collected, units, removed, pruned, checks.success)
     write_json(config.metrics, metrics)
     if report is not None:

@@ -74,7 +74,7 @@ def val_fraction(params: Params) -> float:
 
 
 def training_threads() -> int:
-    """torch intra-op threads for critic/actor training: ``$DIGIQ_THREADS``, else 1.
+    """torch intra-op threads for critic training: ``$DIGIQ_THREADS``, else 1.
 
     The heads are small MLPs (batch 128, width 256): measured here on the shared 2-core machine, one
     update took 10–70 ms with 1 thread and 90–1200 ms with 2 (spin-waiting threads under contention).

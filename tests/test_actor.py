@@ -171,3 +171,11 @@ def test_every_baseline_trains_on_the_toy_mdp(toy, method):
     _, metrics, history = train_actor(data, ACTOR.model_copy(update={"method": method, "updates": 100}), critic=critic)
     assert math.isfinite(history[-1]["loss"]) and metrics["n_states"] == len(data)
     assert metrics["frac_states_kept"] == (pytest.approx(data.traj_success.float().mean().item()) if method == "filtered-bc" else 1.0)
+
+
+def test_the_split_first_layer_scores_like_the_concatenated_input():
+    torch.manual_seed(0)
+    policy = CandidatePolicy(3, 4, ActorConfig(hidden=(5, 5)))
+    s, cand_sa, mask = torch.randn(2, 3), torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
+    concatenated = torch.cat([s.unsqueeze(1).expand(-1, 6, -1), cand_sa], dim=-1)
+    torch.testing.assert_close(policy.logits(s, cand_sa, mask), policy.scorer(concatenated).squeeze(-1))

@@ -28,14 +28,14 @@ TASKS = ["click-button", "enter-text"]
 def config(out: Path, **kw) -> stage.CollectConfig:
     values = dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, out=str(out),
                   success_band=(0.0, 1.0), required_action_kinds=("tap", "type"),
-                  metrics=str(out.parent / f"{out.name}-metrics.json"))
+                  metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"))
     values.update(kw)
     return stage.CollectConfig(**values)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every shard and screenshot file (the dataset's content)."""
-    files = sorted([*root.glob("steps/*.parquet"), *root.glob("screenshots/*/*.png")])
+    """sha256 of every file of the dataset folder (what DVC hashes as the stage's output)."""
+    files = sorted(f for f in root.rglob("*") if f.is_file())
     return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -56,8 +56,9 @@ def test_collect_writes_a_checked_dataset(reference):
     metrics = json.loads((reference.parent / "reference-metrics.json").read_text())
     assert metrics["transitions"] == len(df) and metrics["episodes"] == 4 == len(data.trajectory_ids())
     assert set(metrics["per_task"]) == set(TASKS) and metrics["checks_passed"]
-    assert (reference / "checks" / "index.html").is_file()
-    assert json.loads((reference / "checks" / "result.json").read_text())["success"] is True
+    checks = reference.parent / "reference-checks"
+    assert (checks / "index.html").is_file() and not (reference / "checks").exists()
+    assert json.loads((checks / "result.json").read_text())["success"] is True
     for traj in data.iter_trajectories():
         assert traj.steps[-1].done and not any(s.done for s in traj.steps[:-1])
         assert all(s.next_screenshot is not None for s in traj.steps)  # terminal steps: the page, not a black frame
@@ -97,7 +98,7 @@ def test_failed_checks_stop_the_stage_with_a_readable_message(reference, tmp_pat
     message = str(err.value)
     assert "collect_raw failed: episode success rate inside [0.99, 1]" in message and "index.html" in message
     assert not (copy / "manifest.json").exists()  # an unchecked dataset is not complete
-    assert json.loads((copy / "checks" / "result.json").read_text())["success"] is False
+    assert json.loads((tmp_path / "copy-checks" / "result.json").read_text())["success"] is False
 
 
 def test_a_foreign_folder_is_not_touched(tmp_path):
