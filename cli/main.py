@@ -14,6 +14,7 @@ from digiq.cli import candidates as candidates_cli
 from digiq.cli import collect as collect_cli
 from digiq.cli import critic as critic_cli
 from digiq.cli import data as data_cli
+from digiq.cli import doctor as doctor_cli
 from digiq.cli import embed as embed_cli
 from digiq.cli import evaluate as evaluate_cli
 from digiq.cli import features as features_cli
@@ -60,6 +61,7 @@ actor_cli.register(app)
 evaluate_cli.register(app)
 report_cli.register(app)
 view_cli.register(app)
+doctor_cli.register(app)
 
 if __name__ == "__main__":
     app()
