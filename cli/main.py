@@ -10,6 +10,7 @@ import typer
 
 from digiq import __version__
 from digiq.cli import actor as actor_cli
+from digiq.cli import bench as bench_cli
 from digiq.cli import candidates as candidates_cli
 from digiq.cli import collect as collect_cli
 from digiq.cli import critic as critic_cli
@@ -62,6 +63,7 @@ evaluate_cli.register(app)
 report_cli.register(app)
 view_cli.register(app)
 doctor_cli.register(app)
+bench_cli.register(app)
 
 if __name__ == "__main__":
     app()
