@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.digiq-installed
 CHROMIUM := /usr/lib/chromium/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
+REDIS := /usr/bin/redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -12,10 +13,10 @@ PYTEST_ARGS ?=
 
 setup: system venv
 
-# Debian's chromium + chromedriver for MiniWoB++ (DESIGN.md §5)
+# Debian's chromium + chromedriver for MiniWoB++ (DESIGN.md §5); redis-server for the Redis online-store test
 system:
-	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then echo "chromium: present"; else \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; fi
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ] && [ -x $(REDIS) ]; then echo "chromium, redis-server: present"; else \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver redis-server; fi
 
 venv: $(STAMP)
 

@@ -27,7 +27,9 @@ _DECISION = re.compile(
     r'"typed_text": "(?P<typed_text>.*)"',
     re.DOTALL,
 )
-_NUMBER = re.compile(r"^-?\d+(?:\.(\d+))?$")
+# A coordinate as the official code writes it: ASCII digits, no leading zeros, no sign but "-", nothing around
+# it (a looser pattern read "0.5\n", "00.5" or Arabic-Indic digits, which do not format back to themselves).
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
 _NO_POINT_TEXT = "-1.0, -1.0"
 
 
@@ -121,11 +123,14 @@ def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int]]
     if text == _NO_POINT_TEXT:
         return NO_POINT, []
     parts = text.split(", ")
-    matches = [_NUMBER.match(part) for part in parts]
+    matches = [_NUMBER.fullmatch(part) for part in parts]
     if len(parts) != 2 or not all(matches):
         raise ActionParseError(f'{field} "[{text}]" is not two numbers "[y, x]"')
+    point = (float(parts[0]), float(parts[1]))
+    if point == NO_POINT:  # one spelling per action: "[-1.00, -1]" would format back as "[-1.0, -1.0]"
+        raise ActionParseError(f'{field} "[{text}]" is the no-point value: write it as "[{_NO_POINT_TEXT}]"')
     decimals = [len(m.group(1)) if m.group(1) is not None else 0 for m in matches if m]
-    return (float(parts[0]), float(parts[1])), decimals
+    return point, decimals
 
 
 def _common_decimals(decimals: list[int]) -> int | None:

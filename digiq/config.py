@@ -179,6 +179,7 @@ class FeaturesParams(Section):
     variant: str = Field("finetuned", description="embedding variant served: data/embeddings/<variant>/ (finetuned, off_the_shelf, no_vlm, ...)")
     embeddings: str = Field("data/embeddings", description="folder holding one sub-folder of embedding tables per variant")
     metrics: str = Field("metrics/features.json", description="stage output: rows materialized and timings")
+    online_store: dict[str, Any] = Field(default_factory=lambda: {"type": "sqlite"}, description="Feast online store: {type: sqlite} (a file per variant under the repository) or e.g. {type: redis, connection_string: 'localhost:6379'} (docs/features.md)")
 
 
 class CriticParams(Section):

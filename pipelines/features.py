@@ -260,8 +260,14 @@ def load_repo_module(repo: str | Path) -> Any:
     return module
 
 
-def render_config(repo: Path, registry: Path, online_store: Path) -> dict[str, Any]:
-    """The repository's feature_store.yaml with the registry and online store placed elsewhere."""
+def is_sqlite(online: dict[str, Any] | None) -> bool:
+    return not online or online.get("type", "sqlite") == "sqlite"
+
+
+def render_config(repo: Path, registry: Path, online_store: Path, online: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The repository's feature_store.yaml with the registry placed at ``registry`` and the online store: SQLite at
+    ``online_store``, or ``online`` as given (e.g. ``{type: redis, connection_string: "host:6379"}``; Feast
+    validates it)."""
     import yaml
 
     source = Path(repo) / "feature_store.yaml"
@@ -270,7 +276,10 @@ def render_config(repo: Path, registry: Path, online_store: Path) -> dict[str, A
     config = yaml.safe_load(source.read_text())
     registry_section = config.get("registry")
     config["registry"] = {**(registry_section if isinstance(registry_section, dict) else {}), "path": str(registry)}
-    config["online_store"] = {**config.get("online_store", {}), "path": str(online_store)}
+    if is_sqlite(online):
+        config["online_store"] = {**config.get("online_store", {}), "path": str(online_store)}
+    else:
+        config["online_store"] = dict(online)
     return config
 
 
@@ -302,12 +311,26 @@ def open_store(repo: str | Path = "features", variant: str = "finetuned") -> Fea
     """The Feast store of ``variant``, as built by `digiq features materialize`."""
     repo, variant = Path(repo).resolve(), check_variant(variant)
     state_dir = runtime_dir(repo, variant)
-    for name in ("registry.db", "online_store.db"):
+    online = _rendered_online_store(state_dir)
+    for name in ("registry.db", "online_store.db") if is_sqlite(online) else ("registry.db",):
         if not (state_dir / name).is_file():
             raise DigiqError(f"no feature store for variant {variant!r} (run `digiq features materialize --variant {variant}`)",
                              file=state_dir / name)
     with _quiet_feast():
-        return _store(repo, render_config(repo, state_dir / "registry.db", state_dir / "online_store.db"))
+        return _store(repo, render_config(repo, state_dir / "registry.db", state_dir / "online_store.db", online))
+
+
+def _rendered_online_store(state_dir: Path) -> dict[str, Any] | None:
+    """The online store the variant was materialized into (its rendered feature_store.yaml; None: SQLite)."""
+    import yaml
+
+    rendered = state_dir / "feature_store.yaml"
+    if not rendered.is_file():
+        return None
+    try:
+        return (yaml.safe_load(rendered.read_text()) or {}).get("online_store")
+    except yaml.YAMLError as exc:
+        raise DigiqError(f"invalid YAML ({exc})", file=rendered, field="online_store") from None
 
 
 def _timestamp_range(paths: list[Path]) -> tuple[datetime, datetime]:
@@ -333,6 +356,7 @@ class Inputs:
     candidates: Path
     labels: Path
     dataset: Path
+    online_store: dict[str, Any] | None = None  # None / type sqlite: the variant's own SQLite file
 
     @classmethod
     def from_params(cls, fp: FeaturesParams, *, dataset: str | Path, labels: str | Path) -> Inputs:
@@ -340,7 +364,7 @@ class Inputs:
         embeddings = Path(fp.embeddings) / variant
         return cls(repo=Path(fp.repo).resolve(), variant=variant, states=(embeddings / "states.parquet").resolve(),
                    candidates=(embeddings / "candidates.parquet").resolve(), labels=Path(labels).resolve(),
-                   dataset=Path(dataset).resolve())
+                   dataset=Path(dataset).resolve(), online_store=fp.online_store)
 
 
 def materialize(inputs: Inputs, metrics_path: str | Path | None = None, *, progress: bool = True) -> dict[str, Any]:
@@ -391,7 +415,8 @@ def _write_runtime_sources(inputs: Inputs, transitions: pa.Table, labels: pa.Tab
              "transitions": str(derived / "transitions.parquet"), "labels": str(derived / "labels.parquet")}
     write_json(state_dir / "sources.json", paths)
     relative = Path("data") / inputs.variant
-    _write_yaml(state_dir / "feature_store.yaml", render_config(inputs.repo, relative / "registry.db", relative / "online_store.db"))
+    _write_yaml(state_dir / "feature_store.yaml", render_config(inputs.repo, relative / "registry.db", relative / "online_store.db",
+                                                                inputs.online_store))
     return paths
 
 
@@ -406,14 +431,15 @@ def _build_store(inputs: Inputs, paths: dict[str, str], *, progress: bool) -> di
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=state_dir))
     try:
         with _quiet_feast():
-            store = _store(inputs.repo, render_config(inputs.repo, build / "registry.db", build / "online_store.db"))
+            store = _store(inputs.repo, render_config(inputs.repo, build / "registry.db", build / "online_store.db",
+                                                      inputs.online_store))
             objects = load_repo_module(inputs.repo).build(paths)
             t = time.perf_counter()
             store.apply(list(objects.values()))
             timings["apply_s"] = time.perf_counter() - t
         window = _timestamp_range([Path(p) for p in paths.values()])
         timings.update(_materialize_views(store, window, progress=progress))
-        for name in ("online_store.db", "registry.db"):
+        for name in ("online_store.db", "registry.db") if is_sqlite(inputs.online_store) else ("registry.db",):
             os.replace(build / name, state_dir / name)
     finally:
         shutil.rmtree(build, ignore_errors=True)

@@ -80,3 +80,48 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
 
     again = _dvc(root, "status")
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout
+
+    _data_stages_rerun_from_scratch_give_the_same_hashes(root)
+    _a_fresh_clone_pulls_identical_outputs_from_a_local_remote(root, tmp_path)
+
+
+DATA_STAGES = {"collect": "data/raw", "label": "data/labels.parquet", "candidates": "data/candidates.parquet"}
+
+
+def _out_hashes(root: Path) -> dict[str, str]:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {stage: next(o["md5"] for o in lock[stage]["outs"] if o["path"] == path) for stage, path in DATA_STAGES.items()}
+
+
+def _data_stages_rerun_from_scratch_give_the_same_hashes(root: Path) -> None:
+    before = _out_hashes(root)
+    for stage, path in DATA_STAGES.items():
+        shutil.rmtree(root / path) if (root / path).is_dir() else (root / path).unlink()  # collect's output persists
+        run = _dvc(root, "repro", "--force", "--single-item", stage)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert _out_hashes(root) == before
+
+
+def _file_hashes(root: Path, paths: list[str]) -> dict[str, str]:
+    import hashlib
+
+    files = [f for p in paths for f in ([root / p] if (root / p).is_file() else sorted((root / p).rglob("*"))) if f.is_file()]
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _a_fresh_clone_pulls_identical_outputs_from_a_local_remote(root: Path, tmp_path: Path) -> None:
+    git = ["git", "-c", "user.name=digiq tests", "-c", "user.email=tests@digiq.invalid"]
+    assert _dvc(root, "remote", "add", "-d", "store", str(tmp_path / "remote")).returncode == 0
+    push = _dvc(root, "push")
+    assert push.returncode == 0, push.stdout[-3000:] + push.stderr[-3000:]
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)  # dvc.lock, .dvc/config and the uncached metrics
+    subprocess.run([*git, "commit", "-qm", "results"], cwd=root, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    pull = _dvc(clone, "pull")
+    assert pull.returncode == 0, pull.stdout[-3000:] + pull.stderr[-3000:]
+    status = _dvc(clone, "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    outputs = ["models/base", "data/raw", "data/labels.parquet", "models/finetuned", "data/candidates.parquet",
+               "data/embeddings/finetuned", "models/critic", "models/actor/digiq", "metrics/eval.json"]
+    assert _file_hashes(clone, outputs) == _file_hashes(root, outputs)
