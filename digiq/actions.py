@@ -15,10 +15,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from digiq.errors import ActionParseError
-from digiq.schema import MAX_DECIMALS, NO_POINT, Action, ActionType
+from digiq.schema import MAX_DECIMALS, NO_POINT, PLAN_END, Action, ActionType
 
 PLAN_PREFIX = "Action Plan: ["
-DECISION_SEPARATOR = "] ; Action Decision: "
+DECISION_SEPARATOR = PLAN_END  # "] ; Action Decision: "
 DECISION_PREFIX = "Action Decision: "
 _DECISION = re.compile(
     r'"action_type": "(?P<action_type>[^"]*)", '
@@ -56,7 +56,7 @@ def parse_action(text: str) -> Action:
         )
     except ValidationError as exc:
         problem = exc.errors()[0]
-        raise ActionParseError(f"invalid action {_quote(decision)}: {problem['msg']}") from None
+        raise ActionParseError(f"invalid action {_quote(decision)}: {problem['msg'].removeprefix('Value error, ')}") from None
 
 
 def format_action(action: Action) -> str:
@@ -141,8 +141,8 @@ def _common_decimals(decimals: list[int]) -> int | None:
 def _format_point(point: tuple[float, float], decimals: int | None) -> str:
     if point == NO_POINT:
         return _NO_POINT_TEXT
-    if decimals is None:
-        return ", ".join(np.format_float_positional(v, unique=True, trim="0") for v in point)
+    if decimals is None:  # shortest repr, trimmed as schema._repr_decimals counts (1.0 -> "1"): the parser then reads back None
+        return ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in point)
     return ", ".join(f"{v:.{decimals}f}" for v in point)
 
 

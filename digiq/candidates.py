@@ -108,14 +108,16 @@ def make_candidates(dataset: Dataset, k: int, seed: int, *, policy: BehaviorPoli
 
 def read_imported(path: Path, dataset: Dataset) -> pa.Table:
     """An importer-written candidate table (traj_id, step_id, cand_idx, action) with ``is_duplicate`` added."""
-    try:
-        table = pq.read_table(path, columns=["traj_id", "step_id", "cand_idx", "action"])
-    except (pa.ArrowException, OSError, KeyError) as exc:
-        raise DigiqError(f"unreadable candidate table ({exc})", file=path) from None
+    from digiq.parquet import read_table
+
+    table = read_table(path, columns=["traj_id", "step_id", "cand_idx", "action"])
     table = table.sort_by([("traj_id", "ascending"), ("step_id", "ascending"), ("cand_idx", "ascending")])
     frame = table.to_pandas()
-    frame["is_duplicate"] = frame.groupby(["traj_id", "step_id"], sort=False)["action"].transform(
-        lambda actions: duplicate_flags(actions.tolist()))
+    try:
+        frame["is_duplicate"] = frame.groupby(["traj_id", "step_id"], sort=False)["action"].transform(
+            lambda actions: duplicate_flags(actions.tolist()))
+    except DigiqError:
+        raise _unparsable_candidate(frame, path) from None
     steps = dataset.table().select(["traj_id", "step_id", "action"]).to_pandas()
     merged = steps.merge(frame[frame["cand_idx"] == 0], on=["traj_id", "step_id"], how="left", suffixes=("", "_c"))
     missing = merged[merged["action_c"].isna()]
@@ -124,6 +126,16 @@ def read_imported(path: Path, dataset: Dataset) -> pa.Table:
         raise DigiqError(f"state {first.traj_id}/{first.step_id} has no candidate 0 ({len(missing)} states)",
                          file=path, field="cand_idx")
     return pa.Table.from_pandas(frame, schema=CANDIDATES_SCHEMA, preserve_index=False)
+
+
+def _unparsable_candidate(frame: Any, path: Path) -> DigiqError:
+    """The first candidate of an imported table whose action string does not parse, as a DigiqError."""
+    for row in frame.drop_duplicates("action").itertuples():
+        try:
+            parse_action(row.action)
+        except DigiqError as exc:
+            return DigiqError(f"state {row.traj_id}/{row.step_id} candidate {row.cand_idx}: {exc.message}", file=path, field="action")
+    return DigiqError("a candidate action does not parse", file=path, field="action")
 
 
 def per_state(table: pa.Table) -> Any:

@@ -238,10 +238,23 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DigiqError(f"invalid YAML ({exc})", file=path) from None
+        raise yaml_error(exc, path) from None
     if not isinstance(raw, dict):
         raise DigiqError("expected a mapping of sections at the top level", file=path)
     return validate_params(raw, path)
+
+
+def yaml_error(exc: Exception, path: str | Path) -> DigiqError:
+    """A YAML syntax error in one line, naming the line (and column) it was found at."""
+    from digiq.errors import first_line
+
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return DigiqError(f"invalid YAML ({first_line(exc)})", file=path)
+    context = getattr(exc, "context", None)
+    started = getattr(exc, "context_mark", None)
+    where = f" ({context} that starts at line {started.line + 1}, column {started.column + 1})" if context and started else ""
+    return DigiqError(f"invalid YAML: {exc.problem}{where}", file=path, field=f"line {mark.line + 1}, column {mark.column + 1}")
 
 
 def validate_params(raw: dict[str, Any], path: str | Path = PARAMS_FILE) -> Params:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from digiq.actions import describe_action, parse_action
+from digiq.actions import describe_action
 from digiq.errors import DigiqError
 from digiq.store import Dataset
 
@@ -117,7 +117,7 @@ def trajectory_view(dataset: Dataset, traj_id: str) -> TrajectoryView:
         StepView(
             step_id=int(row["step_id"]),
             action=row["action"],
-            description=describe_action(parse_action(row["action"])),
+            description=describe_action(dataset.action({**row, "traj_id": traj_id})),
             reward=float(row["reward"]),
             done=bool(row["done"]),
             mc_return=float(row["mc_return"]),

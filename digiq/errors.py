@@ -21,3 +21,10 @@ class DigiqError(Exception):
 
 class ActionParseError(DigiqError, ValueError):
     """A malformed AutoUI action string."""
+
+
+def first_line(value: object) -> str:
+    """The first non-empty line of an exception's text, control characters escaped: messages stay one line."""
+    lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+    line = lines[0] if lines else type(value).__name__
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in line)

@@ -256,12 +256,9 @@ def write_labels(table: Any, path: str | Path) -> None:
 
 def read_labels(path: str | Path) -> Any:
     """Read a label table (a pandas DataFrame), checking its columns."""
-    import pyarrow.parquet as pq
+    from digiq.parquet import read_table
 
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DigiqError(f"cannot read the label table ({exc})", file=path) from None
+    table = read_table(path)
     missing = [c for c in LABEL_COLUMNS if c not in table.column_names]
     if missing:
         raise DigiqError(f"missing column(s) {', '.join(missing)}", file=path, field=missing[0])

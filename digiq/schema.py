@@ -18,6 +18,7 @@ SWIPE_DISTANCE_THRESHOLD = 0.04
 SCHEMA_VERSION = 1
 DEFAULT_DECIMALS = 4  # AutoUI writes coordinates with 4 decimals
 MAX_DECIMALS = 12
+PLAN_END = "] ; Action Decision: "  # ends the plan in the string form, so a plan cannot contain it
 
 
 class ActionType(str, Enum):
@@ -52,6 +53,13 @@ class Action(BaseModel):
         if not all(math.isfinite(v) for v in point):
             raise ValueError(f"point {list(point)} is not finite")
         return point
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_fits_the_string_form(cls, plan: str | None) -> str | None:
+        if plan is not None and PLAN_END in plan:
+            raise ValueError(f"plan {plan!r} contains {PLAN_END!r}, which would end it early in the string form")
+        return plan
 
     @model_validator(mode="after")
     def _consistent(self) -> Action:

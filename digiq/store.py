@@ -26,8 +26,9 @@ from pydantic import ValidationError
 
 from digiq.actions import format_action, parse_action
 from digiq.atomic import atomic_path, write_json
-from digiq.errors import DigiqError
-from digiq.schema import SCHEMA_VERSION, Action, Step, Trajectory, discounted_returns
+from digiq.errors import DigiqError, first_line
+from digiq.parquet import read_table
+from digiq.schema import SCHEMA_VERSION, Action, ActionType, Step, Trajectory, discounted_returns
 
 MANIFEST = "manifest.json"
 STEPS_DIR = "steps"
@@ -203,17 +204,16 @@ class Dataset:
     def _read_shards(files: list[Path]) -> pa.Table:
         tables = []
         for file in files:
-            try:
-                table = pq.read_table(file)
-            except (pa.ArrowException, OSError) as exc:
-                raise DigiqError(f"unreadable Parquet shard ({exc})", file=file) from None
+            table = read_table(file)
             missing = [name for name in _REQUIRED if name not in table.column_names]
             if missing:
                 raise DigiqError(f"missing column(s) {', '.join(missing)}", file=file, field=missing[0])
             try:
-                tables.append(table.select(STEP_SCHEMA.names).cast(STEP_SCHEMA))
+                table = table.select(STEP_SCHEMA.names).cast(STEP_SCHEMA)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
-                raise DigiqError(f"columns do not match the step schema ({exc})", file=file) from None
+                raise DigiqError(f"columns do not match the step schema ({first_line(exc)})", file=file) from None
+            check_step_values(table, file)
+            tables.append(table)
         if not tables:
             return STEP_SCHEMA.empty_table()
         return pa.concat_tables(tables)
@@ -261,8 +261,24 @@ class Dataset:
             raise DigiqError(f"no trajectory {traj_id!r}", file=self.root, field="traj_id")
         return self._trajectory(rows)
 
+    def shard_of(self, traj_id: str, step_id: int | None = None) -> Path:
+        """The shard holding a step (for error messages; the steps folder when no shard has it)."""
+        import pyarrow.compute as pc
+
+        for file in self.shard_files(self.root):
+            keys = pq.read_table(file, columns=["traj_id", "step_id"])
+            found = pc.equal(keys["traj_id"], traj_id)
+            if step_id is not None:
+                found = pc.and_(found, pc.equal(keys["step_id"], step_id))
+            if pc.any(found).as_py():
+                return file
+        return self.root / STEPS_DIR
+
     def _trajectory(self, rows: list[dict[str, Any]]) -> Trajectory:
-        steps = [row_to_step(row, self.root / STEPS_DIR) for row in rows]
+        try:
+            steps = [row_to_step(row) for row in rows]
+        except DigiqError as exc:  # the failing step's shard, looked up only now
+            raise DigiqError(exc.message, file=self.shard_of(rows[0]["traj_id"]), field=exc.field) from None
         first = steps[0]
         try:
             return Trajectory(traj_id=first.traj_id, task=first.task, goal=first.goal, steps=steps)
@@ -292,7 +308,45 @@ class Dataset:
         return image.convert("RGB")
 
     def action(self, row: dict[str, Any]) -> Action:
-        return parse_action(row["action"])
+        """The parsed action of a step-table row (a DigiqError names the shard, the step and the field)."""
+        try:
+            return parse_action(row["action"])
+        except DigiqError as exc:
+            traj_id, step_id = row.get("traj_id"), row.get("step_id")
+            raise DigiqError(f"trajectory {traj_id!r} step {step_id}: {exc.message}", file=self.shard_of(traj_id, step_id),
+                             field="action") from None
+
+
+def check_step_values(table: pa.Table, file: str | Path) -> None:
+    """What every reader relies on, checked column-wise (cheap): required values present, finite rewards and
+    returns, known action types, on-screen points. The action strings themselves are parsed where they are used."""
+    import pyarrow.compute as pc
+
+    for name in _REQUIRED:
+        if table[name].null_count:
+            _bad_rows(table, file, pc.is_null(table[name]), name, "missing value")
+    for name in ("reward", "mc_return"):
+        finite = pc.is_finite(table[name])
+        if not pc.all(finite).as_py():
+            _bad_rows(table, file, pc.invert(finite), name, "{value} is not a finite number", name)
+    known = pc.is_in(table["action_type"], pa.array([t.value for t in ActionType]))
+    if not pc.all(known).as_py():
+        _bad_rows(table, file, pc.invert(known), "action_type", "unknown action type {value!r}", "action_type")
+    taps = pc.equal(table["action_type"], ActionType.DUAL_POINT.value)
+    for name in ("touch_y", "touch_x", "lift_y", "lift_x"):
+        outside = pc.and_(taps, pc.or_(pc.less(table[name], 0.0), pc.greater(table[name], 1.0)))
+        if pc.any(outside).as_py():
+            _bad_rows(table, file, outside, "action", f"{name} {{value}} is outside [0, 1] (expected [y, x] normalised)", name)
+
+
+def _bad_rows(table: pa.Table, file: str | Path, bad: Any, field: str, message: str, column: str | None = None) -> None:
+    """Raise for the first row where ``bad`` holds (``{value}`` in the message: that row's ``column``)."""
+    import pyarrow.compute as pc
+
+    row = table.slice(pc.index(bad, True).as_py(), 1).to_pylist()[0]
+    count = pc.sum(bad).as_py()
+    text = message.format(value=row[column] if column else None)
+    raise DigiqError(f"trajectory {row['traj_id']!r} step {row['step_id']}: {text} ({count} row(s) in all)", file=file, field=field)
 
 
 def _sql_identifier(name: str) -> str:

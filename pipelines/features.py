@@ -118,21 +118,38 @@ _KIND_TEXT = {"string": "a string", "int": "an integer", "float": "a float", "ti
 
 
 def check_table(path: str | Path, columns: list[Column]) -> pa.Schema:
-    """The Parquet schema of ``path`` after checking it has ``columns`` of the right kinds (DigiqError otherwise)."""
+    """The Parquet schema of ``path`` after checking it has ``columns`` of the right kinds, every page of them
+    decodes (DuckDB and Feast read them later) and vectors are finite (DigiqError otherwise)."""
+    from digiq.parquet import read_schema, read_table
+
     path = Path(path)
     if not path.is_file():
         raise DigiqError("missing input table (was the stage that writes it run?)", file=path)
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DigiqError(f"unreadable Parquet file ({exc})", file=path) from None
+    schema = read_schema(path)
     for column in columns:
         if column.name not in schema.names:
             raise DigiqError("missing column", file=path, field=column.name)
         dtype = schema.field(column.name).type
         if not _kind_matches(column.kind, dtype):
             raise DigiqError(f"expected {_KIND_TEXT[column.kind]}, got {dtype}", file=path, field=column.name)
+    table = read_table(path, [column.name for column in columns])
+    for column in columns:
+        if column.kind == "vector":
+            _check_finite(table, column.name, columns[0].name, path)
     return schema
+
+
+def _check_finite(table: pa.Table, column: str, key: str, path: Path) -> None:
+    """Every value of a fixed-size vector column is finite (a NaN embedding would poison every Q value)."""
+    vectors = table[column].combine_chunks()
+    if vectors.null_count:
+        first = pc.index(pc.is_null(vectors), True).as_py()
+        raise DigiqError(f"{key} {table[key][first].as_py()!r} has no value ({vectors.null_count} rows)", file=path, field=column)
+    finite = np.isfinite(np.asarray(vectors.flatten(), dtype=np.float32)).reshape(len(vectors), -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DigiqError(f"{key} {table[key][int(bad[0])].as_py()!r} has NaN or infinite values ({len(bad)} of {len(finite)} rows)",
+                         file=path, field=column)
 
 
 def vector_dim(schema: pa.Schema, column: str = "embedding") -> int:
@@ -252,12 +269,20 @@ def load_repo_module(repo: str | Path) -> Any:
     """Import ``<repo>/digiq_feature_repo.py`` (the Feast definitions) under a private module name."""
     path = Path(repo) / REPO_MODULE
     if not path.is_file():
-        raise DigiqError("not a digiq Feast repository (no definitions module)", file=path)
+        raise DigiqError("not a digiq Feast repository (no definitions module)", file=path, field="features.repo")
     spec = importlib.util.spec_from_file_location(f"_digiq_feature_repo_{abs(hash(str(path.resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
     return module
+
+
+def check_repo(repo: str | Path) -> None:
+    """``repo`` holds the definitions module and feature_store.yaml (DigiqError naming the missing one)."""
+    for name, what in ((REPO_MODULE, "not a digiq Feast repository (no definitions module)"),
+                       ("feature_store.yaml", "not a Feast repository (no feature_store.yaml)")):
+        if not (Path(repo) / name).is_file():
+            raise DigiqError(what, file=Path(repo) / name, field="features.repo")
 
 
 def is_sqlite(online: dict[str, Any] | None) -> bool:
@@ -272,7 +297,7 @@ def render_config(repo: Path, registry: Path, online_store: Path, online: dict[s
 
     source = Path(repo) / "feature_store.yaml"
     if not source.is_file():
-        raise DigiqError("not a Feast repository (no feature_store.yaml)", file=source)
+        raise DigiqError("not a Feast repository (no feature_store.yaml)", file=source, field="features.repo")
     config = yaml.safe_load(source.read_text())
     registry_section = config.get("registry")
     config["registry"] = {**(registry_section if isinstance(registry_section, dict) else {}), "path": str(registry)}
@@ -390,6 +415,7 @@ def check_and_derive(inputs: Inputs) -> tuple[int, pa.Table, pa.Table]:
     """Validate the four inputs (DigiqError naming file and field) and derive the state-keyed tables."""
     from digiq.store import Dataset
 
+    check_repo(inputs.repo)  # before anything is written under it
     states_schema = check_table(inputs.states, STATES_COLUMNS)
     candidates_schema = check_table(inputs.candidates, CANDIDATES_COLUMNS)
     check_table(inputs.labels, LABELS_COLUMNS)
@@ -583,6 +609,15 @@ def _entity_frame(store: FeatureStore, entity_df: pd.DataFrame | None, as_of: da
     return frame
 
 
+def check_offline_sources(store: FeatureStore) -> None:
+    """The Parquet sources the registry points at still exist (moved or deleted since `digiq features materialize`?)."""
+    for view in VIEWS:
+        source = Path(store.get_feature_view(view).batch_source.path)
+        if not source.is_file():
+            raise DigiqError("source file is missing (moved or deleted since `digiq features materialize`? run it again)",
+                             file=source, field=view)
+
+
 def _historical(store: FeatureStore, entities: pd.DataFrame, refs: list[str]) -> pa.Table:
     """get_historical_features, rows back in row_id order."""
     with _quiet_feast():
@@ -620,6 +655,7 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    check_offline_sources(store)
     entities = _entity_frame(store, entity_df, as_of)
     keys = entities["state_key"].to_numpy()
     states = _historical(store, entities, STATE_REFS)
