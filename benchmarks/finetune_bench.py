@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, comma-separated (bf16 takes minutes per step on CPUs without avx512_bf16/amx)")
     args = ap.parse_args()
 
     import numpy as np
@@ -44,7 +45,7 @@ def main() -> None:
     examples = F.load_examples(data, read_labels(args.labels).iloc[:n], args.labels)
     rows = np.arange(len(examples))
     results = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         seed_everything(0)
         vlm = load_vlm(args.base, dtype="float32", device="cpu")
         t0 = time.perf_counter()

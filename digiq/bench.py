@@ -35,6 +35,13 @@ class Bench:
     stdout_json: bool = False  # the script prints its JSON instead of writing it
 
 
+def compute_dtypes() -> str:
+    """float32, plus bfloat16 where the CPU has bf16 instructions (elsewhere one bf16 step takes minutes: DESIGN §6)."""
+    from digiq.runtime import cpu_flags
+
+    return "float32,bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
+
+
 def _collect_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [("collection env steps/s vs bare miniwob env.step (same episodes, same run)", f"{r['ratio_mean']:.3f}", "≥ 0.8")]
 
@@ -80,9 +87,9 @@ BENCHES: dict[str, Bench] = {
     "critic": Bench("critic_bench.py", lambda out, quick: [str(out)] + (["--updates", "100", "--repeats", "3"] if quick else []),
                     _critic_rows),
     "embed": Bench("embed_bench.py", lambda out, quick: [str(out), "--dataset", "data/raw", "--model", "models/finetuned",
-                                                         "--dtypes", "float32"] + (["--states", "8", "--repeats", "1"] if quick else []),
+                                                         "--dtypes", compute_dtypes()] + (["--states", "8", "--repeats", "1"] if quick else []),
                    _embed_rows, needs=("data/raw", "models/finetuned")),
-    "finetune": Bench("finetune_bench.py", lambda out, quick: ["--json", str(out)] + (["--steps", "2"] if quick else []),
+    "finetune": Bench("finetune_bench.py", lambda out, quick: ["--json", str(out), "--dtypes", compute_dtypes()] + (["--steps", "2"] if quick else []),
                       _finetune_rows, needs=("data/raw", "data/labels.parquet", "models/base")),
     "collect": Bench("collect_bench.py", lambda out, quick: ["--tasks", "click-button,enter-text", "--episodes", "3"] if quick else [],
                      _collect_rows, stdout_json=True),
