@@ -54,7 +54,7 @@ def _embed_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _retrieval_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     online, direct = r["online_feast_candidates"], r["direct_duckdb_parquet"]
-    frame = r.get("training_frame_1") or {}
+    frame = r.get("training_frame_first") or {}
     return [
         ("Feast online read of one state's 64 candidate embeddings, p50 / p99 ms",
          f"{online['p50_ms']:.2f} / {online['p99_ms']:.2f}", "p99 ≤ 10"),
