@@ -29,6 +29,7 @@ def actor(
 ) -> None:
     """Train a candidate-scoring policy by weighted imitation (digiq = Best-of-N on the critic's advantage)."""
     from digiq.pipelines import actor as stage
+    from digiq.pipelines.features import ensure_store
 
     if method not in METHODS:
         raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
@@ -36,10 +37,12 @@ def actor(
     config = stage.actor_config(cfg, method)
     if updates is not None:
         config = config.model_copy(update={"updates": updates})
+    repo, variant = pick(repo, Path(cfg.features.repo)), pick(variant, cfg.features.variant)
+    ensure_store(cfg, repo, variant, say=typer.echo)
     outcome = stage.run(
         config,
-        repo=pick(repo, Path(cfg.features.repo)),
-        variant=pick(variant, cfg.features.variant),
+        repo=repo,
+        variant=variant,
         critic_dir=pick(critic, Path(cfg.critic.out)),
         out=pick(out, Path(cfg.actor.out) / method),
         metrics_path=pick(metrics, Path("metrics/actor") / f"{method}.json"),

@@ -27,6 +27,7 @@ def critic(
 ) -> None:
     """Train Q1, Q2, V1, V2 on frozen f(s), f(s, a) with Polyak target nets; write weights, scores, diagnostics."""
     from digiq.pipelines import critic as stage
+    from digiq.pipelines.features import ensure_store
 
     if target not in (None, "td", "mc"):
         raise typer.BadParameter(f"{target!r} is not td or mc", param_hint="--target")
@@ -34,10 +35,12 @@ def critic(
     config = stage.critic_config(cfg, target)
     if updates is not None:
         config = config.model_copy(update={"updates": updates})
+    repo, variant = pick(repo, Path(cfg.features.repo)), pick(variant, cfg.features.variant)
+    ensure_store(cfg, repo, variant, say=typer.echo)
     outcome = stage.run(
         config,
-        repo=pick(repo, Path(cfg.features.repo)),
-        variant=pick(variant, cfg.features.variant),
+        repo=repo,
+        variant=variant,
         out=pick(out, Path(cfg.critic.out)),
         metrics_path=metrics,
         live_dir=live,

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -409,6 +409,21 @@ def materialize(inputs: Inputs, metrics_path: str | Path | None = None, *, progr
     if metrics_path is not None:
         write_json(metrics_path, metrics)
     return metrics
+
+
+def ensure_store(params: Any, repo: str | Path, variant: str, say: Callable[[str], None] = print) -> bool:
+    """Materialize ``variant`` when its registry is missing; True when it did.
+
+    The store's registry and online store are git-ignored run-time state, not DVC outputs: a fresh workspace
+    (the temporary copy of a queued `dvc exp run`, a clone after `dvc pull`) has the embeddings but no store,
+    and DVC skips the unchanged features stage. The critic and actor stages call this first.
+    """
+    if (runtime_dir(Path(repo), check_variant(variant)) / "registry.db").is_file():
+        return False
+    fp = params.features.model_copy(update={"repo": str(repo), "variant": variant})
+    say(f"no feature store for variant {variant!r} in this workspace: materializing it from {fp.embeddings}/{variant}")
+    materialize(Inputs.from_params(fp, dataset=params.collect.out, labels=params.label.out), progress=False)
+    return True
 
 
 def check_and_derive(inputs: Inputs) -> tuple[int, pa.Table, pa.Table]:

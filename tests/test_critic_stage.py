@@ -163,9 +163,21 @@ def test_missing_store_is_one_clear_error(tmp_path):
     with pytest.raises(DigiqError) as caught:
         stage.load_stage_data(project / "features", "finetuned")
     assert "digiq features materialize --variant finetuned" in str(caught.value) and "registry.db" in str(caught.value)
+    (project / "params.yaml").write_text(PARAMS + f"features: {{embeddings: {project / 'absent'}}}\n")
+    result = run_critic(project, "out")  # no store, and no embeddings to rebuild it from
+    assert result.exit_code == 2 and "missing input table" in result.output and "Traceback" not in result.output
+    assert str(project / "absent") in result.output and not (project / "out").exists()  # nothing half-written
+
+
+def test_a_fresh_workspace_rebuilds_the_store_from_the_embeddings(tmp_path):
+    """A queued `dvc exp run` copy or a clone after `dvc pull` has the embeddings but no Feast run-time state."""
+    project = make_project(tmp_path, materialized=False)
+    data = project / "data"
+    (project / "params.yaml").write_text(PARAMS + f"collect: {{out: {data / 'raw'}}}\nlabel: {{out: {data / 'labels.parquet'}}}\n"
+                                                  f"features: {{embeddings: {data / 'embeddings'}}}\n")
     result = run_critic(project, "out")
-    assert result.exit_code == 2 and "digiq features materialize" in result.output and "Traceback" not in result.output
-    assert not (project / "out").exists()  # nothing half-written
+    assert result.exit_code == 0, result.output
+    assert "materializing it from" in result.output and (project / "features" / "data" / "finetuned" / "registry.db").is_file()
 
 
 def test_bad_target_is_refused(project):

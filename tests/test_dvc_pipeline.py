@@ -6,6 +6,8 @@ default VLM, Feast, Great Expectations. Only params.yaml is made smaller.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -83,6 +85,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
 
     _data_stages_rerun_from_scratch_give_the_same_hashes(root)
     _a_fresh_clone_pulls_identical_outputs_from_a_local_remote(root, tmp_path)
+    _queued_experiments_run_two_at_a_time_and_are_listed(root)
 
 
 DATA_STAGES = {"collect": "data/raw", "label": "data/labels.parquet", "candidates": "data/candidates.parquet"}
@@ -102,6 +105,9 @@ def _data_stages_rerun_from_scratch_give_the_same_hashes(root: Path) -> None:
     assert _out_hashes(root) == before
 
 
+UNCACHED = ["metrics", "plots", "reports", "dvclive", "data/checks", "data/eval"]  # the `cache: false` outputs (docs/remote.md)
+
+
 def _file_hashes(root: Path, paths: list[str]) -> dict[str, str]:
     import hashlib
 
@@ -114,7 +120,8 @@ def _a_fresh_clone_pulls_identical_outputs_from_a_local_remote(root: Path, tmp_p
     assert _dvc(root, "remote", "add", "-d", "store", str(tmp_path / "remote")).returncode == 0
     push = _dvc(root, "push")
     assert push.returncode == 0, push.stdout[-3000:] + push.stderr[-3000:]
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)  # dvc.lock, .dvc/config and the uncached metrics
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)  # dvc.lock, .dvc/config
+    subprocess.run([*git, "add", "-f", *UNCACHED], cwd=root, check=True)  # git-ignored here, they travel with git
     subprocess.run([*git, "commit", "-qm", "results"], cwd=root, check=True)
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
@@ -125,3 +132,26 @@ def _a_fresh_clone_pulls_identical_outputs_from_a_local_remote(root: Path, tmp_p
     outputs = ["models/base", "data/raw", "data/labels.parquet", "models/finetuned", "data/candidates.parquet",
                "data/embeddings/finetuned", "models/critic", "models/actor/digiq", "metrics/eval.json"]
     assert _file_hashes(clone, outputs) == _file_hashes(root, outputs)
+
+
+def _queued_experiments_run_two_at_a_time_and_are_listed(root: Path) -> None:
+    import time
+
+    for n in (2, 3):
+        queued = _dvc(root, "exp", "run", "--queue", "-n", f"n{n}", "-S", f"actor.n={n}")
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+    start = _dvc(root, "queue", "start", "-j", "2")
+    assert start.returncode == 0, start.stdout + start.stderr
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = _dvc(root, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    assert "Failed" not in status and status.count("Success") == 2, status
+    shown = _dvc(root, "exp", "show", "--csv")
+    assert shown.returncode == 0, shown.stderr
+    rows = list(csv.DictReader(io.StringIO(shown.stdout)))
+    runs = {row["Experiment"]: row for row in rows if row["Experiment"] in ("n2", "n3")}
+    assert set(runs) == {"n2", "n3"}, shown.stdout
+    assert {runs[name]["actor.n"] for name in runs} == {"2", "3"}
