@@ -293,12 +293,10 @@ def render_config(repo: Path, registry: Path, online_store: Path, online: dict[s
     """The repository's feature_store.yaml with the registry placed at ``registry`` and the online store: SQLite at
     ``online_store``, or ``online`` as given (e.g. ``{type: redis, connection_string: "host:6379"}``; Feast
     validates it)."""
-    import yaml
-
     source = Path(repo) / "feature_store.yaml"
     if not source.is_file():
         raise DigiqError("not a Feast repository (no feature_store.yaml)", file=source, field="features.repo")
-    config = yaml.safe_load(source.read_text())
+    config = _read_yaml(source)
     registry_section = config.get("registry")
     config["registry"] = {**(registry_section if isinstance(registry_section, dict) else {}), "path": str(registry)}
     if is_sqlite(online):
@@ -347,15 +345,22 @@ def open_store(repo: str | Path = "features", variant: str = "finetuned") -> Fea
 
 def _rendered_online_store(state_dir: Path) -> dict[str, Any] | None:
     """The online store the variant was materialized into (its rendered feature_store.yaml; None: SQLite)."""
-    import yaml
-
     rendered = state_dir / "feature_store.yaml"
     if not rendered.is_file():
         return None
+    return (_read_yaml(rendered) or {}).get("online_store")
+
+
+def _read_yaml(path: Path) -> Any:
+    """A Feast YAML file; a syntax error is one DigiqError naming the file, line and column (as for params.yaml)."""
+    import yaml
+
+    from digiq.config import yaml_error
+
     try:
-        return (yaml.safe_load(rendered.read_text()) or {}).get("online_store")
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DigiqError(f"invalid YAML ({exc})", file=rendered, field="online_store") from None
+        raise yaml_error(exc, path) from None
 
 
 def _timestamp_range(paths: list[Path]) -> tuple[datetime, datetime]:
