@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- online: Feast (SQLite online store)
         store = fx.open_store(work / "features", "finetuned")
         with fx._quiet_feast():
-            online = time_calls(lambda key: fx.online_candidates(store, key, args.k)["embedding"], keys, expected)
+            online = time_calls(lambda key: fx.online_candidates(store, key)["embedding"], keys, expected)
             t_state = time_calls(lambda key: fx.online_state(store, *key.split("/"), candidates=True)["candidates"]["embedding"],
                                  keys[: args.file_reps], expected)
         results["online_feast_candidates"] = online
@@ -143,7 +143,7 @@ def report(r: dict) -> None:
           f"(candidates.parquet {r['candidates_parquet_mb']:.0f} MiB, online store {r['online_store_mb']:.0f} MiB)")
     t = r["materialize"]["timings_s"]
     print(f"materialize: total {t['total']:.1f} s (import feast {t['import_feast']:.1f} s, apply {t['apply']:.2f} s, "
-          f"candidates {t['materialize_candidate_embedding']:.1f} s, states {t['materialize_state_embedding']:.1f} s)")
+          f"candidate blocks {t['materialize_candidate_block']:.1f} s, states {t['materialize_state_embedding']:.1f} s)")
     print(f"\n{'online read of one state’s K candidate embeddings':58s} {'p50 ms':>8s} {'p99 ms':>8s} {'n':>6s}")
     for name in ("online_feast_candidates", "online_feast_state_plus_candidates", "direct_duckdb_memory_indexed",
                  "direct_duckdb_parquet", "direct_pyarrow_parquet_filter"):

@@ -1,14 +1,20 @@
-"""digiq's Feast definitions: two entities, four feature views, two feature services.
+"""digiq's Feast definitions: two entities, five feature views, two feature services.
 
     entity     join key   keyed rows
     state      state_key  f"{traj_id}/{step_id}"             one per dataset step
     candidate  cand_key   f"{traj_id}/{step_id}/{cand_idx}"  K per step, cand_idx 0 = the dataset action
 
-    view                 entity     source (Parquet)                                features
-    state_embedding      state      data/embeddings/<variant>/states.parquet      embedding f(s), model_hash, layer
-    candidate_embedding  candidate  data/embeddings/<variant>/candidates.parquet  embedding f(s, a), action, cand_idx, state_key, ...
-    transition           state      features/data/<variant>/sources/transitions   next_state_key, reward, done, mc_return, action, n_candidates
-    eps_label            state      features/data/<variant>/sources/labels        label (Yes/No), mse, epsilon, action_kind
+    view                 entity     source (Parquet)                                  features
+    state_embedding      state      data/embeddings/<variant>/states.parquet        embedding f(s), model_hash, layer
+    candidate_embedding  candidate  data/embeddings/<variant>/candidates.parquet    embedding f(s, a), action, cand_idx, ... (offline only)
+    candidate_block      state      features/data/<variant>/sources/candidate_blocks  embeddings [K·d], actions [K]
+    transition           state      features/data/<variant>/sources/transitions     next_state_key, reward, done, mc_return, action, n_candidates
+    eps_label            state      features/data/<variant>/sources/labels          label (Yes/No), mse, epsilon, action_kind
+
+``candidate_block`` holds the same vectors as ``candidate_embedding``, one row per state: the K
+candidate vectors concatenated in cand_idx order (reshape to [K, d]). Online reads of a state's
+candidates are then one entity lookup instead of K, so only it goes to the online store;
+``candidate_embedding`` serves point-in-time training sets (``get_historical_features``).
 
 Paths are resolved when this module is imported, never committed: DuckDB reads a FileSource path
 against the *working directory*, so every source path is made absolute here. The paths come from
@@ -53,6 +59,7 @@ def source_paths(variant: str, repo: Path = REPO) -> dict[str, str]:
         "candidates": str(data / "embeddings" / variant / "candidates.parquet"),
         "transitions": str(derived / "transitions.parquet"),
         "labels": str(derived / "labels.parquet"),
+        "candidate_blocks": str(derived / "candidate_blocks.parquet"),
     }
 
 
@@ -73,11 +80,17 @@ def build(paths: dict[str, str]) -> dict[str, object]:
         description="f(s): the frozen VLM's hidden state for the screen (and goal) of a step",
     )
     candidate_embedding = FeatureView(
-        name="candidate_embedding", entities=[candidate], ttl=FOREVER, source=_source("candidates", paths["candidates"]),
+        name="candidate_embedding", entities=[candidate], ttl=FOREVER, source=_source("candidates", paths["candidates"]), online=False,
         schema=[Field(name="cand_key", dtype=String), Field(name="embedding", dtype=Array(Float32)),
                 Field(name="state_key", dtype=String), Field(name="cand_idx", dtype=Int32),
                 Field(name="action", dtype=String), Field(name="model_hash", dtype=String), Field(name="layer", dtype=Int32)],
         description="f(s, a) for each candidate action (AutoUI string); cand_idx 0 is the dataset action",
+    )
+    candidate_block = FeatureView(
+        name="candidate_block", entities=[state], ttl=FOREVER, source=_source("candidate_blocks", paths["candidate_blocks"]),
+        schema=[Field(name="state_key", dtype=String), Field(name="embeddings", dtype=Array(Float32)),
+                Field(name="actions", dtype=Array(String))],
+        description="the K candidate vectors f(s, a_k) of a state, concatenated in cand_idx order ([K·d]), and their actions",
     )
     transition = FeatureView(
         name="transition", entities=[state], ttl=FOREVER, source=_source("transitions", paths["transitions"]),
@@ -95,9 +108,9 @@ def build(paths: dict[str, str]) -> dict[str, object]:
     state_features = FeatureService(name="state_features", features=[state_embedding, transition, eps_label],
                                      description="everything keyed by state_key")
     candidate_features = FeatureService(name="candidate_features", features=[candidate_embedding],
-                                        description="everything keyed by cand_key")
+                                        description="everything keyed by cand_key (offline)")
     return {"state": state, "candidate": candidate, "state_embedding": state_embedding,
-            "candidate_embedding": candidate_embedding, "transition": transition, "eps_label": eps_label,
+            "candidate_embedding": candidate_embedding, "candidate_block": candidate_block, "transition": transition, "eps_label": eps_label,
             "state_features": state_features, "candidate_features": candidate_features}
 
 
@@ -107,6 +120,7 @@ state = _objects["state"]
 candidate = _objects["candidate"]
 state_embedding = _objects["state_embedding"]
 candidate_embedding = _objects["candidate_embedding"]
+candidate_block = _objects["candidate_block"]
 transition = _objects["transition"]
 eps_label = _objects["eps_label"]
 state_features = _objects["state_features"]

@@ -54,14 +54,15 @@ FEATURE_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
 AS_OF = datetime(2100, 1, 1, tzinfo=timezone.utc)
 
 REPO_MODULE = "digiq_feature_repo.py"
-VIEWS = ("state_embedding", "candidate_embedding", "transition", "eps_label")
+VIEWS = ("state_embedding", "candidate_embedding", "candidate_block", "transition", "eps_label")
+ONLINE_VIEWS = ("state_embedding", "candidate_block", "transition", "eps_label")  # candidate_embedding: offline only
 STATE_REFS = [
     "state_embedding:embedding", "state_embedding:model_hash", "state_embedding:layer",
     "transition:next_state_key", "transition:reward", "transition:done", "transition:mc_return",
     "transition:action", "transition:n_candidates",
     "eps_label:label", "eps_label:mse", "eps_label:epsilon", "eps_label:action_kind",
 ]
-CANDIDATE_REFS = ["candidate_embedding:embedding", "candidate_embedding:cand_idx", "candidate_embedding:action"]
+CANDIDATE_REFS = ["candidate_block:embeddings", "candidate_block:actions"]
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -92,6 +93,10 @@ TRANSITIONS_SCHEMA = pa.schema([
     ("state_key", pa.string()), ("next_state_key", pa.string()), ("reward", pa.float64()), ("done", pa.bool_()),
     ("mc_return", pa.float64()), ("action", pa.string()), ("n_candidates", pa.int32()),
     ("event_timestamp", pa.timestamp("us", tz="UTC")),
+])
+CANDIDATE_BLOCKS_SCHEMA = pa.schema([
+    ("state_key", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")), ("embeddings", pa.list_(pa.float32())),
+    ("actions", pa.list_(pa.string())), ("n_candidates", pa.int32()),
 ])
 DERIVED_LABELS_SCHEMA = pa.schema([
     ("state_key", pa.string()), ("label", pa.string()), ("mse", pa.float64()), ("epsilon", pa.float64()),
@@ -221,6 +226,21 @@ def derive_transitions(steps: pa.Table, candidates: Path, event_timestamp: datet
             ORDER BY s.traj_id, s.step_id""").to_arrow_table()
     stamps = pa.array([event_timestamp] * table.num_rows, pa.timestamp("us", tz="UTC"))
     return table.append_column("event_timestamp", stamps).cast(TRANSITIONS_SCHEMA)
+
+
+def derive_candidate_blocks(candidates: Path) -> pa.Table:
+    """One row per (state_key, event_timestamp): its K candidate vectors concatenated in cand_idx order, and actions.
+
+    The online store serves a state's candidates from this row: one lookup instead of K.
+    """
+    with _duckdb() as con:
+        table = con.sql(f"""
+            SELECT state_key, event_timestamp,
+                   flatten(list(embedding::FLOAT[] ORDER BY cand_idx)) AS embeddings,
+                   list(action ORDER BY cand_idx) AS actions, count(*)::INTEGER AS n_candidates
+            FROM read_parquet('{candidates}') GROUP BY state_key, event_timestamp
+            ORDER BY state_key, event_timestamp""").to_arrow_table()
+    return table.cast(CANDIDATE_BLOCKS_SCHEMA)
 
 
 def derive_labels(labels: Path, event_timestamp: datetime = FEATURE_EPOCH) -> pa.Table:
@@ -405,12 +425,12 @@ def materialize(inputs: Inputs, metrics_path: str | Path | None = None, *, progr
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    dim, transitions, labels = check_and_derive(inputs)
+    dim, derived = check_and_derive(inputs)
     timings["check_and_derive_s"] = time.perf_counter() - start
-    paths = _write_runtime_sources(inputs, transitions, labels)
+    paths = _write_runtime_sources(inputs, derived)
     timings.update(_build_store(inputs, paths, progress=progress))
     timings["total_s"] = time.perf_counter() - start
-    metrics = _metrics(inputs, dim, transitions, labels, timings)
+    metrics = _metrics(inputs, dim, derived, timings)
     if metrics_path is not None:
         write_json(metrics_path, metrics)
     return metrics
@@ -431,8 +451,9 @@ def ensure_store(params: Any, repo: str | Path, variant: str, say: Callable[[str
     return True
 
 
-def check_and_derive(inputs: Inputs) -> tuple[int, pa.Table, pa.Table]:
-    """Validate the four inputs (DigiqError naming file and field) and derive the state-keyed tables."""
+def check_and_derive(inputs: Inputs) -> tuple[int, dict[str, pa.Table]]:
+    """Validate the four inputs (DigiqError naming file and field) and derive the state-keyed tables
+    (transitions, labels, candidate_blocks)."""
     from digiq.store import Dataset
 
     check_repo(inputs.repo)  # before anything is written under it
@@ -447,18 +468,18 @@ def check_and_derive(inputs: Inputs) -> tuple[int, pa.Table, pa.Table]:
     transitions = derive_transitions(Dataset(inputs.dataset).table(), inputs.candidates)
     labels = derive_labels(inputs.labels)
     check_coverage(transitions, labels, inputs.states, inputs.candidates, inputs.labels)
-    return dim, transitions, labels
+    return dim, {"transitions": transitions, "labels": labels, "candidate_blocks": derive_candidate_blocks(inputs.candidates)}
 
 
-def _write_runtime_sources(inputs: Inputs, transitions: pa.Table, labels: pa.Table) -> dict[str, str]:
+def _write_runtime_sources(inputs: Inputs, derived: dict[str, pa.Table]) -> dict[str, str]:
     """Derived Parquet sources, sources.json (read by the definitions module) and a rendered feature_store.yaml."""
     state_dir = runtime_dir(inputs.repo, inputs.variant)
-    derived = state_dir.resolve() / "sources"
-    for name, table in (("transitions", transitions), ("labels", labels)):
-        with atomic_path(derived / f"{name}.parquet") as tmp:
+    folder = state_dir.resolve() / "sources"
+    paths = {"states": str(inputs.states), "candidates": str(inputs.candidates)}
+    for name, table in derived.items():
+        paths[name] = str(folder / f"{name}.parquet")
+        with atomic_path(paths[name]) as tmp:
             pq.write_table(table, tmp)
-    paths = {"states": str(inputs.states), "candidates": str(inputs.candidates),
-             "transitions": str(derived / "transitions.parquet"), "labels": str(derived / "labels.parquet")}
     write_json(state_dir / "sources.json", paths)
     relative = Path("data") / inputs.variant
     _write_yaml(state_dir / "feature_store.yaml", render_config(inputs.repo, relative / "registry.db", relative / "online_store.db",
@@ -492,7 +513,8 @@ def _build_store(inputs: Inputs, paths: dict[str, str], *, progress: bool) -> di
     return timings
 
 
-def _metrics(inputs: Inputs, dim: int, transitions: pa.Table, labels: pa.Table, timings: dict[str, float]) -> dict[str, Any]:
+def _metrics(inputs: Inputs, dim: int, derived: dict[str, pa.Table], timings: dict[str, float]) -> dict[str, Any]:
+    transitions = derived["transitions"]
     with _duckdb() as con:
         models = con.execute(f"SELECT DISTINCT model_hash, layer FROM read_parquet('{inputs.states}') ORDER BY ALL").fetchall()
     return {
@@ -501,8 +523,9 @@ def _metrics(inputs: Inputs, dim: int, transitions: pa.Table, labels: pa.Table, 
         "rows": {
             "state_embedding": _count_keys(inputs.states, "state_key"),
             "candidate_embedding": _count_keys(inputs.candidates, "cand_key"),
+            "candidate_block": derived["candidate_blocks"].num_rows,
             "transition": transitions.num_rows,
-            "eps_label": labels.num_rows,
+            "eps_label": derived["labels"].num_rows,
         },
         "candidates_per_state": {
             "min": int(pc.min(transitions["n_candidates"]).as_py()),
@@ -520,8 +543,8 @@ def _materialize_views(store: FeatureStore, window: tuple[datetime, datetime], *
     timings: dict[str, float] = {}
     columns = [TextColumn("materialize {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} views"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=len(VIEWS))
-        for view in VIEWS:
+        task = bar.add_task("", total=len(ONLINE_VIEWS))
+        for view in ONLINE_VIEWS:
             bar.update(task, description=view)
             t = time.perf_counter()
             with _quiet_feast():
@@ -561,27 +584,31 @@ def _scalars(values: list[Any]) -> list[Any]:
     return [None if value is None else feast_value_type_to_python_type(value) for value in values]
 
 
-def online_candidates(store: FeatureStore, key: str, n_candidates: int) -> dict[str, Any]:
-    """The ``n_candidates`` candidates of state ``key`` from the online store: cand_idx, action, embedding [K, d]."""
-    keys = [f"{key}/{k}" for k in range(n_candidates)]
-    found = _online(store, CANDIDATE_REFS, {"cand_key": keys})
-    missing = [k for k, value in zip(keys, found["embedding"]) if value is None]
-    if missing:
-        raise DigiqError(f"candidate {missing[0]!r} is not in the online store ({len(missing)} of {len(keys)} missing)", field="cand_key")
-    return {"cand_idx": _scalars(found["cand_idx"]), "action": _scalars(found["action"]), "embedding": _vectors(found["embedding"])}
+def _candidate_rows(found: dict[str, list[Any]], key: str) -> dict[str, Any]:
+    """A state's candidate_block as cand_idx, action and embedding [K, d]."""
+    if found["embeddings"][0] is None:
+        raise DigiqError(f"no candidates online for state {key!r} (not in the dataset, or not materialized)", field="state_key")
+    actions = list(found["actions"][0].string_list_val.val)
+    flat = np.array(found["embeddings"][0].float_list_val.val, dtype=np.float32)
+    return {"cand_idx": list(range(len(actions))), "action": actions, "embedding": flat.reshape(len(actions), -1)}
+
+
+def online_candidates(store: FeatureStore, key: str) -> dict[str, Any]:
+    """The candidates of state ``key`` from the online store (one lookup): cand_idx, action, embedding [K, d]."""
+    return _candidate_rows(_online(store, CANDIDATE_REFS, {"state_key": [key]}), key)
 
 
 def online_state(store: FeatureStore, traj_id: str, step_id: int, *, candidates: bool = False) -> dict[str, Any]:
-    """One state's online features (embedding as float32 array); with ``candidates`` its K candidates too."""
+    """One state's online features (embedding as float32 array); with ``candidates`` its K candidates too (same lookup)."""
     key = state_key(traj_id, step_id)
-    found = _online(store, STATE_REFS, {"state_key": [key]})
+    found = _online(store, STATE_REFS + (CANDIDATE_REFS if candidates else []), {"state_key": [key]})
     if found["embedding"][0] is None:
         raise DigiqError(f"no features online for state {key!r} (not in the dataset, or not materialized)", field="state_key")
     names = [ref.split(":")[1] for ref in STATE_REFS]
     row = {"state_key": key, "embedding": _vectors(found["embedding"])[0]}
     row.update({name: _scalars(found[name])[0] for name in names if name != "embedding"})
     if candidates:
-        row["candidates"] = online_candidates(store, key, int(row["n_candidates"]))
+        row["candidates"] = _candidate_rows(found, key)
     return row
 
 

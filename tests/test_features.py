@@ -78,11 +78,12 @@ def _sources(project: Path) -> dict[str, pd.DataFrame]:
 def test_materialize_writes_metrics_and_runtime_state(project):
     metrics = json.loads((project / "metrics" / "features.json").read_text())
     n_labels = pq.read_metadata(project / "data" / "labels.parquet").num_rows
-    assert metrics["rows"] == {"state_embedding": N_STATES, "candidate_embedding": N_STATES * K,
+    assert metrics["rows"] == {"state_embedding": N_STATES, "candidate_embedding": N_STATES * K, "candidate_block": N_STATES,
                                "transition": N_STATES, "eps_label": n_labels}
     assert metrics["dim"] == DIM and metrics["candidates_per_state"] == {"min": K, "max": K}
     assert metrics["models"] == [{"model_hash": "synthetic0", "layer": 4}]
-    assert set(metrics["timings_s"]) >= {"apply", "materialize_candidate_embedding", "total"}
+    assert set(metrics["timings_s"]) >= {"apply", "materialize_candidate_block", "total"}
+    assert "materialize_candidate_embedding" not in metrics["timings_s"]  # offline only: served online by candidate_block
     state_dir = project / "features" / "data" / "finetuned"
     assert {p.name for p in state_dir.iterdir()} == {"registry.db", "online_store.db", "sources", "sources.json", "feature_store.yaml"}
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in json.loads((state_dir / "sources.json").read_text()).values())
@@ -207,6 +208,25 @@ def test_missing_or_malformed_source_names_the_file(tmp_path):
                                       "--dataset", str(paths["dataset"]), "--labels", str(paths["labels"])])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "states.parquet: embedding: expected fixed_size_list" in result.output
+
+
+def test_candidate_blocks_concatenate_each_version_in_cand_idx_order(tmp_path):
+    paths = fx.write_synthetic_sources(tmp_path, n_states=3, k=4, dim=2, seed=1)
+    cands = pq.read_table(paths["candidates"])
+    later = cands.filter(pc.field("state_key") == cands["state_key"][0].as_py())
+    later = later.set_column(later.schema.get_field_index("event_timestamp"), "event_timestamp",
+                             pc.add(later["event_timestamp"], pa.scalar(3600 * 10**6, pa.duration("us"))))
+    shuffled = pa.concat_tables([cands, later]).take(np.random.default_rng(0).permutation(cands.num_rows + later.num_rows))
+    pq.write_table(shuffled, paths["candidates"])
+
+    blocks = fx.derive_candidate_blocks(paths["candidates"])
+    assert blocks.schema == fx.CANDIDATE_BLOCKS_SCHEMA
+    assert blocks.num_rows == pc.count_distinct(cands["state_key"]).as_py() + 1  # the re-embedded state has two versions
+    source = shuffled.to_pandas()
+    for row in blocks.to_pylist():
+        rows = source[(source.state_key == row["state_key"]) & (source.event_timestamp == row["event_timestamp"])].sort_values("cand_idx")
+        assert row["actions"] == rows.action.to_list()
+        assert np.array_equal(np.asarray(row["embeddings"], dtype=np.float32), np.concatenate(rows.embedding.to_list()))
 
 
 def test_keys_must_follow_the_contract(tmp_path):
