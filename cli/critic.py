@@ -46,6 +46,7 @@ def critic(
         live_dir=live,
         val_fraction=stage.val_fraction(cfg),
         progress=True,
+        checkpoint_every=cfg.critic.checkpoint_every,
     )
     _print_summary(outcome.metrics)
     typer.echo(f"wrote {outcome.out}, {metrics}, {live}")

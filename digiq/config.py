@@ -194,6 +194,7 @@ class CriticParams(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
     device: str = Field("auto", description="auto | cpu | cuda")
     out: str = Field("models/critic", description="critic folder")
+    checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (<out>.ckpt: a killed run resumes from it)")
 
 
 class ActorParams(Section):

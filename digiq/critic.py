@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
 from digiq.nn import (EpochSampler, RunningMeans, load_pretrained, load_state, map_chunks, mlp, progress,
                       resolve_device, save_pretrained, seeded_generator, soft_update)
@@ -280,11 +282,18 @@ def train_critic(
     *,
     val_data: Transitions | None = None,
     show_progress: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 500,
 ) -> tuple[DoubleCritic, list[dict[str, float]]]:
     """Train a :class:`DoubleCritic` for ``config.updates`` updates; returns it and the logged history.
 
     Every ``log_every`` updates one point (means over the window, plus ``step``, ``epoch`` and, with
     ``val_data``, held-out losses) is appended to the history and passed to ``log_fn(point, step)``.
+
+    With ``checkpoint`` (a file), the training state is saved there atomically at the first logged point
+    ``checkpoint_every`` updates after the previous save, and a run with the same config and data resumes
+    from it (its past points replayed through ``log_fn``): killed and re-run, it ends with exactly the
+    critic and history of an uninterrupted run.
     """
     config = config or CriticConfig()
     device = resolve_device(config.device)
@@ -295,8 +304,16 @@ def train_critic(
     val_table = stack_batch(val_data, device) if val_data is not None else None
     sampler = EpochSampler(len(data), config.batch_size, generator, device)
     window, history = RunningMeans(), []
+    saver = CriticCheckpoint(checkpoint, run_fingerprint(config, table, val_table)) if checkpoint is not None else None
+    done = saver.resume(trainer, sampler, history) if saver is not None else 0
+    for past in history:
+        if log_fn is not None:
+            log_fn(past, int(past["step"]))
+    saved = done
     with progress(config.updates, f"critic ({config.target})", show_progress) as advance:
-        for step in range(1, config.updates + 1):
+        for _ in range(done):
+            advance()
+        for step in range(done + 1, config.updates + 1):
             idx = sampler.next()
             window.add(trainer.update(Batch(*(t.index_select(0, idx) for t in table))))
             advance()
@@ -307,7 +324,52 @@ def train_critic(
                 history.append(point)
                 if log_fn is not None:
                     log_fn(point, step)
+                if saver is not None and step - saved >= checkpoint_every and step < config.updates:
+                    saver.save(step, trainer, sampler, history)  # the window is empty here: nothing else to keep
+                    saved = step
     return critic.eval(), history
+
+
+def run_fingerprint(config: CriticConfig, table: Batch, val_table: Batch | None) -> str:
+    """sha256 of the config and the training (and validation) tensors: a checkpoint resumes only its own run."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    for tensor in (*table, *(val_table or ())):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CriticCheckpoint:
+    """The training state of :func:`train_critic` in one file (weights, target nets, optimizers, sampler, RNG,
+    history), written atomically; read back only by a run with the same fingerprint."""
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def save(self, step: int, trainer: CriticTrainer, sampler: EpochSampler, history: list[dict[str, float]]) -> None:
+        blob = {"fingerprint": self.fingerprint, "step": step, "critic": trainer.critic.state_dict(),
+                "q_optimizer": trainer.q_optimizer.state_dict(), "v_optimizer": trainer.v_optimizer.state_dict(),
+                "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "history": history}
+        with atomic_path(self.path) as tmp:
+            torch.save(blob, tmp)
+
+    def resume(self, trainer: CriticTrainer, sampler: EpochSampler, history: list[dict[str, float]]) -> int:
+        """Load the checkpoint into ``trainer``, ``sampler`` and ``history`` when it is this run's; the updates done."""
+        if not self.path.is_file():
+            return 0
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint: say which file
+            raise DigiqError(f"cannot read the critic checkpoint ({exc}); delete it to start over", file=self.path) from None
+        if blob.get("fingerprint") != self.fingerprint:
+            return 0
+        trainer.critic.load_state_dict(blob["critic"])
+        trainer.q_optimizer.load_state_dict(blob["q_optimizer"])
+        trainer.v_optimizer.load_state_dict(blob["v_optimizer"])
+        sampler.load_state_dict(blob["sampler"])
+        torch.set_rng_state(blob["rng"])
+        history.extend(blob["history"])
+        return int(blob["step"])
 
 
 # ----------------------------------------------------------------------------------------------- diagnostics

@@ -102,6 +102,14 @@ class EpochSampler:
         self._pos += self.batch_size
         return idx.to(self.device, non_blocking=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is (generator, current permutation, position): restoring it repeats the same batches."""
+        return {"generator": self.generator.get_state(), "order": self._order[self._pos:].clone(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._pos, self.epoch = state["order"], 0, int(state["epoch"])
+
 
 class RunningMeans:
     """Sum detached scalar tensors per key; ``pop()`` returns their means as floats and resets.

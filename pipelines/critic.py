@@ -4,6 +4,8 @@
                                                                  └─ val rows (held-out trajectories) ─▶ val losses, diagnostics
     outputs: models/critic/{model.safetensors, config.json, step_scores.parquet, candidate_scores.parquet}
              metrics/critic.json, dvclive/critic/ (Q/V loss, TD error, mean Q per logged update)
+    models/critic.ckpt: training checkpoint (weights, target nets, optimizers, sampler, RNG, history) every
+             ``critic.checkpoint_every`` updates; a killed run resumes from it; removed once the outputs are written
 
 Decisions (documented here because the stage, not the library, makes them):
 
@@ -24,7 +26,7 @@ Decisions (documented here because the stage, not the library, makes them):
   ``td`` and G(s) − Q for ``mc``.
 
 Everything is written atomically; a fixed seed gives identical weights, scores and metrics (except
-``timings_s``).
+``timings_s``), also when a killed run is re-run and resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def critic_config(params: Params, target: str | None = None) -> CriticConfig:
     """CriticConfig from params.critic (+ the global gamma and seed); ``target`` overrides critic.target."""
     from digiq.critic import CriticConfig
 
-    fields = params.critic.model_dump(exclude={"out", "val_fraction"})
+    fields = params.critic.model_dump(exclude={"out", "val_fraction", "checkpoint_every"})
     if target is not None:
         fields["target"] = target
     return CriticConfig(gamma=params.gamma, seed=params.seed, **fields)
@@ -279,13 +281,18 @@ def run(
     live_dir: str | Path | None = "dvclive/critic",
     val_fraction: float = DEFAULT_VAL_FRACTION,
     progress: bool = False,
+    checkpoint_every: int | None = None,
 ) -> CriticOutcome:
-    """Train the critic on the store's transitions and write weights, scores, metrics and curves."""
+    """Train the critic on the store's transitions and write weights, scores, metrics and curves.
+
+    With ``checkpoint_every``, training state is checkpointed to :func:`checkpoint_path` (``<out>.ckpt``) and a
+    killed run resumes from it; the checkpoint is removed once the outputs are written."""
     import torch
 
     from digiq.critic import critic_diagnostics, train_critic
 
     started = time.perf_counter()
+    out = Path(out)
     threads = training_threads()
     stage = load_stage_data(repo, variant)
     loaded = time.perf_counter()
@@ -299,14 +306,15 @@ def run(
     val_data = stage.transitions(val_rows) if len(val_rows) else None
     with live_curves(live_dir) as log_fn:
         train_start = time.perf_counter()  # training time excludes DVCLive's start-up
-        critic, history = train_critic(train_data, config, log_fn, val_data=val_data, show_progress=progress)
+        critic, history = train_critic(train_data, config, log_fn, val_data=val_data, show_progress=progress,
+                                       checkpoint=checkpoint_path(out) if checkpoint_every else None,
+                                       checkpoint_every=checkpoint_every or config.updates)
         trained = time.perf_counter()
     with torch.no_grad():
         diagnostics = {"train": critic_diagnostics(critic, train_data)}
         if val_data is not None:
             diagnostics["val"] = critic_diagnostics(critic, val_data)
     split = np.where(stage.truncated, "truncated", np.where(is_val, "val", "train"))
-    out = Path(out)
     with atomic_path(out) as tmp:
         critic.save_pretrained(tmp)
         write_parquet(step_scores(critic, stage, np.flatnonzero(~stage.truncated), split), tmp / STEP_SCORES)
@@ -316,7 +324,14 @@ def run(
     metrics = critic_metrics(config, variant, stage, is_val, history, diagnostics, timings | {"threads": threads})
     if metrics_path is not None:
         write_json(metrics_path, metrics)
+    checkpoint_path(out).unlink(missing_ok=True)
     return CriticOutcome(metrics=metrics, out=out, history=history)
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """The training checkpoint of the critic written to ``out``: a sibling file ``<out>.ckpt``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.ckpt")
 
 
 def critic_metrics(config: CriticConfig, variant: str, stage: StageData, is_val: np.ndarray,

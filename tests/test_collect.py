@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import browsers, digiq_executable, wait_for_no_browsers
 
 from digiq.envs.behavior import BehaviorPolicy
 from digiq.envs.miniwob import BrowserConfig
@@ -171,19 +172,7 @@ def test_crashed_and_hung_browsers_are_restarted_and_episodes_replayed(reference
     ref = tree_hashes(reference)
     assert {k: v for k, v in tree_hashes(out).items() if k.startswith("steps/")} == {k: v for k, v in ref.items() if k.startswith("steps/")}
     assert set(Path(tempfile.gettempdir()).glob("digiq-chromium-*")) <= profiles_before  # killed worker's profile removed
-    assert _browsers() == []
-
-
-def _browsers() -> list[Path]:
-    """Chromium processes started by digiq (their profile folder is named digiq-chromium-*)."""
-    return [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return b""
+    assert browsers() == []
 
 
 def test_cli_collect_reuses_finished_shards(reference, tmp_path):
@@ -210,7 +199,6 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
     """`digiq collect` SIGKILLed after its first shard: no browser survives, and the re-run's dataset is byte-equal
     to an uninterrupted collection with the same seed."""
     import subprocess
-    import sys
 
     import yaml
 
@@ -222,17 +210,14 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"collect": {**plan, "out": str(killed), "metrics": str(tmp_path / "m.json")}}))
-    command = [str(Path(sys.executable).parent / "digiq"), "collect", "--params", str(params)]
+    command = [digiq_executable(), "collect", "--params", str(params)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(killed.glob("steps/*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 30  # workers follow their parent (PR_SET_PDEATHSIG) and close their browsers
-    while _browsers() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _browsers() == []
+    assert wait_for_no_browsers() == []  # workers follow their parent (PR_SET_PDEATHSIG) and close their browsers
     # counted once the orphaned workers are gone: one may still have finished its shard (atomically) meanwhile
     shards_at_kill = len(list(killed.glob("steps/*.parquet")))
     assert 1 <= shards_at_kill < 6 and not (killed / "manifest.json").exists()

@@ -234,3 +234,29 @@ def test_toy_mdp_mc_ablation_and_validation_losses():
     critic, history = train_critic(data, TOY.model_copy(update={"target": "mc"}), val_data=val)
     assert {"val_q_loss", "val_v_loss"} <= set(history[-1])
     assert critic_diagnostics(critic, val)["ranking_quality"] > 0.8  # held-out episodes
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_critic(tmp_path):
+    """Stopped after 230 updates (last checkpoint at 200), re-run: same weights and history as one uninterrupted run,
+    the past points replayed to log_fn; a checkpoint of other data or config is ignored."""
+    data, val = toy_transitions(200, seed=0), toy_transitions(60, seed=1)
+    config = TOY.model_copy(update={"updates": 400})
+    reference, ref_history = train_critic(data, config, val_data=val)
+    ckpt = tmp_path / "critic.ckpt"
+
+    def stop_at_230(point, step):
+        if step >= 230:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # logged points come every 50 updates: the one at 250 stops it
+        train_critic(data, config, stop_at_230, val_data=val, checkpoint=ckpt, checkpoint_every=100)
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] == 200
+    points: list[int] = []
+    resumed, history = train_critic(data, config, lambda point, step: points.append(step), val_data=val,
+                                    checkpoint=ckpt, checkpoint_every=100)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
+    assert history == ref_history and points == list(range(50, 401, 50))
+    other = toy_transitions(200, seed=2)
+    fresh, _ = train_critic(other, config, val_data=val, checkpoint=ckpt, checkpoint_every=100)
+    plain, _ = train_critic(other, config, val_data=val)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fresh.state_dict().values()))
