@@ -58,6 +58,25 @@ def canonical(action: str) -> str:
     return format_action(parse_action(action))
 
 
+def semantic_key(action: Any, elements: list[dict[str, Any]] | None) -> str:
+    """What an action *does*, for de-duplicating candidates: a tap is the innermost tappable DOM element under its
+    point (``tap@<ref>``, ``tap@none`` off every control); any other action is its canonical string.
+
+    π_β jitters every tap inside its element, so as strings no two taps are ever equal, while a TYPE or PRESS_ENTER
+    drawn 20 times collapses to one candidate. De-duplicating by string therefore hands each discrete action the
+    whole mass of its copies and splits a tap's mass over its jittered copies: imitation over such a set (bc)
+    learns "pick the most-repeated string" (TYPE / ENTER / COMPLETE), not π_β's choice. Without elements
+    (imported data) this is the canonical string.
+    """
+    from digiq.envs.behavior import tapped_element
+
+    a = parse_action(action) if isinstance(action, str) else action
+    if a.kind != "tap" or not elements:
+        return format_action(a)
+    hit = tapped_element(a.touch_point, elements)
+    return f"tap@{hit['ref'] if hit is not None else 'none'}"
+
+
 def duplicate_flags(actions: Iterable[str]) -> list[bool]:
     """True for each action equal (canonically) to an earlier one of the same list."""
     seen: set[str] = set()

@@ -3,7 +3,7 @@
 Each live step of every evaluated method is built the same way, so methods differ only in the choice:
 
     1. π_β proposes K candidates:  a_1 … a_K ~ π_β(· | s)   (draws from a generator seeded by the episode;
-       duplicates dropped, first-draw order kept)
+       duplicates by what they do dropped (taps: the element under the point), first-draw order kept)
     2. a chooser picks one:
          behavior   a_1                       (the first draw: exactly a sample of π_β)
          random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
@@ -119,12 +119,12 @@ def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[s
 
 
 def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> list[Action]:
-    """K draws from π_β(· | view), duplicates dropped (first-draw order kept)."""
-    from digiq.actions import format_action
+    """K draws from π_β(· | view), duplicates (same :func:`~digiq.candidates.semantic_key`) dropped, first-draw order kept."""
+    from digiq.candidates import semantic_key
 
     seen: dict[str, Action] = {}
     for action in behavior.sample(view, k, rng):
-        seen.setdefault(format_action(action), action)
+        seen.setdefault(semantic_key(action, view.elements), action)
     return list(seen.values())
 
 

@@ -122,8 +122,12 @@ class StageData:
         )
 
 
-def load_stage_data(repo: str | Path, variant: str) -> StageData:
-    """Read the whole training frame of ``variant`` from the Feast store at ``repo`` (DigiqError if not materialized)."""
+def load_stage_data(repo: str | Path, variant: str, dataset: str | Path | None = None) -> StageData:
+    """Read the whole training frame of ``variant`` from the Feast store at ``repo`` (DigiqError if not materialized).
+
+    ``dataset`` (the step tables, e.g. data/raw): candidates are de-duplicated by what they do
+    (:func:`digiq.candidates.semantic_key`, taps by the element under the point), as online evaluation does;
+    without it by action string."""
     from digiq.pipelines.features import open_store, training_frame
 
     store = open_store(repo, variant)  # names registry.db and `digiq features materialize --variant …` when absent
@@ -133,9 +137,10 @@ def load_stage_data(repo: str | Path, variant: str) -> StageData:
         raise DigiqError(f"the feature store serves no transitions (run `digiq features materialize --variant {variant}`)",
                          file=Path(repo) / "data" / variant, field="transition")
     traj_id, step_id = split_keys(frame.state_key)
+    keys = semantic_keys(frame.candidate_actions, frame.candidate_mask, traj_id, step_id, dataset) if dataset is not None else None
     return StageData(
         frame=frame, traj_id=traj_id, step_id=step_id, success=trajectory_success(traj_id, frame.reward),
-        truncated=~frame.has_next & ~frame.done, distinct=distinct_candidates(frame.candidate_actions, frame.candidate_mask),
+        truncated=~frame.has_next & ~frame.done, distinct=distinct_candidates(frame.candidate_actions if keys is None else keys, frame.candidate_mask),
         source=source,
     )
 
@@ -152,6 +157,22 @@ def trajectory_success(traj_id: np.ndarray, reward: np.ndarray) -> np.ndarray:
     success = np.zeros(len(codes), dtype=bool)
     np.logical_or.at(success, inverse, reward > 0)
     return success[inverse]
+
+
+def semantic_keys(actions: np.ndarray, mask: np.ndarray, traj_id: np.ndarray, step_id: np.ndarray,
+                  dataset: str | Path) -> np.ndarray:
+    """[N, K] :func:`digiq.candidates.semantic_key` of every valid candidate (elements from the dataset's steps)."""
+    import json
+
+    from digiq.candidates import semantic_key
+    from digiq.store import Dataset
+
+    table = Dataset(dataset).table().select(["traj_id", "step_id", "elements"]).to_pylist()
+    elements = {(r["traj_id"], int(r["step_id"])): json.loads(r["elements"]) if r["elements"] else [] for r in table}
+    out = np.full(actions.shape, None, dtype=object)
+    for i, k in zip(*np.nonzero(mask)):
+        out[i, k] = semantic_key(actions[i, k], elements.get((traj_id[i], int(step_id[i]))))
+    return out
 
 
 def distinct_candidates(actions: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -282,6 +303,7 @@ def run(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     progress: bool = False,
     checkpoint_every: int | None = None,
+    dataset: str | Path | None = None,
 ) -> CriticOutcome:
     """Train the critic on the store's transitions and write weights, scores, metrics and curves.
 
@@ -294,7 +316,7 @@ def run(
     started = time.perf_counter()
     out = Path(out)
     threads = training_threads()
-    stage = load_stage_data(repo, variant)
+    stage = load_stage_data(repo, variant, dataset)
     loaded = time.perf_counter()
     is_val = split_trajectories(stage.traj_id, val_fraction, config.seed)
     train_rows = np.flatnonzero(~is_val & ~stage.truncated)

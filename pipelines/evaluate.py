@@ -127,10 +127,15 @@ def file_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+# Bumped whenever the live candidate set changes for the same seed (shards made by another rule are not resumed).
+CANDIDATE_RULE = "semantic_key/v1"  # duplicates by what they do: taps by the element under the point
+
+
 def fingerprint(config: EvaluateConfig, method: str) -> str:
     """Short hash of everything that changes the episodes of ``method``."""
     parts: dict[str, Any] = {"seed": config.seed, "k": config.k, "noise": config.noise, "max_steps": config.max_steps,
-                             "history": config.history, "time_limit_s": config.time_limit_s, "method": method}
+                             "history": config.history, "time_limit_s": config.time_limit_s, "method": method,
+                             "candidate_rule": CANDIDATE_RULE}
     if method not in BASELINES:
         parts["actor"] = file_digest(Path(config.actors) / method)
         parts["features"] = config.features.model_dump()

@@ -14,7 +14,7 @@ from digiq import candidates as C
 from digiq.actions import format_action
 from digiq.errors import DigiqError
 from digiq.pipelines.candidates import CandidatesParams, run
-from digiq.schema import Action, Step, Trajectory
+from digiq.schema import Action, ActionType, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 
 GOAL = 'Enter "vina" into the text field and press Submit.'
@@ -162,3 +162,38 @@ def test_cli_candidates(dataset, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert pq.read_table(out).num_rows == 9 * 16
     assert (tmp_path / "metrics" / "candidates.json").is_file()
+
+
+# ----------------------------------------------------------------------------- semantic de-duplication
+
+ELEMENTS = [
+    {"ref": 1, "tag": "div", "bbox": [0.0, 0.0, 1.0, 1.0], "leaf": False},
+    {"ref": 2, "tag": "div", "bbox": [0.1, 0.1, 0.6, 0.9], "leaf": False},
+    {"ref": 3, "tag": "button", "bbox": [0.2, 0.2, 0.3, 0.5]},
+    {"ref": 4, "tag": "span", "bbox": [0.5, 0.5, 0.55, 0.6], "leaf": True},
+]
+
+
+def test_taps_are_the_same_candidate_when_they_hit_the_same_element():
+    jittered = [Action.tap(0.21, 0.25), Action.tap(0.29, 0.45), format_action(Action.tap(0.25, 0.3))]
+    assert {C.semantic_key(a, ELEMENTS) for a in jittered} == {"tap@3"}
+    assert C.semantic_key(Action.tap(0.52, 0.55), ELEMENTS) == "tap@4"  # the innermost tappable element
+    assert C.semantic_key(Action.tap(0.8, 0.8), ELEMENTS) == "tap@none"  # only non-tappable containers there
+    enter = Action(action_type=ActionType.PRESS_ENTER)
+    assert C.semantic_key(enter, ELEMENTS) == format_action(enter)
+    assert C.semantic_key(Action.tap(0.21, 0.25), []) == format_action(Action.tap(0.21, 0.25))  # no DOM (imported data)
+
+
+def test_live_candidate_sets_drop_taps_on_an_already_drawn_element():
+    from digiq.evaluate import candidate_set
+
+    class Draws:
+        def sample(self, view, k, rng):
+            return [Action.tap(0.21, 0.25), Action.tap(0.29, 0.45), Action(action_type=ActionType.PRESS_ENTER), Action.tap(0.52, 0.55),
+                    Action(action_type=ActionType.PRESS_ENTER)][:k]
+
+    class View:
+        elements = ELEMENTS
+
+    chosen = candidate_set(Draws(), View(), 5, np.random.default_rng(0))
+    assert chosen == [Action.tap(0.21, 0.25), Action(action_type=ActionType.PRESS_ENTER), Action.tap(0.52, 0.55)]

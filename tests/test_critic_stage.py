@@ -211,3 +211,25 @@ def test_distinct_candidates_success_and_keys():
     assert stage.trajectory_success(traj, np.array([0.0, 1.0, 0.0, 0.0, 0.0])).tolist() == [True, True, False, False, False]
     traj_id, step_id = stage.split_keys(np.array(["a/b/0", "c/12"], dtype=object))
     assert traj_id.tolist() == ["a/b", "c"] and step_id.tolist() == [0, 12]
+
+
+def test_candidates_are_deduplicated_by_the_element_a_tap_hits(tmp_path):
+    from digiq.actions import format_action
+    from digiq.schema import Action, Step, Trajectory
+    from digiq.store import DatasetWriter
+
+    elements = json.dumps([{"ref": 7, "tag": "button", "bbox": [0.2, 0.2, 0.4, 0.6]}])
+    writer = DatasetWriter(tmp_path / "raw", gamma=0.95, source="synthetic")
+    shot, sha = writer.put_image(np.zeros((4, 4, 3), dtype=np.uint8))
+    step = Step(traj_id="t0", step_id=0, task="x", goal="g", observation="o", screenshot=shot, screenshot_sha256=sha,
+                action=Action.tap(0.3, 0.3), reward=1.0, done=True, elements=elements)
+    writer.write_shard("x", [Trajectory(traj_id="t0", task="x", goal="g", steps=[step])])
+    writer.finalize()
+    taps = [format_action(Action.tap(*p)) for p in [(0.3, 0.3), (0.25, 0.5), (0.9, 0.9), (0.35, 0.21)]]
+    actions = np.array([taps + [None]], dtype=object)
+    mask = np.array([[True] * 4 + [False]])
+
+    keys = stage.semantic_keys(actions, mask, np.array(["t0"]), np.array([0]), tmp_path / "raw")
+    assert keys.tolist() == [["tap@7", "tap@7", "tap@none", "tap@7", None]]
+    assert stage.distinct_candidates(keys, mask).tolist() == [[True, False, True, False, False]]
+    assert stage.distinct_candidates(actions, mask).tolist() == [[True, True, True, True, False]]  # as strings: all differ

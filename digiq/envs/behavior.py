@@ -271,6 +271,12 @@ def _inside(point: tuple[float, float], bbox: list[float]) -> bool:
     return bbox[0] <= y <= bbox[2] and bbox[1] <= x <= bbox[3]
 
 
+def tapped_element(point: tuple[float, float], elements: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The innermost (smallest) tappable element under ``point``, None when the point hits no control."""
+    hits = [e for e in elements if _tappable(e) and _inside(point, e["bbox"])]
+    return min(hits, key=lambda e: (e["bbox"][2] - e["bbox"][0]) * (e["bbox"][3] - e["bbox"][1]), default=None)
+
+
 def _to_action(c: Candidate, jitter: np.ndarray, anywhere: np.ndarray) -> Action:
     if c.kind == "tap":
         y0, x0, y1, x1 = c.bbox  # type: ignore[misc]
