@@ -38,6 +38,8 @@ def embed(
                "models": {**p.models, **({v: str(model)} if model is not None else {})}}
     p = stage.validated(stage.EmbedParams, {**p.model_dump(), **updates}, "embed")
     outcome = stage.run(pick(dataset, Path(cfg.collect.out)), p, progress=True)
+    if not outcome.is_main:
+        return
     m = outcome.metrics
     typer.echo(f"{m['states']} states, {m['candidates']} candidates ({m['computed_samples']} distinct samples computed, "
                f"{m['resumed_chunks']}/{m['chunks']} chunks resumed) in {m['seconds']:.1f} s = {m['samples_per_s']:.1f} samples/s; "

@@ -38,7 +38,8 @@ def finetune(
                                                                   for k, v in overrides.items() if v is not None}})
     m = stage.run(pick(dataset, Path(cfg.collect.out)), pick(labels, Path(cfg.label.out)),
                   pick(base, Path(cfg.model.base)), p, progress=True, report=typer.echo)
-    assert m is not None
+    if m is None:  # a non-main process of `accelerate launch` (the main one writes and reports)
+        return
     ft, probe = m["finetuned"], m["linear_probe"]
     typer.echo(f"held-out balanced accuracy: fine-tuned {ft['val_balanced_accuracy']:.3f}, linear probe "
                f"{probe['val_balanced_accuracy']:.3f}; wrote {p.out}, {p.metrics}, {p.live_dir} "

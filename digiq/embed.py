@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from digiq.parallel import Ranks
     from digiq.schema import Action
     from digiq.store import Dataset
     from digiq.vlm.model import VLM
@@ -416,14 +417,21 @@ def fingerprint(steps: list[dict[str, Any]], cands: dict, settings: dict[str, An
 def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, out: str | Path, parts: str | Path,
                   *, model_hash: str, layer: int, chunk_states: int = 64, settings: dict[str, Any] | None = None,
                   candidates_file: str | Path = "candidates", progress: bool = False,
-                  on_chunk: Callable[[int], None] | None = None) -> EmbedRun:
+                  on_chunk: Callable[[int], None] | None = None, ranks: Ranks | None = None) -> EmbedRun:
     """Embed every step of ``dataset`` and every candidate; write ``out``/states.parquet + candidates.parquet.
 
     Chunks of ``chunk_states`` states go to ``parts`` first (resumed when the fingerprint matches); the merged
     tables are checked (:func:`check_embeddings`) and written atomically (the ``out`` folder as a whole),
     then ``parts`` is removed. ``on_chunk(i)`` is called after chunk i is written (tests interrupt with it).
+
+    Under ``accelerate launch`` (``ranks`` of several processes) each process embeds a contiguous share of the
+    chunks into the shared ``parts`` folder; after a barrier the main process merges all chunks by index — the
+    same files as a one-process run — and the other processes return (with the summed counts).
     """
     from digiq.atomic import atomic_path, write_json
+    from digiq.parallel import Ranks
+
+    ranks = ranks or Ranks()
 
     if chunk_states < 1:
         raise DigiqError(f"must be ≥ 1, got {chunk_states}", field="chunk_states")
@@ -435,12 +443,16 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
     stamp = fingerprint(steps, cands, {**(settings or {}), "model_hash": model_hash, "layer": layer,
                                        "chunk_states": chunk_states, "dims": [extractor.dim_state,
                                                                               extractor.dim_candidate]})
-    _prepare_parts(parts, stamp)
+    if ranks.is_main:
+        _prepare_parts(parts, stamp)
+    ranks.barrier()
     chunks = [steps[i:i + chunk_states] for i in range(0, len(steps), chunk_states)]
+    mine = range(*ranks.span(len(chunks)))
     started = time.perf_counter()
     computed = images = resumed = 0
-    with _Progress(len(steps), progress) as bar:
-        for c, chunk in enumerate(chunks):
+    with _Progress(sum(len(chunks[c]) for c in mine), progress and ranks.is_main) as bar:
+        for c in mine:
+            chunk = chunks[c]
             s_path, c_path = parts / f"states-{c:06d}.parquet", parts / f"candidates-{c:06d}.parquet"
             if s_path.is_file() and c_path.is_file():
                 resumed += 1
@@ -457,13 +469,20 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
             bar.advance(len(chunk), computed, started)
             if on_chunk is not None:
                 on_chunk(c)
+    ranks.barrier()
     seconds = time.perf_counter() - started
+    computed, images, resumed = (sum(n) for n in zip(*ranks.gather((computed, images, resumed)), strict=True))
+    run = EmbedRun(states=len(steps), candidates=sum(len(cands[(r["traj_id"], int(r["step_id"]))]) for r in steps),
+                   computed=computed, images=images, seconds=seconds, chunks=len(chunks), resumed_chunks=resumed,
+                   dim_state=extractor.dim_state, dim_candidate=extractor.dim_candidate,
+                   extra={"processes": ranks.num} if ranks.num > 1 else {})
+    if not ranks.is_main:
+        return run  # the main process merges and writes
     states_t = pa.concat_tables([pq.read_table(parts / f"states-{c:06d}.parquet") for c in range(len(chunks))])
     cands_t = pa.concat_tables([pq.read_table(parts / f"candidates-{c:06d}.parquet") for c in range(len(chunks))])
-    if states_t.num_rows != len(steps) or cands_t.num_rows != sum(len(cands[(r["traj_id"], int(r["step_id"]))])
-                                                                   for r in steps):
+    if states_t.num_rows != run.states or cands_t.num_rows != run.candidates:
         raise DigiqError(f"merged parts have {states_t.num_rows} states / {cands_t.num_rows} candidates, expected "
-                         f"{len(steps)} (delete {parts} and rerun)", file=parts)
+                         f"{run.states} (delete {parts} and rerun)", file=parts)
     check_embeddings(states_t, cands_t, extractor.dim_state, extractor.dim_candidate, file=parts)
     with atomic_path(Path(out)) as tmp:
         tmp.mkdir(parents=True)
@@ -473,9 +492,7 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
                                             "dim_state": extractor.dim_state,
                                             "dim_candidate": extractor.dim_candidate})
     shutil.rmtree(parts, ignore_errors=True)
-    return EmbedRun(states=states_t.num_rows, candidates=cands_t.num_rows, computed=computed, images=images,
-                    seconds=seconds, chunks=len(chunks), resumed_chunks=resumed, dim_state=extractor.dim_state,
-                    dim_candidate=extractor.dim_candidate)
+    return run
 
 
 def _prepare_parts(parts: Path, stamp: str) -> None:

@@ -15,6 +15,11 @@ tokens only::
 - Each epoch's batch order comes from ``(seed, epoch)`` and the RNG state is checkpointed, so a run interrupted
   at any checkpoint and resumed ends with exactly the metrics of an uninterrupted run.
 - bf16 runs as autocast over fp32 master weights (where :func:`digiq.runtime.choose_dtype` finds it faster).
+- Data-parallel under ``accelerate launch`` (``ranks`` of several processes, :mod:`digiq.parallel`): the vision
+  cache, the probe features and validation are computed in contiguous shares of whole batches and gathered; each
+  training batch is split across the processes and the model is wrapped in DDP by ``Accelerator.prepare`` (gloo on
+  CPU), the per-process loss scaled so that the averaged gradient is the whole batch's — the same optimizer steps
+  as one process, up to float summation order. Only the main process writes checkpoints.
 
 The library knows nothing of DVC or file layouts; :mod:`digiq.pipelines.finetune` wires params and outputs.
 """
@@ -33,6 +38,7 @@ import numpy as np
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
+from digiq.parallel import Ranks
 
 if TYPE_CHECKING:
     import torch
@@ -156,18 +162,21 @@ def autocast(dtype: torch.dtype) -> Iterator[None]:
 
 
 def vision_cache(vlm: VLM, dataset: Dataset, images: Sequence[tuple[str, str]], dtype: torch.dtype,
-                 batch_size: int = 32, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Frozen vision features ``[n_images, n_tokens, d]`` (float32), each distinct screenshot encoded once."""
+                 batch_size: int = 32, progress: Callable[[int], None] | None = None,
+                 ranks: Ranks | None = None) -> torch.Tensor:
+    """Frozen vision features ``[n_images, n_tokens, d]`` (float32), each distinct screenshot encoded once
+    (by the processes of ``ranks`` in shares of whole batches, then gathered)."""
     import torch
 
+    ranks = ranks or Ranks()
     chunks = []
-    for start in range(0, len(images), batch_size):
+    for start in range(*ranks.span(len(images), batch_size), batch_size):
         part = [dataset.load_image(rel, sha) for rel, sha in images[start:start + batch_size]]
         with torch.no_grad(), autocast(dtype):
             chunks.append(vlm.vision_features(part).float())
         if progress is not None:
             progress(len(part))
-    return torch.cat(chunks)
+    return torch.cat(ranks.gather_list(chunks))
 
 
 @dataclass(frozen=True)
@@ -234,7 +243,7 @@ class Trainer:
 
     def __init__(self, vlm: VLM, model: Any, features: torch.Tensor, examples: Examples, train_idx: np.ndarray,
                  val_idx: np.ndarray, spec: TrainSpec, dtype: torch.dtype, *, fingerprint: str = "",
-                 checkpoint_dir: str | Path | None = None):
+                 checkpoint_dir: str | Path | None = None, ranks: Ranks | None = None):
         import torch
 
         self.vlm, self.model, self.features, self.ex = vlm, model, features, examples
@@ -245,6 +254,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.weights = torch.tensor(class_weights(examples.labels[train_idx]), dtype=torch.float32)
         self.state = TrainState()
+        self.ranks = ranks or Ranks()
+        self.ddp: Any = None  # the DDP-wrapped loss of a data-parallel run
+        if self.ranks.num > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=True)
+            loss_sum = self.ranks.module(model, lambda rows: self.loss(rows, reduction="sum"))
+            self.ddp, self.optimizer = self.accelerator.prepare(loss_sum, self.optimizer)
 
     # -- one batch
     def logits(self, rows: np.ndarray) -> torch.Tensor:
@@ -253,14 +270,17 @@ class Trainer:
         return self.vlm.yes_no_logits(tokens, [self.ex.prompts[i] for i in rows], [self.ex.actions[i] for i in rows],
                                       image_sizes=[self.ex.sizes[i] for i in rows], prefix_cache=False)
 
-    def loss(self, rows: np.ndarray) -> torch.Tensor:
-        """Class-weighted 2-way cross-entropy on the answer token."""
+    def loss(self, rows: np.ndarray, reduction: str = "mean") -> torch.Tensor:
+        """Class-weighted 2-way cross-entropy on the answer token (``"mean"``: Σ w ℓ / Σ w; ``"sum"``: Σ w ℓ)."""
         import torch
 
         target = torch.as_tensor(self.ex.labels[rows])
-        return torch.nn.functional.cross_entropy(self.logits(rows).float(), target, weight=self.weights)
+        return torch.nn.functional.cross_entropy(self.logits(rows).float(), target, weight=self.weights,
+                                                 reduction=reduction)
 
     def train_step(self, rows: np.ndarray) -> float:
+        if self.ddp is not None:
+            return self.train_step_parallel(rows)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.dtype):
@@ -269,6 +289,21 @@ class Trainer:
         self.optimizer.step()
         return float(loss.detach())
 
+    def train_step_parallel(self, rows: np.ndarray) -> float:
+        """One optimizer step on ``rows`` split across the processes: process r computes
+        ``n · Σ_{i ∈ share_r} w_{y_i} ℓ_i / Σ_{i ∈ rows} w_{y_i}``, DDP averages the gradients over the n processes,
+        so the step is that of the whole batch's weighted mean loss (a process with no share adds zero)."""
+        self.ddp.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        start, end = self.ranks.span(len(rows))
+        share, scale = (rows[start:end], 1.0) if end > start else (rows[:1], 0.0)
+        total_weight = float(self.weights[self.ex.labels[rows]].sum())
+        with autocast(self.dtype):
+            loss = self.ddp(share) * (scale * self.ranks.num / total_weight)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        return sum(self.ranks.gather(float(loss.detach()))) / self.ranks.num
+
     def evaluate(self, rows: np.ndarray, batch_size: int = 64) -> dict[str, float]:
         """Weighted loss, accuracy and balanced accuracy on ``rows`` (no gradients, eval mode)."""
         import torch
@@ -276,9 +311,9 @@ class Trainer:
         self.model.eval()
         parts = []
         with torch.no_grad(), autocast(self.dtype):
-            for start in range(0, len(rows), batch_size):
+            for start in range(*self.ranks.span(len(rows), batch_size), batch_size):
                 parts.append(self.logits(rows[start:start + batch_size]).float())
-        logits = torch.cat(parts)
+        logits = torch.cat(self.ranks.gather_list(parts))
         target = torch.as_tensor(self.ex.labels[rows])
         loss = float(torch.nn.functional.cross_entropy(logits, target, weight=self.weights))
         pred = logits.argmax(-1).numpy()
@@ -316,7 +351,7 @@ class Trainer:
                 if stop_after_steps is not None and s.step >= stop_after_steps:
                     self.save()
                     return False
-                if s.seconds > self.spec.max_train_seconds:
+                if self.ranks.broadcast(s.seconds > self.spec.max_train_seconds):  # the main process decides
                     self.save()
                     return False
             metrics = self.end_epoch()
@@ -340,7 +375,7 @@ class Trainer:
         """Trainable weights + optimizer + progress + RNG state, atomically."""
         import torch
 
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.ranks.is_main:
             return
         s = self.state
         blob = {"fingerprint": self.fingerprint, "weights": trainable_state(self.model),
@@ -378,19 +413,21 @@ class Trainer:
 
 # ---------------------------------------------------------------------------- the linear probe
 def probe_features(vlm: VLM, features: torch.Tensor, examples: Examples, layer: int, dtype: torch.dtype,
-                   batch_size: int = 64) -> np.ndarray:
-    """f(s, a) of the frozen model: the last token's hidden state at ``layer`` for every example, float32."""
+                   batch_size: int = 64, ranks: Ranks | None = None) -> np.ndarray:
+    """f(s, a) of the frozen model: the last token's hidden state at ``layer`` for every example, float32 (by the
+    processes of ``ranks`` in shares of whole batches, then gathered)."""
     import torch
 
+    ranks = ranks or Ranks()
     out = []
     with torch.no_grad(), autocast(dtype):
-        for start in range(0, len(examples), batch_size):
+        for start in range(*ranks.span(len(examples), batch_size), batch_size):
             rows = np.arange(start, min(start + batch_size, len(examples)))
             tokens = vlm.project(features[examples.image[rows]])
             out.append(vlm.forward_features(tokens, [examples.prompts[i] for i in rows],
                                             [examples.actions[i] for i in rows], layer=layer,
                                             image_sizes=[examples.sizes[i] for i in rows]).float().numpy())
-    return np.concatenate(out)
+    return np.concatenate(ranks.gather_list(out))
 
 
 def linear_probe(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -121,15 +121,26 @@ def _matmul_rate(dtype: torch.dtype, budget_s: float, n: int = 512) -> float:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (default: ``$DIGIQ_THREADS`` or the CPUs this process may use)."""
+    """Set torch's intra-op threads (default: ``$DIGIQ_THREADS``, else the CPUs this process may use divided by
+    the processes a launcher started on this machine — `accelerate launch` — so that they share the cores)."""
     import torch
 
     if n is None:
         env = os.environ.get("DIGIQ_THREADS")
-        n = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = int(env) if env else cpus // local_processes()
     n = max(1, int(n))
     torch.set_num_threads(n)
     return n
+
+
+def local_processes() -> int:
+    """Processes a launcher (torchrun, mpirun) started on this machine; 1 outside one."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(name)
+        if value:
+            return max(1, int(value))
+    return 1
 
 
 def quiet_transformers() -> None:

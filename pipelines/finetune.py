@@ -35,17 +35,22 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
         report: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Fine-tune ``base`` on ``labels`` of ``dataset``; write the model folder, metrics and DVCLive logs.
 
-    Returns the metrics, or None when ``stop_after_steps`` stopped the run early (a checkpoint is left behind)."""
+    Returns the metrics, or None when ``stop_after_steps`` stopped the run early (a checkpoint is left behind).
+
+    Under ``accelerate launch`` the processes train data-parallel (DDP, gloo on CPU; :mod:`digiq.finetune`); only
+    the main process writes the checkpoint, model, metrics and DVCLive logs, and reports; the others return None."""
     import numpy as np
     import torch
 
     from digiq import finetune as F
     from digiq.labels import read_labels
+    from digiq.parallel import Ranks
     from digiq.runtime import dtype_from_name, quiet_transformers, seed_everything, set_threads
     from digiq.store import Dataset
     from digiq.vlm.load import load_vlm
 
-    say = report or (lambda _msg: None)
+    ranks = Ranks.from_environment(cpu=True)  # fine-tuning runs on CPU (fp32 master weights, CPU autocast)
+    say = report if report is not None and ranks.is_main else (lambda _msg: None)
     started = time.perf_counter()
     set_threads()
     quiet_transformers()
@@ -61,12 +66,12 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
         f"{len(examples.images)} distinct screenshots, compute dtype {str(dtype).removeprefix('torch.')}")
 
     t0 = time.perf_counter()
-    with _bar(progress, len(examples.images), "vision features (once per screenshot)") as tick:
-        features = F.vision_cache(vlm, data, examples.images, dtype, progress=tick)
+    with _bar(progress and ranks.is_main, len(examples.images), "vision features (once per screenshot)") as tick:
+        features = F.vision_cache(vlm, data, examples.images, dtype, progress=tick, ranks=ranks)
     vision_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    probe_x = F.probe_features(vlm, features, examples, p.probe_layer, dtype)
+    probe_x = F.probe_features(vlm, features, examples, p.probe_layer, dtype, ranks=ranks)
     probe = F.linear_probe(probe_x, examples.labels, train_idx, val_idx, seed=p.seed)
     probe_s = time.perf_counter() - t0
     say(f"linear probe (off-the-shelf, layer {p.probe_layer}): held-out balanced accuracy "
@@ -83,14 +88,16 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
 
     tvlm = VLM(model, vlm.processor, device="cpu", dtype=torch.float32, path=vlm.path)
     trainer = F.Trainer(tvlm, model, features, examples, train_idx, val_idx, spec, dtype,
-                        fingerprint=fingerprint, checkpoint_dir=p.checkpoint_dir)
+                        fingerprint=fingerprint, checkpoint_dir=p.checkpoint_dir, ranks=ranks)
     zero_shot = trainer.evaluate(val_idx)  # the off-the-shelf model's own Yes/No answer (before any update)
 
-    live = _live(p.live_dir)
+    live = _live(p.live_dir) if ranks.is_main else None
     t0 = time.perf_counter()
     steps_before = trainer.state.step
 
     def on_epoch(m: dict[str, float]) -> None:
+        if live is None:
+            return
         for key, value in m.items():
             if key not in ("epoch", "step"):
                 live.log_metric(f"{key}", value)
@@ -99,14 +106,17 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
             f"val acc {m['val_accuracy']:.3f}, val balanced acc {m['val_balanced_accuracy']:.3f}")
 
     total = p.epochs * len(train_idx)
-    with _bar(progress, total, "fine-tuning") as tick:
+    with _bar(progress and ranks.is_main, total, "fine-tuning") as tick:
         finished = trainer.fit(on_epoch=on_epoch, progress=tick, stop_after_steps=stop_after_steps)
-    live.end()
+    if live is not None:
+        live.end()
     train_s = time.perf_counter() - t0
     if not finished and stop_after_steps is not None:
         return None
     samples = (trainer.state.step - steps_before) * p.batch_size
     final = trainer.evaluate(val_idx)
+    if not ranks.is_main:
+        return None
     metrics = {
         "finetuned": {"val_" + k: v for k, v in final.items()},
         "off_the_shelf": {"zero_shot_val_" + k: v for k, v in zero_shot.items()},
@@ -121,6 +131,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
                  "yes_fraction_val": float(np.mean(examples.labels[val_idx] == F.YES)),
                  "distinct_screenshots": len(examples.images), "sha256": data_hash},
         "timing": {"dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                   **({"processes": ranks.num} if ranks.num > 1 else {}),
                    "vision_cache_s": round(vision_s, 2), "probe_s": round(probe_s, 2),
                    "train_s": round(train_s, 2),
                    "train_samples_per_s": round(samples / train_s, 2) if samples and train_s > 0 else None,
