@@ -4,12 +4,14 @@ with the plain one-process run on the same tiny model and data (docs/accelerate.
 The launch is ``accelerate launch --multi_gpu --num_processes 2`` with ``ACCELERATE_USE_CPU=true``: in accelerate
 1.15 ``accelerate launch --cpu --num_processes 2`` starts *one* process unless mpirun is given a hostfile
 (huggingface/accelerate#2741); ``--multi_gpu`` is its torchrun launcher, which starts both processes on any machine,
-and the processes join a gloo group on CPU (``digiq.parallel``)."""
+and the processes join a gloo group on CPU (``digiq.parallel``). ``DIGIQ_TEST_LAUNCH=mpirun`` runs the same tests
+through ``accelerate launch --cpu --num_processes 2 --mpirun_hostfile …`` (needs OpenMPI's mpirun)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,15 +30,24 @@ from digiq.pipelines import embed as stage
 
 pytestmark = pytest.mark.slow
 
-LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--main_process_port", "0"]
+COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def accelerate_launch(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``accelerate launch … -m digiq.cli.main ARGV`` on 2 CPU processes; fails the test with its output."""
+    """``accelerate launch … -m digiq.cli.main ARGV`` on 2 CPU processes; fails the test with its output.
+
+    torchrun (``--multi_gpu``) by default; ``DIGIQ_TEST_LAUNCH=mpirun`` takes the ``--cpu`` route through
+    OpenMPI's mpirun instead (Debian ``openmpi-bin``; not installed in CI)."""
     accelerate = Path(sys.executable).with_name("accelerate")
+    accelerate = accelerate if accelerate.is_file() else Path(shutil.which("accelerate") or "accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([str(accelerate), "launch", *LAUNCH, "-m", "digiq.cli.main", *argv], cwd=cwd, env=env,
+    if os.environ.get("DIGIQ_TEST_LAUNCH") == "mpirun":
+        (cwd / "hostfile").write_text("localhost slots=2\n")
+        launch = ["--cpu", *COMMON, "--mpirun_hostfile", str(cwd / "hostfile"), "--main_process_port", "29531"]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    else:
+        launch = ["--multi_gpu", *COMMON, "--main_process_port", "0"]
+    done = subprocess.run([str(accelerate), "launch", *launch, "-m", "digiq.cli.main", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
