@@ -226,13 +226,16 @@ def _read_steps(root: Path):  # -> pyarrow.Table
 
 
 def prune_screenshots(root: Path, table: Any) -> int:
-    """Delete PNG files no step refers to (left by episodes of an interrupted run or a removed shard)."""
+    """Delete PNG files no step refers to (left by episodes of an interrupted run or a removed shard), and the
+    temporary files of screenshot writes a kill interrupted (every writer has finished when this runs)."""
     referenced = set(table.column("screenshot").to_pylist()) | set(table.column("next_screenshot").to_pylist())
     removed = 0
     for path in (root / SCREENSHOTS_DIR).glob("*/*.png"):
         if path.relative_to(root).as_posix() not in referenced:
             path.unlink()
             removed += 1
+    for path in (root / SCREENSHOTS_DIR).glob("*/.*.png.*.tmp"):
+        path.unlink()
     return removed
 
 

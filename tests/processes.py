@@ -8,6 +8,7 @@ CLI once, so each start costs milliseconds instead of ~15 s of imports on 2 core
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -135,3 +136,12 @@ def _read(path: Path) -> bytes:
 
 def digiq_executable() -> str:
     return str(Path(sys.executable).parent / "digiq")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, hidden ones included (what DVC hashes as a stage's output)."""
+    return {f.relative_to(root).as_posix(): sha256(f) for f in sorted(root.rglob("*")) if f.is_file()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import browsers, digiq_executable, wait_for_no_browsers
+from processes import browsers, digiq_executable, tree_hashes, wait_for_no_browsers
 
 from digiq.envs.behavior import BehaviorPolicy
 from digiq.envs.miniwob import BrowserConfig
@@ -32,12 +31,6 @@ def config(out: Path, **kw) -> stage.CollectConfig:
                   metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"))
     values.update(kw)
     return stage.CollectConfig(**values)
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file of the dataset folder (what DVC hashes as the stage's output)."""
-    files = sorted(f for f in root.rglob("*") if f.is_file())
-    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +214,9 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
     # counted once the orphaned workers are gone: one may still have finished its shard (atomically) meanwhile
     shards_at_kill = len(list(killed.glob("steps/*.parquet")))
     assert 1 <= shards_at_kill < 6 and not (killed / "manifest.json").exists()
+    # a kill during a screenshot write leaves its temporary file (digiq.store._write_new_file): the re-run removes it
+    left_by_kill = next(killed.glob("screenshots/*/*.png")).with_name(".x.png.0123456789abcdef.tmp")
+    left_by_kill.write_bytes(b"half a png")
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

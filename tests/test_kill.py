@@ -10,7 +10,6 @@ timings for training), no temporary file of an atomic write is left, and no digi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from processes import Files, Replacements, kill_at, run_stage, start_stage, temp_files, wait_for_no_browsers
+from processes import Files, Replacements, kill_at, run_stage, sha256, start_stage, temp_files, tree_hashes, wait_for_no_browsers
 from test_critic_stage import make_project
 from test_embed import save_tiny_llava
 from test_finetune import base, data  # noqa: F401 - module fixtures: tiny LLaVA checkpoint, labelled PNG dataset
@@ -26,14 +25,6 @@ from test_finetune import base, data  # noqa: F401 - module fixtures: tiny LLaVA
 pytestmark = pytest.mark.slow
 
 KILLS = 2  # kill points per stage, chained: kill, re-run and kill again, re-run to the end
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {f.relative_to(root).as_posix(): sha256(f) for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 def without(metrics: dict[str, Any], *keys: str) -> dict[str, Any]:
