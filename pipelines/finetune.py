@@ -114,7 +114,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     if not finished and stop_after_steps is not None:
         return None
     samples = (trainer.state.step - steps_before) * p.batch_size
-    final = trainer.evaluate(val_idx)
+    final = final_validation(trainer, finished, val_idx)
     if not ranks.is_main:
         return None
     metrics = {
@@ -150,6 +150,15 @@ def data_fingerprint(data: Any, labels: str | Path) -> str:
     from digiq import finetune as F
 
     return F.file_digest([*data.shard_files(data.root), Path(labels)])
+
+
+def final_validation(trainer: Any, finished: bool, val_idx: Any) -> dict[str, float]:
+    """The fine-tuned model's validation metrics. A finished run's last epoch already validated these very
+    weights (one full pass over the validation split): reuse it."""
+    if finished and trainer.state.history:
+        last = trainer.state.history[-1]
+        return {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
+    return trainer.evaluate(val_idx)
 
 
 def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path) -> str:

@@ -113,6 +113,8 @@ def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
         assert (out / name).is_file(), name
     saved = json.loads(Path(p.metrics).read_text())
     assert saved["finetuned"] == metrics["finetuned"] and len(saved["history"]) == p.epochs
+    # the final validation of a finished run is its last epoch's (same weights; not computed a second time)
+    assert saved["finetuned"] == {k: v for k, v in saved["history"][-1].items() if k.startswith("val_")}
     assert {"val_balanced_accuracy", "layer"} <= saved["linear_probe"].keys()
     assert (Path(p.live_dir) / "metrics.json").is_file() and list((Path(p.live_dir) / "plots").rglob("*.tsv"))
     assert saved["data"]["sha256"] in (out / "README.md").read_text()
