@@ -48,7 +48,6 @@ def actor(
         metrics_path=pick(metrics, Path("metrics/actor") / f"{method}.json"),
         live_dir=pick(live, Path("dvclive/actor") / method),
         progress=True,
-        dataset=Path(cfg.collect.out),
     )
     m = outcome.metrics
     advantage = m.get("mean_advantage_kept")

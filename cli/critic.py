@@ -47,7 +47,6 @@ def critic(
         val_fraction=stage.val_fraction(cfg),
         progress=True,
         checkpoint_every=cfg.critic.checkpoint_every,
-        dataset=Path(cfg.collect.out),
     )
     _print_summary(outcome.metrics)
     typer.echo(f"wrote {outcome.out}, {metrics}, {live}")

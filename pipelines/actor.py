@@ -104,7 +104,6 @@ def run(
     metrics_path: str | Path | None = None,
     live_dir: str | Path | None = None,
     progress: bool = False,
-    dataset: str | Path | None = None,
 ) -> ActorOutcome:
     """Train the ``config.method`` policy; write ``out`` (weights, config, metrics, policy scores) and the metrics file."""
     from digiq.actor import train_actor
@@ -112,7 +111,7 @@ def run(
     started = time.perf_counter()
     threads = set_threads()  # 128 states × K candidates per update: enough work for every core (1.4× with 2 here)
     critic = load_critic(critic_dir, required=config.method in NEEDS_CRITIC)
-    stage = load_stage_data(repo, variant, dataset)
+    stage = load_stage_data(repo, variant)
     if critic is not None:
         check_dims(critic, stage, Path(critic_dir))
     loaded = time.perf_counter()

@@ -122,13 +122,12 @@ class StageData:
         )
 
 
-def load_stage_data(repo: str | Path, variant: str, dataset: str | Path | None = None) -> StageData:
+def load_stage_data(repo: str | Path, variant: str) -> StageData:
     """Read the whole training frame of ``variant`` from the Feast store at ``repo`` (DigiqError if not materialized).
 
-    ``dataset`` (the step tables, e.g. data/raw): candidates are de-duplicated by what they do
-    (:func:`digiq.candidates.semantic_key`, taps by the element under the point), as online evaluation does;
-    without it by action string."""
-    from digiq.pipelines.features import open_store, training_frame
+    Candidates are de-duplicated by what they do (:func:`digiq.candidates.semantic_key`: taps by the element under
+    the point, from the steps of the dataset the store was built from), as online evaluation does."""
+    from digiq.pipelines.features import open_store, store_dataset, training_frame
 
     store = open_store(repo, variant)  # names registry.db and `digiq features materialize --variant …` when absent
     frame = training_frame(store)
@@ -137,10 +136,10 @@ def load_stage_data(repo: str | Path, variant: str, dataset: str | Path | None =
         raise DigiqError(f"the feature store serves no transitions (run `digiq features materialize --variant {variant}`)",
                          file=Path(repo) / "data" / variant, field="transition")
     traj_id, step_id = split_keys(frame.state_key)
-    keys = semantic_keys(frame.candidate_actions, frame.candidate_mask, traj_id, step_id, dataset) if dataset is not None else None
+    keys = semantic_keys(frame.candidate_actions, frame.candidate_mask, traj_id, step_id, store_dataset(repo, variant))
     return StageData(
         frame=frame, traj_id=traj_id, step_id=step_id, success=trajectory_success(traj_id, frame.reward),
-        truncated=~frame.has_next & ~frame.done, distinct=distinct_candidates(frame.candidate_actions if keys is None else keys, frame.candidate_mask),
+        truncated=~frame.has_next & ~frame.done, distinct=distinct_candidates(keys, frame.candidate_mask),
         source=source,
     )
 
@@ -303,7 +302,6 @@ def run(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     progress: bool = False,
     checkpoint_every: int | None = None,
-    dataset: str | Path | None = None,
 ) -> CriticOutcome:
     """Train the critic on the store's transitions and write weights, scores, metrics and curves.
 
@@ -316,7 +314,7 @@ def run(
     started = time.perf_counter()
     out = Path(out)
     threads = training_threads()
-    stage = load_stage_data(repo, variant, dataset)
+    stage = load_stage_data(repo, variant)
     loaded = time.perf_counter()
     is_val = split_trajectories(stage.traj_id, val_fraction, config.seed)
     train_rows = np.flatnonzero(~is_val & ~stage.truncated)

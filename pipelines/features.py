@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -436,6 +437,16 @@ def materialize(inputs: Inputs, metrics_path: str | Path | None = None, *, progr
     return metrics
 
 
+def store_dataset(repo: str | Path, variant: str) -> Path:
+    """The dataset folder (step tables) the store of ``variant`` was materialized from."""
+    manifest = runtime_dir(Path(repo), check_variant(variant)) / "sources.json"
+    try:
+        return Path(json.loads(manifest.read_text())["dataset"])
+    except (OSError, ValueError, KeyError):
+        raise DigiqError("does not name the dataset the store was built from (built by an older digiq?): "
+                         f"run `digiq features materialize --variant {variant}`", file=manifest, field="dataset") from None
+
+
 def ensure_store(params: Any, repo: str | Path, variant: str, say: Callable[[str], None] = print) -> bool:
     """Materialize ``variant`` when its registry is missing; True when it did.
 
@@ -480,7 +491,7 @@ def _write_runtime_sources(inputs: Inputs, derived: dict[str, pa.Table]) -> dict
         paths[name] = str(folder / f"{name}.parquet")
         with atomic_path(paths[name]) as tmp:
             pq.write_table(table, tmp)
-    write_json(state_dir / "sources.json", paths)
+    write_json(state_dir / "sources.json", paths | {"dataset": str(inputs.dataset)})
     relative = Path("data") / inputs.variant
     _write_yaml(state_dir / "feature_store.yaml", render_config(inputs.repo, relative / "registry.db", relative / "online_store.db",
                                                                 inputs.online_store))

@@ -233,3 +233,11 @@ def test_candidates_are_deduplicated_by_the_element_a_tap_hits(tmp_path):
     assert keys.tolist() == [["tap@7", "tap@7", "tap@none", "tap@7", None]]
     assert stage.distinct_candidates(keys, mask).tolist() == [[True, False, True, False, False]]
     assert stage.distinct_candidates(actions, mask).tolist() == [[True, True, True, True, False]]  # as strings: all differ
+
+
+def test_a_store_that_does_not_name_its_dataset_is_one_clear_error(tmp_path):
+    project = make_project(tmp_path)
+    sources = project / "features" / "data" / "finetuned" / "sources.json"
+    sources.write_text(json.dumps({k: v for k, v in json.loads(sources.read_text()).items() if k != "dataset"}))
+    with pytest.raises(DigiqError, match=r"sources\.json: dataset: .*digiq features materialize --variant finetuned"):
+        stage.load_stage_data(project / "features", "finetuned")

@@ -86,7 +86,9 @@ def test_materialize_writes_metrics_and_runtime_state(project):
     assert "materialize_candidate_embedding" not in metrics["timings_s"]  # offline only: served online by candidate_block
     state_dir = project / "features" / "data" / "finetuned"
     assert {p.name for p in state_dir.iterdir()} == {"registry.db", "online_store.db", "sources", "sources.json", "feature_store.yaml"}
-    assert all(Path(p).is_absolute() and Path(p).is_file() for p in json.loads((state_dir / "sources.json").read_text()).values())
+    sources = json.loads((state_dir / "sources.json").read_text())
+    assert all(Path(p).is_absolute() and Path(p).is_file() for name, p in sources.items() if name != "dataset")
+    assert sources["dataset"] == str((project / "data" / "raw").resolve())  # the steps the store was derived from
 
 
 def test_committed_repo_has_no_absolute_paths():
