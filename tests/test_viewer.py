@@ -296,7 +296,10 @@ app(sys.argv[1:])
 def test_cli_serve_until_interrupted(built, tmp_path):
     command = [sys.executable, "-c", SERVE_SCRIPT, "view", str(built["dataset"]), "--out", str(tmp_path / "site"), "--serve", "--port", "0",
                "--params", str(tmp_path / "params.yaml")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # SIG_DFL in the child: a suite started as a background job of a non-interactive shell inherits SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt (Ctrl-C cannot reach such a job anyway)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = [process.stdout.readline(), process.stdout.readline()]
         url = lines[1].split(" at ")[1].split(" ")[0]
