@@ -56,7 +56,6 @@ AS_OF = datetime(2100, 1, 1, tzinfo=timezone.utc)
 
 REPO_MODULE = "digiq_feature_repo.py"
 VIEWS = ("state_embedding", "candidate_embedding", "candidate_block", "transition", "eps_label")
-ONLINE_VIEWS = ("state_embedding", "candidate_block", "transition", "eps_label")  # candidate_embedding: offline only
 STATE_REFS = [
     "state_embedding:embedding", "state_embedding:model_hash", "state_embedding:layer",
     "transition:next_state_key", "transition:reward", "transition:done", "transition:mc_return",
@@ -516,7 +515,8 @@ def _build_store(inputs: Inputs, paths: dict[str, str], *, progress: bool) -> di
             store.apply(list(objects.values()))
             timings["apply_s"] = time.perf_counter() - t
         window = _timestamp_range([Path(p) for p in paths.values()])
-        timings.update(_materialize_views(store, window, progress=progress))
+        online = [name for name in VIEWS if objects[name].online]  # candidate_embedding is offline only
+        timings.update(_materialize_views(store, online, window, progress=progress))
         for name in ("online_store.db", "registry.db") if is_sqlite(inputs.online_store) else ("registry.db",):
             os.replace(build / name, state_dir / name)
     finally:
@@ -548,14 +548,15 @@ def _metrics(inputs: Inputs, dim: int, derived: dict[str, pa.Table], timings: di
     }
 
 
-def _materialize_views(store: FeatureStore, window: tuple[datetime, datetime], *, progress: bool) -> dict[str, float]:
+def _materialize_views(store: FeatureStore, views: list[str], window: tuple[datetime, datetime], *,
+                       progress: bool) -> dict[str, float]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     timings: dict[str, float] = {}
     columns = [TextColumn("materialize {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} views"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=len(ONLINE_VIEWS))
-        for view in ONLINE_VIEWS:
+        task = bar.add_task("", total=len(views))
+        for view in views:
             bar.update(task, description=view)
             t = time.perf_counter()
             with _quiet_feast():
