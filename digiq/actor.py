@@ -2,7 +2,14 @@
 
 The policy scores a state's candidate actions and acts through a softmax over the valid ones:
 
-    π(k | s) = softmax_k( MLP([f(s), f(s, a_k)]) )   over k with cand_mask[s, k]      (or MLP(f(s, a_k)))
+    g(s, a_k) = MLP([f(s), f(s, a_k)])      (or MLP(f(s, a_k)) without the state)
+    π(k | s)  = n_k · exp g(s, a_k) / Σ_j n_j · exp g(s, a_j)     over k with cand_mask[s, k]
+
+n_k (``cand_count``) is how many of π_β's draws at s do what a_k does (same semantic key; candidates are
+de-duplicated by it). This is the softmax over the raw draws, with draws of one class pooled:
+π(a | s) = Σ_{k: key(a_k) = a} softmax(g)_k. π_β's preference is thus the prior: g ≡ 0 gives back the
+empirical π_β, and the learned g only has to say where to depart from it. With ``behavior_prior: false``
+every n_k is 1 (a plain softmax over the distinct candidates).
 
 Every method is plain weighted imitation. It first turns the data (and the critic's advantages
 A(s, a_k) = max(Q1, Q2)(s, a_k) − max(V1, V2)(s), see :func:`digiq.critic.advantage`) into a weight
@@ -58,6 +65,7 @@ class ActorConfig(BaseModel):
     awr_beta: float = Field(0.05, gt=0.0, description="AWR temperature β in exp(A/β) (official awr_beta 0.05)")
     awr_max_weight: float = Field(20.0, gt=0.0, description="AWR: weights are clipped at this value")
     use_state: bool = Field(True, description="score [f(s), f(s, a)] (True) or f(s, a) alone (False)")
+    behavior_prior: bool = Field(True, description="weigh each candidate by the π_β draws it stands for: π ∝ n_k·exp g (False: plain softmax over distinct candidates)")
     hidden: tuple[int, ...] = Field((256, 256), description="hidden layer widths of the scorer MLP")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
     grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
@@ -80,27 +88,37 @@ class CandidatePolicy(nn.Module):
         self.d_s, self.d_sa = d_s, d_sa
         self.scorer = mlp(d_sa + (d_s if self.config.use_state else 0), self.config.hidden)
 
-    def logits(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-        """[B, K] scores; invalid candidates get −inf.
+    def scores(self, s: torch.Tensor, cand_sa: torch.Tensor) -> torch.Tensor:
+        """g(s, a_k) [B, K].
 
         The first layer W·[f(s); f(s, a_k)] + b is computed as W_a·f(s, a_k) + (W_s·f(s) + b): the state's
         half once per state instead of once per candidate (same weights, ~1.6× fewer FLOPs at K = 64).
         """
         first, rest = self.scorer[0], self.scorer[1:]
         if not self.config.use_state:
-            return rest(first(cand_sa)).squeeze(-1).masked_fill(~cand_mask, -math.inf)
+            return rest(first(cand_sa)).squeeze(-1)
         hidden = F.linear(cand_sa, first.weight[:, self.d_s:]) + F.linear(s, first.weight[:, :self.d_s], first.bias).unsqueeze(1)
-        return rest(hidden).squeeze(-1).masked_fill(~cand_mask, -math.inf)
+        return rest(hidden).squeeze(-1)
 
-    def log_probs(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor, cand_count: torch.Tensor | None) -> torch.Tensor:
+        """[B, K] logits g(s, a_k) + log n_k (n_k = 1 without the behavior prior); invalid candidates get −inf."""
+        logits = self.scores(s, cand_sa)
+        if self.config.behavior_prior:
+            if cand_count is None:
+                raise DigiqError("this policy weighs candidates by π_β's draws (behavior_prior): pass how many draws each "
+                                 "candidate stands for", field="cand_count")
+            logits = logits + cand_count.clamp(min=1.0).log()
+        return logits.masked_fill(~cand_mask, -math.inf)
+
+    def log_probs(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor, cand_count: torch.Tensor | None) -> torch.Tensor:
         """log π(k | s) [B, K]; invalid candidates: 0 (never −inf, so 0 · log π stays 0)."""
-        return F.log_softmax(self.logits(s, cand_sa, cand_mask), dim=-1).masked_fill(~cand_mask, 0.0)
+        return F.log_softmax(self.logits(s, cand_sa, cand_mask, cand_count), dim=-1).masked_fill(~cand_mask, 0.0)
 
     @torch.no_grad()
-    def act(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor,
+    def act(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor, cand_count: torch.Tensor | None,
             mode: Literal["argmax", "sample"] = "argmax", generator: torch.Generator | None = None) -> torch.Tensor:
         """The chosen candidate index per state [B]: argmax (ties: lowest index) or a sample from π."""
-        logits = self.logits(s, cand_sa, cand_mask)
+        logits = self.logits(s, cand_sa, cand_mask, cand_count)
         if mode == "argmax":
             return first_argmax(logits)
         if mode == "sample":
@@ -227,7 +245,8 @@ def train_actor(
         raise DigiqError(f"method {config.method!r} kept no state (threshold {config.threshold}?)", file=data.source, field="method")
     rows = kept.nonzero().squeeze(1)
     table = [t[rows].to(device, dtype).contiguous() for t, dtype in
-             ((data.s, torch.float32), (data.cand_sa, torch.float32), (data.cand_mask, torch.bool), (weights, torch.float32))]
+             ((data.s, torch.float32), (data.cand_sa, torch.float32), (data.cand_mask, torch.bool),
+              (data.cand_count, torch.float32), (weights, torch.float32))]
     policy = CandidatePolicy(data.s.shape[1], data.sa.shape[1], config).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)
     sampler = EpochSampler(len(rows), config.batch_size, generator, device)
@@ -235,8 +254,8 @@ def train_actor(
     with progress(config.updates, f"actor ({config.method})", show_progress) as advance:
         for step in range(1, config.updates + 1):
             idx = sampler.next()
-            s, cand_sa, mask, w = (t.index_select(0, idx) for t in table)
-            loss = imitation_loss(policy.log_probs(s, cand_sa, mask), w)
+            s, cand_sa, mask, count, w = (t.index_select(0, idx) for t in table)
+            loss = imitation_loss(policy.log_probs(s, cand_sa, mask, count), w)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip, foreach=True)
@@ -257,9 +276,9 @@ def train_actor(
 @torch.no_grad()
 def _agreement(policy: CandidatePolicy, table: list[torch.Tensor]) -> float:
     """Fraction of states with a positive weight where π's argmax is the highest-weighted candidate."""
-    s, cand_sa, mask, weights = table
+    s, cand_sa, mask, count, weights = table
     rows = weights.max(dim=1).values > 0
     if not bool(rows.any()):
         return math.nan
-    chosen = map_chunks(policy.act, s[rows], cand_sa[rows], mask[rows], device=weights.device)
+    chosen = map_chunks(policy.act, s[rows], cand_sa[rows], mask[rows], count[rows], device=weights.device)
     return (chosen == first_argmax(weights[rows].cpu())).float().mean().item()

@@ -204,6 +204,7 @@ class ActorParams(Section):
     awr_beta: float = Field(0.05, gt=0, description="AWR temperature β (official 0.05)")
     awr_max_weight: float = Field(20.0, gt=0, description="AWR weight clip")
     use_state: bool = Field(True, description="score [f(s), f(s,a)] or f(s,a) alone")
+    behavior_prior: bool = Field(True, description="π ∝ (π_β draws a candidate stands for) · exp(score); false: plain softmax")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="scorer MLP widths")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, description="states per update")

@@ -79,6 +79,7 @@ class Transitions:
     mc_return: torch.Tensor  # observed discounted return G(s) [B]
     cand_sa: torch.Tensor | None = None  # f(s, a_k) for K candidates [B, K, d_sa], k = 0 the dataset action
     cand_mask: torch.Tensor | None = None  # valid and distinct candidates [B, K] (bool)
+    cand_count: torch.Tensor | None = None  # π_β draws each distinct candidate stands for [B, K] (default: cand_mask, 1 each)
     traj_success: torch.Tensor | None = None  # the transition's trajectory succeeded [B] (bool)
     source: str | None = None  # where the tensors came from (named in errors)
 
@@ -97,6 +98,11 @@ class Transitions:
             _check(self, "cand_mask", 2, b, k, dtype=torch.bool)
             if not bool(self.cand_mask[:, 0].all()):
                 raise DigiqError("column 0 (the dataset action) must be valid in every row", file=self.source, field="cand_mask")
+            if self.cand_count is None:
+                self.cand_count = self.cand_mask.float()
+            _check(self, "cand_count", 2, b, k)
+            if not bool((self.cand_count[self.cand_mask] >= 1).all()):
+                raise DigiqError("every valid candidate stands for at least one draw", file=self.source, field="cand_count")
         if self.traj_success is not None:
             _check(self, "traj_success", 1, b, dtype=torch.bool)
 

@@ -3,11 +3,13 @@
 Each live step of every evaluated method is built the same way, so methods differ only in the choice:
 
     1. π_β proposes K candidates:  a_1 … a_K ~ π_β(· | s)   (draws from a generator seeded by the episode;
-       duplicates by what they do dropped (taps: the element under the point), first-draw order kept)
+       duplicates by what they do dropped (taps: the element under the point), first-draw order kept;
+       n_k = how many of the K draws the kept a_k stands for)
     2. a chooser picks one:
          behavior   a_1                       (the first draw: exactly a sample of π_β)
          random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
-         <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)])   (a trained CandidatePolicy)
+         <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)]) + log n_k   (a trained CandidatePolicy;
+                    + log n_k only with its behavior prior, as in training)
     3. f(s) and f(s, a_k) come from the frozen VLM; the screenshot is encoded once per step and every
        candidate reuses the encoding (DESIGN §6).
 
@@ -118,14 +120,17 @@ def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[s
 # ----------------------------------------------------------------------------------------------- live policy
 
 
-def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> list[Action]:
-    """K draws from π_β(· | view), duplicates (same :func:`~digiq.candidates.semantic_key`) dropped, first-draw order kept."""
+def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> tuple[list[Action], list[int]]:
+    """K draws from π_β(· | view), duplicates (same :func:`~digiq.candidates.semantic_key`) dropped, first-draw
+    order kept; returns (the distinct actions, how many of the K draws each stands for)."""
     from digiq.candidates import semantic_key
 
-    seen: dict[str, Action] = {}
+    seen: dict[str, tuple[Action, int]] = {}
     for action in behavior.sample(view, k, rng):
-        seen.setdefault(semantic_key(action, view.elements), action)
-    return list(seen.values())
+        key = semantic_key(action, view.elements)
+        first, draws = seen.get(key, (action, 0))
+        seen[key] = (first, draws + 1)
+    return [a for a, _ in seen.values()], [n for _, n in seen.values()]
 
 
 class LiveFeaturizer:
@@ -172,10 +177,10 @@ class EvalPolicy:
         self.rng = np.random.default_rng(seed)
 
     def act(self, view: StepView) -> Action:
-        candidates = candidate_set(self.behavior, view, self.k, self.rng)
-        return candidates[self.choose(view, candidates)]
+        candidates, draws = candidate_set(self.behavior, view, self.k, self.rng)
+        return candidates[self.choose(view, candidates, draws)]
 
-    def choose(self, view: StepView, candidates: list[Action]) -> int:
+    def choose(self, view: StepView, candidates: list[Action], draws: list[int]) -> int:
         if self.method == "behavior":
             return 0
         if self.method == "random":
@@ -184,7 +189,8 @@ class EvalPolicy:
 
         s, cand_sa = self.featurizer(view, candidates)
         mask = torch.ones(1, len(candidates), dtype=torch.bool)
-        return int(self.actor.act(s, cand_sa, mask, mode="argmax")[0])
+        count = torch.tensor([draws], dtype=torch.float32)
+        return int(self.actor.act(s, cand_sa, mask, count, mode="argmax")[0])
 
 
 def _behavior(noise: float) -> Any:

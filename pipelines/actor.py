@@ -67,7 +67,7 @@ def check_dims(critic: DoubleCritic, stage: StageData, critic_dir: Path) -> None
 
 
 def policy_scores(policy: CandidatePolicy, stage: StageData) -> Any:
-    """pyarrow table: traj_id, step_id, cand_idx, action, prob, chosen over every distinct candidate."""
+    """pyarrow table: traj_id, step_id, cand_idx, action, draws, prob, chosen over every distinct candidate."""
     import pyarrow as pa
     import torch
 
@@ -75,7 +75,7 @@ def policy_scores(policy: CandidatePolicy, stage: StageData) -> Any:
     from digiq.nn import map_chunks
 
     data = stage.transitions()
-    logits = map_chunks(policy.logits, data.s, data.cand_sa, data.cand_mask, device=next(policy.parameters()).device)
+    logits = map_chunks(policy.logits, data.s, data.cand_sa, data.cand_mask, data.cand_count, device=next(policy.parameters()).device)
     prob = torch.softmax(logits, dim=-1).double().numpy()
     chosen = np.zeros(prob.shape, dtype=bool)
     chosen[np.arange(len(prob)), first_argmax(logits).numpy()] = True
@@ -83,7 +83,7 @@ def policy_scores(policy: CandidatePolicy, stage: StageData) -> Any:
     return pa.table({
         "traj_id": pa.array(stage.traj_id[row].tolist(), pa.string()), "step_id": pa.array(stage.step_id[row], pa.int64()),
         "cand_idx": pa.array(idx, pa.int64()), "action": pa.array(stage.frame.candidate_actions[row, idx].tolist(), pa.string()),
-        "prob": prob[row, idx], "chosen": chosen[row, idx],
+        "draws": stage.draws[row, idx].astype(np.int64), "prob": prob[row, idx], "chosen": chosen[row, idx],
     })
 
 

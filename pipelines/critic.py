@@ -17,8 +17,10 @@ Decisions (documented here because the stage, not the library, makes them):
   ``step_scores.parquet`` has no row for them because a TD error is undefined (the viewer shows "—").
 - **Validation** holds out whole trajectories (``val_fraction`` of them, a seeded permutation of the
   sorted trajectory ids), so no state of a held-out episode leaks into training through s'.
-- **Candidates** that repeat an earlier candidate's action string are masked out (``Transitions.cand_mask``
-  marks valid *and distinct* candidates): a duplicate must not count twice in ranking or Best-of-N.
+- **Candidates** that do what an earlier candidate does (same :func:`digiq.candidates.semantic_key`) are
+  masked out (``Transitions.cand_mask`` marks valid *and distinct* candidates): a duplicate must not count
+  twice in ranking or Best-of-N. How many draws each kept candidate stands for is ``cand_count`` (the
+  actor's behavior prior).
 - **Trajectory success** = some step of the trajectory has reward > 0 (``Trajectory.success``), from
   the rewards served by the feature store.
 - **Reported scores** use the critic's policy-extraction convention: V = max(V1, V2), Q = max(Q1, Q2),
@@ -97,7 +99,8 @@ class StageData:
     step_id: np.ndarray    # [N] int64
     success: np.ndarray    # [N] bool: the row's trajectory has a step with reward > 0
     truncated: np.ndarray  # [N] bool: no s' and not done (cut-off last step)
-    distinct: np.ndarray   # [N, K] bool: valid candidates whose action string is not a repeat
+    distinct: np.ndarray   # [N, K] bool: valid candidates whose semantic key is not a repeat
+    draws: np.ndarray      # [N, K] float: at a distinct candidate, the valid candidates sharing its key (else 0)
     source: str
 
     def __len__(self) -> int:
@@ -118,7 +121,8 @@ class StageData:
         return Transitions(
             s=tensor(f.state), sa=tensor(f.action), s_next=tensor(f.next_state), reward=tensor(f.reward),
             done=tensor(f.done), mc_return=tensor(f.mc_return), cand_sa=tensor(f.candidates),
-            cand_mask=tensor(self.distinct, torch.bool), traj_success=tensor(self.success, torch.bool), source=self.source,
+            cand_mask=tensor(self.distinct, torch.bool), cand_count=tensor(self.draws),
+            traj_success=tensor(self.success, torch.bool), source=self.source,
         )
 
 
@@ -137,10 +141,10 @@ def load_stage_data(repo: str | Path, variant: str) -> StageData:
                          file=Path(repo) / "data" / variant, field="transition")
     traj_id, step_id = split_keys(frame.state_key)
     keys = semantic_keys(frame.candidate_actions, frame.candidate_mask, traj_id, step_id, store_dataset(repo, variant))
+    distinct, draws = candidate_classes(keys, frame.candidate_mask)
     return StageData(
         frame=frame, traj_id=traj_id, step_id=step_id, success=trajectory_success(traj_id, frame.reward),
-        truncated=~frame.has_next & ~frame.done, distinct=distinct_candidates(keys, frame.candidate_mask),
-        source=source,
+        truncated=~frame.has_next & ~frame.done, distinct=distinct, draws=draws, source=source,
     )
 
 
@@ -174,16 +178,20 @@ def semantic_keys(actions: np.ndarray, mask: np.ndarray, traj_id: np.ndarray, st
     return out
 
 
-def distinct_candidates(actions: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every candidate whose action string repeats an earlier one of the same state set False."""
-    out = mask.copy()
-    for i in range(len(out)):
-        seen: set[Any] = set()
+def candidate_classes(keys: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group each state's valid candidates by key: (distinct [N, K] bool, draws [N, K] float).
+
+    ``distinct`` keeps the first candidate of each key; ``draws`` holds, at that candidate, how many valid
+    candidates share its key (0 elsewhere)."""
+    distinct = np.zeros_like(mask)
+    draws = np.zeros(mask.shape, dtype=np.float32)
+    for i in range(len(mask)):
+        first: dict[Any, int] = {}
         for k in np.flatnonzero(mask[i]):
-            if actions[i, k] in seen:
-                out[i, k] = False
-            seen.add(actions[i, k])
-    return out
+            head = first.setdefault(keys[i, k], int(k))
+            distinct[i, head] = True
+            draws[i, head] += 1.0
+    return distinct, draws
 
 
 def split_trajectories(traj_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -119,13 +119,36 @@ def test_policy_masks_invalid_candidates_and_breaks_ties_low():
         policy.scorer[0].bias.zero_()  # every candidate scores 0: a three-way tie
     s, cand = torch.zeros(1, 2), torch.zeros(1, 3, 2)
     mask = torch.tensor([[True, False, True]])
-    torch.testing.assert_close(policy.log_probs(s, cand, mask).exp(), torch.tensor([[0.5, 1.0, 0.5]]))  # masked: log π := 0
-    assert policy.act(s, cand, mask).item() == 0
-    draws = policy.act(s.expand(400, 2), cand.expand(400, 3, 2), mask.expand(400, 3), mode="sample",
+    ones = mask.float()
+    torch.testing.assert_close(policy.log_probs(s, cand, mask, ones).exp(), torch.tensor([[0.5, 1.0, 0.5]]))  # masked: log π := 0
+    assert policy.act(s, cand, mask, ones).item() == 0
+    draws = policy.act(s.expand(400, 2), cand.expand(400, 3, 2), mask.expand(400, 3), ones.expand(400, 3), mode="sample",
                        generator=torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {0, 2}
     action_only = CandidatePolicy(2, 3, ActorConfig(use_state=False, hidden=(4,)))  # scores f(s, a) alone
-    assert action_only.scorer[0].in_features == 3 and action_only.logits(s, torch.zeros(1, 3, 3), mask).shape == (1, 3)
+    assert action_only.scorer[0].in_features == 3 and action_only.logits(s, torch.zeros(1, 3, 3), mask, ones).shape == (1, 3)
+
+
+def test_the_behavior_prior_pools_each_candidates_draws():
+    # π(k | s) = n_k·exp g_k / Σ_j n_j·exp g_j: with g ≡ 0 it is π_β's empirical mix of draws, [3, 1] → [¾, ¼]
+    policy = CandidatePolicy(2, 2, ActorConfig(hidden=()))
+    with torch.no_grad():
+        policy.scorer[0].weight.zero_()
+        policy.scorer[0].bias.zero_()
+    s, cand, mask = torch.zeros(1, 2), torch.zeros(1, 3, 2), torch.tensor([[True, True, False]])
+    torch.testing.assert_close(policy.log_probs(s, cand, mask, torch.tensor([[3.0, 1.0, 0.0]])).exp(), torch.tensor([[0.75, 0.25, 1.0]]))
+    assert policy.act(s, cand, mask, torch.tensor([[1.0, 2.0, 0.0]])).item() == 1  # the more-drawn candidate wins a tie in g
+    with torch.no_grad():  # g = [0, log 4]: exp g·n = [3, 4] → the scorer overrides π_β's 3:1 preference
+        policy.scorer[0].weight.copy_(torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+    cand[0, 1, 0] = math.log(4.0)
+    torch.testing.assert_close(policy.log_probs(s, cand, mask, torch.tensor([[3.0, 1.0, 0.0]])).exp(), torch.tensor([[3 / 7, 4 / 7, 1.0]]))
+    with pytest.raises(DigiqError, match="cand_count"):
+        policy.logits(s, cand, mask, None)
+    plain = CandidatePolicy(2, 2, ActorConfig(hidden=(), behavior_prior=False))
+    with torch.no_grad():
+        plain.scorer[0].weight.zero_()
+        plain.scorer[0].bias.zero_()
+    torch.testing.assert_close(plain.log_probs(s, cand, mask, None).exp(), torch.tensor([[0.5, 0.5, 1.0]]))  # counts ignored
 
 
 def test_methods_needing_a_critic_refuse_without_one():
@@ -155,14 +178,14 @@ def test_best_of_n_on_toy_mdp_imitates_the_critics_choice_and_is_deterministic(t
     # (measured: 0.93 vs 0.53; π_β takes the right action 60 % of the time)
     bc, _, _ = train_actor(data, ACTOR.model_copy(update={"method": "bc"}), critic=critic)
     q_best = first_argmax(candidate_q(critic, data)).unsqueeze(1)
-    mass = {name: pi.log_probs(data.s, data.cand_sa, data.cand_mask).exp().gather(1, q_best).mean().item()
+    mass = {name: pi.log_probs(data.s, data.cand_sa, data.cand_mask, data.cand_count).exp().gather(1, q_best).mean().item()
             for name, pi in (("digiq", policy), ("bc", bc))}
     assert mass["digiq"] > 0.85 and mass["bc"] < 0.7
-    chosen = policy.act(data.s, data.cand_sa, data.cand_mask)
+    chosen = policy.act(data.s, data.cand_sa, data.cand_mask, data.cand_count)
     policy.save_pretrained(tmp_path / "policy")
     loaded = CandidatePolicy.from_pretrained(tmp_path / "policy")
     assert loaded.config == policy.config
-    assert torch.equal(loaded.act(data.s, data.cand_sa, data.cand_mask), chosen)
+    assert torch.equal(loaded.act(data.s, data.cand_sa, data.cand_mask, data.cand_count), chosen)
 
 
 @pytest.mark.parametrize("method", ["bc", "filtered-bc", "awr", "reinforce"])
@@ -178,4 +201,4 @@ def test_the_split_first_layer_scores_like_the_concatenated_input():
     policy = CandidatePolicy(3, 4, ActorConfig(hidden=(5, 5)))
     s, cand_sa, mask = torch.randn(2, 3), torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
     concatenated = torch.cat([s.unsqueeze(1).expand(-1, 6, -1), cand_sa], dim=-1)
-    torch.testing.assert_close(policy.logits(s, cand_sa, mask), policy.scorer(concatenated).squeeze(-1))
+    torch.testing.assert_close(policy.logits(s, cand_sa, mask, mask.float()), policy.scorer(concatenated).squeeze(-1))

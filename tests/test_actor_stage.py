@@ -113,7 +113,7 @@ def test_each_method_writes_policy_metrics_and_scores(project, frame, method):
     assert (per_step["chosen"].sum() == 1).all()
     # the pick is the saved policy's argmax
     data = frame.transitions()
-    acts = policy.act(data.s, data.cand_sa, data.cand_mask)
+    acts = policy.act(data.s, data.cand_sa, data.cand_mask, data.cand_count)
     picked = scores[scores["chosen"]].set_index(["traj_id", "step_id"])["cand_idx"]
     assert [picked[(t, int(s))] for t, s in zip(frame.traj_id, frame.step_id)] == acts.tolist()
 

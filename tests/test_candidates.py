@@ -195,5 +195,6 @@ def test_live_candidate_sets_drop_taps_on_an_already_drawn_element():
     class View:
         elements = ELEMENTS
 
-    chosen = candidate_set(Draws(), View(), 5, np.random.default_rng(0))
+    chosen, draws = candidate_set(Draws(), View(), 5, np.random.default_rng(0))
     assert chosen == [Action.tap(0.21, 0.25), Action(action_type=ActionType.PRESS_ENTER), Action.tap(0.52, 0.55)]
+    assert draws == [2, 2, 1]  # the first two taps hit one element; ENTER was drawn twice

@@ -203,10 +203,12 @@ def test_non_finite_metrics_become_null():
     assert stage.finite_or_none({"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5}) == {"a": None, "b": [1.0, None], "c": 0.5}
 
 
-def test_distinct_candidates_success_and_keys():
+def test_candidate_classes_success_and_keys():
     actions = np.array([["a", "b", "a", None], ["c", "c", "d", "c"]], dtype=object)
     mask = np.array([[True, True, True, False], [True, True, True, True]])
-    assert stage.distinct_candidates(actions, mask).tolist() == [[True, True, False, False], [True, False, True, False]]
+    distinct, draws = stage.candidate_classes(actions, mask)
+    assert distinct.tolist() == [[True, True, False, False], [True, False, True, False]]
+    assert draws.tolist() == [[2, 1, 0, 0], [3, 0, 1, 0]]
     traj = np.array(["x", "x", "y", "z", "z"], dtype=object)
     assert stage.trajectory_success(traj, np.array([0.0, 1.0, 0.0, 0.0, 0.0])).tolist() == [True, True, False, False, False]
     traj_id, step_id = stage.split_keys(np.array(["a/b/0", "c/12"], dtype=object))
@@ -231,8 +233,8 @@ def test_candidates_are_deduplicated_by_the_element_a_tap_hits(tmp_path):
 
     keys = stage.semantic_keys(actions, mask, np.array(["t0"]), np.array([0]), tmp_path / "raw")
     assert keys.tolist() == [["tap@7", "tap@7", "tap@none", "tap@7", None]]
-    assert stage.distinct_candidates(keys, mask).tolist() == [[True, False, True, False, False]]
-    assert stage.distinct_candidates(actions, mask).tolist() == [[True, True, True, True, False]]  # as strings: all differ
+    assert [c.tolist() for c in stage.candidate_classes(keys, mask)] == [[[True, False, True, False, False]], [[3, 0, 1, 0, 0]]]
+    assert stage.candidate_classes(actions, mask)[0].tolist() == [[True, True, True, True, False]]  # as strings: all differ
 
 
 def test_a_store_that_does_not_name_its_dataset_is_one_clear_error(tmp_path):

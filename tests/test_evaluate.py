@@ -57,8 +57,8 @@ def _view() -> StepView:
 
 def test_candidates_are_distinct_and_choices_reproducible():
     view = _view()
-    cands = candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(3))
-    assert 1 <= len(cands) <= 16
+    cands, draws = candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(3))
+    assert 1 <= len(cands) <= 16 and len(draws) == len(cands) and sum(draws) == 16 and min(draws) >= 1
     assert len({c.model_dump_json() for c in cands}) == len(cands)
     for method in ("behavior", "random"):
         a, b = EvalPolicy(method, 16, 0.3), EvalPolicy(method, 16, 0.3)
@@ -67,7 +67,7 @@ def test_candidates_are_distinct_and_choices_reproducible():
     # π_β's choice is its first draw: the same as BehaviorPolicy.sample with the same generator
     p = EvalPolicy("behavior", 16, 0.3)
     p.reset(11)
-    assert p.act(view) == candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(11))[0]
+    assert p.act(view) == candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(11))[0][0]
 
 
 # ---------------------------------------------------------------------------------------------- config, seeds, shards
