@@ -57,3 +57,19 @@ def info(
     if build:
         typer.echo(f"  digiq build: seed {build['config']['seed']}, pretrained: "
                    + ", ".join(sorted(build["pretrained"])) + "; random: " + ", ".join(build["random"]))
+
+
+@app.command("preset")
+@handle_errors
+def preset(
+    path: Path = typer.Argument(..., help="preset file: a partial params.yaml, e.g. profiles/llava-1.5-7b.yaml"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Print the `dvc exp run` arguments that apply a preset, one per line, shell-quoted, after checking that
+    params.yaml with the preset merged in is valid:  digiq model preset P | xargs dvc exp run -n NAME"""
+    import shlex
+
+    from digiq.config import dvc_set_flags, preset_overrides
+
+    for flag, value in zip(*[iter(dvc_set_flags(preset_overrides(path, params)))] * 2, strict=True):
+        typer.echo(f"{flag} {shlex.quote(value)}")

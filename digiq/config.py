@@ -169,9 +169,19 @@ class FinetuneParams(Section):
     checkpoint_dir: str = Field("models/finetune-ckpt", description="checkpoint folder (resume after an interruption)")
     max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time (the default run needs ~11 min on 2 cores); a run that hits it stops, says so and records completed: false")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto = bf16 autocast where faster here (fp32 master weights)")
+    device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N; under accelerate launch each process takes its own GPU")
+    base_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage dtype of the frozen base weights (bfloat16 halves a 7B model's memory; LoRA mode only, the trained weights stay float32)")
     out: str = Field("models/finetuned", description="output folder: merged model + adapter/ + README.md")
     metrics: str = Field("metrics/finetune.json", description="metrics file")
     live_dir: str = Field("dvclive/finetune", description="DVCLive folder (per-epoch plots)")
+
+    @field_validator("base_dtype")
+    @classmethod
+    def _only_a_frozen_base_in_bf16(cls, value: str, info: Any) -> str:
+        if value != "float32" and info.data.get("mode") != "lora":
+            raise ValueError(f"mode {info.data.get('mode')} would train weights stored in {value}; "
+                             "use mode lora (the base stays frozen) or base_dtype float32")
+        return value
 
 
 class FeaturesParams(Section):
@@ -204,7 +214,7 @@ class ActorParams(Section):
     awr_beta: float = Field(0.05, gt=0, description="AWR temperature β (official 0.05)")
     awr_max_weight: float = Field(20.0, gt=0, description="AWR weight clip")
     use_state: bool = Field(True, description="score [f(s), f(s,a)] or f(s,a) alone")
-    behavior_prior: bool = Field(True, description="π ∝ (π_β draws a candidate stands for) · exp(score); false: plain softmax")
+    behavior_prior: bool = Field(True, description="π ∝ (π_β draws a candidate stands for) · exp(score); false: plain softmax over distinct candidates")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="scorer MLP widths")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, description="states per update")
@@ -232,18 +242,68 @@ class Params(Section):
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; a missing file gives the defaults."""
-    import yaml
-
     path = Path(path)
     if not path.exists():
         return Params()
+    return validate_params(read_sections(path), path)
+
+
+def read_sections(path: str | Path) -> dict[str, Any]:
+    """A params-style YAML file as a mapping (one clear error for bad YAML or another top-level type)."""
+    import yaml
+
+    path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise DigiqError(f"cannot read: {exc.strerror}", file=path) from None
     except yaml.YAMLError as exc:
         raise yaml_error(exc, path) from None
     if not isinstance(raw, dict):
         raise DigiqError("expected a mapping of sections at the top level", file=path)
-    return validate_params(raw, path)
+    return raw
+
+
+def preset_overrides(preset: str | Path, params_path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """The dotted-key overrides (``finetune.device: cuda``…) of a preset: a partial params.yaml, such as
+    ``profiles/llava-1.5-7b.yaml``. Refused (naming the preset and the key) unless params.yaml with the
+    preset merged in validates."""
+    overrides = _dotted(read_sections(preset))
+    merged = read_sections(params_path) if Path(params_path).exists() else {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    validate_params(merged, preset)
+    return overrides
+
+
+def dvc_set_flags(overrides: dict[str, Any]) -> list[str]:
+    """``dvc exp run`` arguments setting ``overrides``: ["-S", "key=value", …] in Hydra's override grammar, which
+    DVC parses (strings quoted: a regex's parentheses would otherwise not parse)."""
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={_hydra_value(value)}")]
+
+
+def _hydra_value(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_hydra_value(v) for v in value) + "]"
+    return _yaml_flow(value)  # numbers, booleans, null
+
+
+def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def yaml_error(exc: Exception, path: str | Path) -> DigiqError:
@@ -296,16 +356,19 @@ def params_yaml(params: Params | None = None) -> str:
 
 
 def _yaml_line(key: str, value: Any, description: str | None) -> str:
+    comment = f"  # {description}" if description else ""
+    return f"{key}: {_yaml_flow(value)}{comment}"
+
+
+def _yaml_flow(value: Any) -> str:
+    """One-line YAML of ``value`` (nested models and tuples as plain YAML types)."""
     import yaml
 
     from pydantic_core import to_jsonable_python
 
-    value = to_jsonable_python(value)  # nested models, tuples -> plain YAML types
     class _NoAliases(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    text = yaml.dump(value, Dumper=_NoAliases, default_flow_style=True, width=10**6).strip()
-    text = text.removesuffix("...").strip()
-    comment = f"  # {description}" if description else ""
-    return f"{key}: {text}{comment}"
+    text = yaml.dump(to_jsonable_python(value), Dumper=_NoAliases, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()

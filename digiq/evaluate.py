@@ -55,6 +55,7 @@ class FeatureParams(BaseModel):
     layer: int = Field(2, description="hidden_states layer read as the feature (0 = embeddings, -1 = last)")
     pooling: str = Field("last", description="last | mean token pooling")
     dtype: str = Field("auto", description="VLM dtype in the workers (auto | float32 | bfloat16)")
+    device: str = Field("auto", description="where the workers run the VLM (auto: cuda when visible | cpu | cuda)")
 
 
 class EvaluateParams(BaseModel):
@@ -141,7 +142,7 @@ class LiveFeaturizer:
 
         self.spec = spec
         self.extractor, self.model_hash, _ = build_extractor(spec.variant, spec.model, layer=spec.layer,
-                                                             pooling=spec.pooling, dtype=spec.dtype, device="cpu")
+                                                             pooling=spec.pooling, dtype=spec.dtype, device=spec.device)
 
     def __call__(self, view: StepView, actions: list[Action]) -> tuple[Any, Any]:
         import torch

@@ -150,14 +150,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
 
 # ---------------------------------------------------------------------------- model
 @contextlib.contextmanager
-def autocast(dtype: torch.dtype) -> Iterator[None]:
-    """bf16/fp16 autocast on CPU (fp32 master weights); nothing for fp32."""
+def autocast(dtype: torch.dtype, device: str = "cpu") -> Iterator[None]:
+    """bf16/fp16 autocast on ``device``'s type (cpu, cuda; fp32 master weights); nothing for fp32."""
     import torch
 
     if dtype == torch.float32:
         yield
         return
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(torch.device(device).type, dtype=dtype):
         yield
 
 
@@ -172,8 +172,8 @@ def vision_cache(vlm: VLM, dataset: Dataset, images: Sequence[tuple[str, str]], 
     chunks = []
     for start in range(*ranks.span(len(images), batch_size), batch_size):
         part = [dataset.load_image(rel, sha) for rel, sha in images[start:start + batch_size]]
-        with torch.no_grad(), autocast(dtype):
-            chunks.append(vlm.vision_features(part).float())
+        with torch.no_grad(), autocast(dtype, vlm.device):
+            chunks.append(vlm.vision_features(part).float().cpu())  # the cache lives in host memory
         if progress is not None:
             progress(len(part))
     return torch.cat(ranks.gather_list(chunks))
@@ -216,6 +216,9 @@ def make_trainable(vlm: VLM, spec: TrainSpec) -> Any:
         raise DigiqError(f"unknown mode {spec.mode!r} (expected lora or full)", field="mode")
     if not any(p.requires_grad for p in model.parameters()):
         raise DigiqError(f"no parameter matches {spec.target_modules!r}", field="target_modules")
+    for p in model.parameters():  # a bf16-stored frozen base: what trains keeps fp32 master weights
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     return model
 
 
@@ -252,14 +255,14 @@ class Trainer:
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
-        self.weights = torch.tensor(class_weights(examples.labels[train_idx]), dtype=torch.float32)
+        self.weights = torch.tensor(class_weights(examples.labels[train_idx]), dtype=torch.float32, device=vlm.device)
         self.state = TrainState()
         self.ranks = ranks or Ranks()
         self.ddp: Any = None  # the DDP-wrapped loss of a data-parallel run
         if self.ranks.num > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator(cpu=True)
+            self.accelerator = Accelerator(cpu=torch.device(vlm.device).type == "cpu")
             loss_sum = self.ranks.module(model, lambda rows: self.loss(rows, reduction="sum"))
             self.ddp, self.optimizer = self.accelerator.prepare(loss_sum, self.optimizer)
 
@@ -274,7 +277,7 @@ class Trainer:
         """Class-weighted 2-way cross-entropy on the answer token (``"mean"``: Σ w ℓ / Σ w; ``"sum"``: Σ w ℓ)."""
         import torch
 
-        target = torch.as_tensor(self.ex.labels[rows])
+        target = torch.as_tensor(self.ex.labels[rows], device=self.vlm.device)
         return torch.nn.functional.cross_entropy(self.logits(rows).float(), target, weight=self.weights,
                                                  reduction=reduction)
 
@@ -283,7 +286,7 @@ class Trainer:
             return self.train_step_parallel(rows)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.dtype):
+        with autocast(self.dtype, self.vlm.device):
             loss = self.loss(rows)
         loss.backward()
         self.optimizer.step()
@@ -297,8 +300,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         start, end = self.ranks.span(len(rows))
         share, scale = (rows[start:end], 1.0) if end > start else (rows[:1], 0.0)
-        total_weight = float(self.weights[self.ex.labels[rows]].sum())
-        with autocast(self.dtype):
+        total_weight = float(self.weights.cpu()[self.ex.labels[rows]].sum())
+        with autocast(self.dtype, self.vlm.device):
             loss = self.ddp(share) * (scale * self.ranks.num / total_weight)
         self.accelerator.backward(loss)
         self.optimizer.step()
@@ -310,12 +313,12 @@ class Trainer:
 
         self.model.eval()
         parts = []
-        with torch.no_grad(), autocast(self.dtype):
+        with torch.no_grad(), autocast(self.dtype, self.vlm.device):
             for start in range(*self.ranks.span(len(rows), batch_size), batch_size):
-                parts.append(self.logits(rows[start:start + batch_size]).float())
+                parts.append(self.logits(rows[start:start + batch_size]).float().cpu())
         logits = torch.cat(self.ranks.gather_list(parts))
         target = torch.as_tensor(self.ex.labels[rows])
-        loss = float(torch.nn.functional.cross_entropy(logits, target, weight=self.weights))
+        loss = float(torch.nn.functional.cross_entropy(logits, target, weight=self.weights.cpu()))
         pred = logits.argmax(-1).numpy()
         return {"loss": loss, **classification_metrics(self.ex.labels[rows], pred)}
 
@@ -380,6 +383,7 @@ class Trainer:
         s = self.state
         blob = {"fingerprint": self.fingerprint, "weights": trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                 "progress": [s.epoch, s.batch, s.step, s.loss_sum, s.loss_batches, s.seconds],
                 "history": [[list(h.keys()), [float(v) for v in h.values()]] for h in s.history]}
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +397,7 @@ class Trainer:
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
         try:
-            blob = torch.load(self.checkpoint, weights_only=True)
+            blob = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint: say which file
             raise DigiqError(f"cannot read the checkpoint ({exc}); delete it to start over",
                              file=self.checkpoint) from None
@@ -405,6 +409,8 @@ class Trainer:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng"])
+        if blob.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
         epoch, batch, step, loss_sum, loss_batches, seconds = blob["progress"]
         self.state = TrainState(int(epoch), int(batch), int(step), float(loss_sum), int(loss_batches),
                                 [dict(zip(k, v, strict=True)) for k, v in blob["history"]], float(seconds))
@@ -420,13 +426,13 @@ def probe_features(vlm: VLM, features: torch.Tensor, examples: Examples, layer: 
 
     ranks = ranks or Ranks()
     out = []
-    with torch.no_grad(), autocast(dtype):
+    with torch.no_grad(), autocast(dtype, vlm.device):
         for start in range(*ranks.span(len(examples), batch_size), batch_size):
             rows = np.arange(start, min(start + batch_size, len(examples)))
-            tokens = vlm.project(features[examples.image[rows]])
+            tokens = vlm.project(features[examples.image[rows]].to(vlm.device))
             out.append(vlm.forward_features(tokens, [examples.prompts[i] for i in rows],
                                             [examples.actions[i] for i in rows], layer=layer,
-                                            image_sizes=[examples.sizes[i] for i in rows]).float().numpy())
+                                            image_sizes=[examples.sizes[i] for i in rows]).float().cpu().numpy())
     return np.concatenate(ranks.gather_list(out))
 
 

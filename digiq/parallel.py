@@ -62,6 +62,19 @@ class Ranks:
     def is_main(self) -> bool:
         return self.index == 0
 
+    def device(self, device: str) -> str:
+        """Where this process computes: ``device`` resolved ("auto": cuda when visible). Under a launcher, "auto"
+        follows the launcher (CPU processes stay on the CPU), and "auto" or "cuda" on GPUs is this process's own
+        GPU (cuda:<local rank>)."""
+        from digiq.runtime import resolve_device
+
+        if self.state is not None and device in ("auto", "cuda"):
+            if self.state.device.type == "cuda":
+                return str(self.state.device)
+            if device == "auto":
+                return "cpu"
+        return resolve_device(device)
+
     def span(self, n: int, block: int = 1) -> tuple[int, int]:
         """This process's contiguous share ``[start, end)`` of ``range(n)``: whole blocks of ``block`` items
         (the last one may be short), as even as whole blocks allow, earlier processes taking the extra ones."""

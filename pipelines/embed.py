@@ -49,11 +49,8 @@ def build_extractor(p: EmbedParams, ranks: Ranks | None = None) -> tuple[Any, st
     path = p.models.get(p.variant)
     if path is None:
         raise DigiqError(f"no model path for variant {p.variant!r}", field="embed.models")
-    device = p.device
-    if device == "auto" and ranks is not None and ranks.state is not None and ranks.state.device.type != "cpu":
-        device = str(ranks.state.device)  # this process's GPU
     return E.build_extractor(p.variant, path, layer=p.layer, pooling=p.pooling, batch_size=p.batch_size,
-                             dtype=p.dtype, device=device)
+                             dtype=p.dtype, device=(ranks or Ranks()).device(p.device))
 
 
 def run(dataset: str | Path, p: EmbedParams, *, progress: bool = False, on_chunk: Any = None,

@@ -98,7 +98,7 @@ def live_features(params: Any) -> FeatureParams:
     if variant not in embed.models:
         raise DigiqError(f"no model path for variant {variant!r} in embed.models", field="features.variant")
     return FeatureParams(variant=variant, model=embed.models[variant], layer=embed.layer, pooling=embed.pooling,
-                         dtype=embed.dtype)
+                         dtype=embed.dtype, device=embed.device)
 
 
 def collect_seeds(seed: int, tasks: list[str], episodes: int) -> set[int]:

@@ -6,7 +6,8 @@ Inputs: the dataset folder, the label table, the base model folder (``model.base
     metrics/finetune.json        held-out metrics of the fine-tuned model, the off-the-shelf zero-shot answer and
                                  the linear probe on frozen off-the-shelf features (same split), timings
     dvclive/finetune/            per-epoch loss, accuracy, balanced accuracy (DVC plots)
-    models/finetune-ckpt/        checkpoint (weights + optimizer + step + RNG): a killed run resumes from it
+    models/finetune-ckpt/        checkpoint (weights + optimizer + step + RNG): a killed run resumes from it;
+                                 removed once a finished run's outputs are written
 
 The off-the-shelf model stays selectable for ablations: it is simply ``model.base``.
 """
@@ -45,25 +46,26 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     from digiq import finetune as F
     from digiq.labels import read_labels
     from digiq.parallel import Ranks
-    from digiq.runtime import dtype_from_name, quiet_transformers, seed_everything, set_threads
+    from digiq.runtime import dtype_from_name, quiet_transformers, resolve_device, seed_everything, set_threads
     from digiq.store import Dataset
     from digiq.vlm.load import load_vlm
 
-    ranks = Ranks.from_environment(cpu=True)  # fine-tuning runs on CPU (fp32 master weights, CPU autocast)
+    ranks = Ranks.from_environment(cpu=True if resolve_device(p.device) == "cpu" else None)  # None: the launcher's choice
+    device = ranks.device(p.device)
     say = report if report is not None and ranks.is_main else (lambda _msg: None)
     started = time.perf_counter()
     set_threads()
     quiet_transformers()
     seed_everything(p.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    dtype = dtype_from_name(p.dtype, "cpu") if p.dtype != "auto" else dtype_from_name("auto")
+    dtype = dtype_from_name(p.dtype, device)
     data = Dataset(dataset)
     table = read_labels(labels)
     examples = F.load_examples(data, table, labels, marker=p.marker)
     train_idx, val_idx = F.split_by_trajectory(examples.traj_ids, p.val_fraction, p.seed)
-    vlm = load_vlm(base, dtype="float32", device="cpu")  # fp32 master weights; bf16 via autocast
+    vlm = load_vlm(base, dtype=p.base_dtype, device=device)  # trained weights stay fp32; bf16 compute via autocast
     say(f"{len(examples)} transitions ({len(train_idx)} train / {len(val_idx)} val, by trajectory), "
-        f"{len(examples.images)} distinct screenshots, compute dtype {str(dtype).removeprefix('torch.')}")
+        f"{len(examples.images)} distinct screenshots, on {device}, compute dtype {str(dtype).removeprefix('torch.')}")
 
     t0 = time.perf_counter()
     with _bar(progress and ranks.is_main, len(examples.images), "vision features (once per screenshot)") as tick:
@@ -86,7 +88,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     model = F.make_trainable(vlm, spec)
     from digiq.vlm.model import VLM
 
-    tvlm = VLM(model, vlm.processor, device="cpu", dtype=torch.float32, path=vlm.path)
+    tvlm = VLM(model, vlm.processor, device=device, dtype=vlm.dtype, path=vlm.path)
     trainer = F.Trainer(tvlm, model, features, examples, train_idx, val_idx, spec, dtype,
                         fingerprint=fingerprint, checkpoint_dir=p.checkpoint_dir, ranks=ranks)
     zero_shot = trainer.evaluate(val_idx)  # the off-the-shelf model's own Yes/No answer (before any update)
@@ -130,7 +132,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
                  "yes_fraction_train": float(np.mean(examples.labels[train_idx] == F.YES)),
                  "yes_fraction_val": float(np.mean(examples.labels[val_idx] == F.YES)),
                  "distinct_screenshots": len(examples.images), "sha256": data_hash},
-        "timing": {"dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "timing": {"dtype": str(dtype).removeprefix("torch."), "device": device, "threads": torch.get_num_threads(),
                    **({"processes": ranks.num} if ranks.num > 1 else {}),
                    "vision_cache_s": round(vision_s, 2), "probe_s": round(probe_s, 2),
                    "train_s": round(train_s, 2),
@@ -142,6 +144,8 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
         say(f"stopped after max_train_seconds={p.max_train_seconds:g}: the model is what was trained so far")
     save_outputs(tvlm, model, p, base, metrics)
     write_json(p.metrics, metrics)
+    if finished:  # a stopped run keeps it: re-running with a larger max_train_seconds continues from it
+        (Path(p.checkpoint_dir) / F.CHECKPOINT_FILE).unlink(missing_ok=True)
     return metrics
 
 
@@ -166,7 +170,7 @@ def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path) -> str
     import hashlib
 
     keys = {k: v for k, v in p.model_dump().items() if k not in ("max_train_seconds", "out", "metrics", "live_dir",
-                                                                 "checkpoint_dir")}
+                                                                 "checkpoint_dir", "device")}
     blob = json.dumps({"params": keys, "data": data_hash, "base": str(Path(base).resolve())}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -45,3 +45,47 @@ def test_invalid_yaml_names_file(tmp_path):
     path.write_text("collect: [unclosed\n")
     with pytest.raises(DigiqError, match="invalid YAML"):
         load_params(path)
+
+
+def test_the_llava_7b_preset_applies_through_dvcs_own_override_parser(tmp_path):
+    """`digiq model preset P | xargs dvc exp run`: the flags, applied by DVC's `-S` code to params.yaml, give the
+    preset's values (a regex with parentheses included) and a params.yaml that still validates."""
+    import shlex
+    import subprocess
+    import sys
+
+    from dvc.utils.hydra import apply_overrides
+
+    from digiq.config import dvc_set_flags, preset_overrides
+
+    preset = REPO / "profiles" / "llava-1.5-7b.yaml"
+    overrides = preset_overrides(preset, REPO / "params.yaml")
+    assert overrides["finetune.base_dtype"] == "bfloat16" and overrides["embed.models.off_the_shelf"] == overrides["model.base"]
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text((REPO / "params.yaml").read_text())
+    regex = r".*language_model.*\.(q_proj|v_proj)"
+    flags = dvc_set_flags({**overrides, "finetune.target_modules": regex, "critic.hidden": [64, 64]})
+    apply_overrides(params_path, flags[1::2])
+    applied = load_params(params_path)
+    assert (applied.finetune.device, applied.finetune.base_dtype, applied.finetune.batch_size) == ("cuda", "bfloat16", 4)
+    assert applied.embed.models["no_vlm"] == "models/llava-1.5-7b-hf" and applied.embed.layer == 16
+    assert applied.finetune.target_modules == regex and applied.critic.hidden == [64, 64]
+    assert applied.collect == load_params(REPO / "params.yaml").collect  # untouched sections stay
+
+    cli = subprocess.run([sys.executable, "-m", "digiq.cli.main", "model", "preset", str(preset), "--params",
+                          str(REPO / "params.yaml")], capture_output=True, text=True, check=True)
+    assert [arg for line in cli.stdout.splitlines() for arg in shlex.split(line)] == dvc_set_flags(overrides)
+
+
+@pytest.mark.parametrize("text, field, hint", [
+    ("finetune:\n  base_dtyp: bfloat16\n", "finetune.base_dtyp", "did you mean 'base_dtype'"),
+    ("finetune:\n  mode: full\n  base_dtype: bfloat16\n", "finetune.base_dtype", "use mode lora"),
+])
+def test_a_bad_preset_is_refused_naming_file_and_key(tmp_path, text, field, hint):
+    from digiq.config import preset_overrides
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(text)
+    with pytest.raises(DigiqError) as err:
+        preset_overrides(preset, REPO / "params.yaml")
+    assert str(preset) in str(err.value) and field in str(err.value) and hint in str(err.value)

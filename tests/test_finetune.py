@@ -118,6 +118,7 @@ def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
     assert {"val_balanced_accuracy", "layer"} <= saved["linear_probe"].keys()
     assert (Path(p.live_dir) / "metrics.json").is_file() and list((Path(p.live_dir) / "plots").rglob("*.tsv"))
     assert saved["data"]["sha256"] in (out / "README.md").read_text()
+    assert not (Path(p.checkpoint_dir) / F.CHECKPOINT_FILE).exists()  # a finished run leaves no checkpoint
 
     merged = load_vlm(out, dtype="float32", device="cpu")
     adapted = load_vlm(base, dtype="float32", device="cpu", adapter=out / "adapter")
@@ -143,6 +144,24 @@ def test_resume_after_interruption_gives_the_same_metrics(finished, base, data, 
     resumed = run(*data, base, p)
     assert resumed["history"] == done["history"]
     assert resumed["finetuned"] == done["finetuned"]
+
+
+def test_a_bf16_stored_base_trains_float32_lora_weights(base, data, tmp_path):
+    """The 7B profile's memory layout (base_dtype bfloat16): frozen weights in bf16, what trains in fp32 (LoRA and the
+    projector copy), bf16 autocast; the run finishes and its merged model loads and answers."""
+    vlm = load_vlm(base, dtype="bfloat16", device="cpu")
+    model = F.make_trainable(vlm, F.TrainSpec(lora_r=4, lora_alpha=8))
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32} and any("multi_modal_projector" in n for n in trained)
+    assert set(frozen.values()) == {torch.bfloat16}
+
+    p = params(tmp_path, base_dtype="bfloat16", dtype="bfloat16", device="cpu", epochs=1)
+    metrics = run(*data, base, p)
+    assert metrics["completed"] and metrics["timing"]["device"] == "cpu" and metrics["timing"]["dtype"] == "bfloat16"
+    assert np.isfinite(metrics["finetuned"]["val_loss"])
+    merged = load_vlm(p.out, dtype="float32", device="cpu")
+    assert merged.model.config.text_config.hidden_size == 32
 
 
 def test_labels_naming_missing_steps_name_file_and_field(base, data, tmp_path):
