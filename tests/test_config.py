@@ -67,7 +67,7 @@ def test_the_llava_7b_preset_applies_through_dvcs_own_override_parser(tmp_path):
     flags = dvc_set_flags({**overrides, "finetune.target_modules": regex, "critic.hidden": [64, 64]})
     apply_overrides(params_path, flags[1::2])
     applied = load_params(params_path)
-    assert (applied.finetune.device, applied.finetune.base_dtype, applied.finetune.batch_size) == ("cuda", "bfloat16", 4)
+    assert (applied.finetune.device, applied.finetune.base_dtype, applied.finetune.batch_size) == ("cuda", "bfloat16", 8)
     assert applied.embed.models["no_vlm"] == "models/llava-1.5-7b-hf" and applied.embed.layer == 16
     assert applied.finetune.target_modules == regex and applied.critic.hidden == [64, 64]
     assert applied.collect == load_params(REPO / "params.yaml").collect  # untouched sections stay
