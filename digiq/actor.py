@@ -19,7 +19,7 @@ matrix W [B, K], then minimises
 
     bc           W[b, 0] = 1                                   (the dataset action, every state)
     filtered-bc  W[b, 0] = 1 if the trajectory succeeded        (successful trajectories only)
-    digiq        N of the K candidates, always with index 0;  k* = argmax A over them;
+    digiq        the candidates of N draws of π_β, always with index 0;  k* = argmax A over them;
                  W[b, k*] = 1 if A(s_b, a_k*) > threshold       (Best-of-N; official threshold 0.10)
     awr          W[b, 0] = min(exp(A(s_b, a_0) / β), w_max)
     reinforce    W[b, k] = A(s_b, a_k) for the N sampled k      (negative terms included)
@@ -30,8 +30,9 @@ the instability the paper attributes to negative gradients; it is kept as specif
 Best-of-N action; here AWR weighs the dataset action and REINFORCE keeps negative terms, as in the paper.)
 
 Ties in Best-of-N go to the lowest candidate index (the dataset action, index 0, wins every tie).
-The N-subset is drawn per state with a seeded generator: index 0 plus N−1 others chosen uniformly
-without replacement among the valid candidates (all of them when fewer are valid).
+The N-subset is drawn per state with a seeded generator: index 0 plus N−1 of the state's other π_β draws,
+uniformly without replacement (all of them when fewer), each draw standing for its distinct candidate
+(``cand_count``): frequent actions are proposed more often than rare ones, as in the paper's N samples.
 """
 
 from __future__ import annotations
@@ -144,13 +145,23 @@ def imitation_loss(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------------- weights per method
 
 
-def sample_n_subset(cand_mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, K] bool: index 0 plus min(n, valid) − 1 other valid candidates, uniformly without replacement."""
-    keys = torch.rand(cand_mask.shape, generator=generator)
-    keys[:, 0] = -1.0  # the dataset action sorts first: always taken
-    keys[~cand_mask] = 2.0  # invalid candidates sort last: never taken
-    rank = keys.argsort(dim=1).argsort(dim=1)  # position of each candidate in its row's order
-    return (rank < n) & cand_mask
+def sample_n_subset(cand_mask: torch.Tensor, cand_count: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, K] bool: the distinct candidates among N draws of π_β — the dataset action (index 0, always) plus N − 1 of
+    the state's other draws, uniformly without replacement (all when fewer); a candidate is in when any of its draws
+    is. ``cand_count[b, k]`` is how many draws candidate k stands for, the dataset action's own included, so common
+    actions are likelier to be proposed than rare ones, as when the paper samples N actions from π_β. With one draw
+    per candidate this is N − 1 of the other candidates, uniformly."""
+    others = cand_count.round().long().masked_fill(~cand_mask, 0)
+    others[:, 0] -= 1  # the dataset action's own draw is the one always taken
+    b, k = others.shape
+    slots = int(others.max().clamp(min=1))
+    is_draw = torch.arange(slots).view(1, 1, slots) < others.unsqueeze(-1)  # [B, K, slots]
+    keys = torch.rand(b, k * slots, generator=generator).masked_fill(~is_draw.view(b, -1), 2.0)
+    rank = keys.argsort(dim=1).argsort(dim=1)  # position of each draw in its row's random order
+    drawn = (rank < n - 1) & is_draw.view(b, -1)
+    subset = drawn.view(b, k, slots).any(dim=-1)
+    subset[:, 0] = True
+    return subset & cand_mask
 
 
 def best_of_n_weights(adv: torch.Tensor, subset: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,12 +201,12 @@ def method_weights(config: ActorConfig, data: Transitions, adv: torch.Tensor | N
         first[:, 0] = data.traj_success.float().cpu()
         weights, imitated = first, torch.zeros(b, dtype=torch.long)
     elif config.method == "digiq":
-        weights, imitated = best_of_n_weights(adv, sample_n_subset(data.cand_mask.cpu(), config.n, generator), config.threshold)
+        weights, imitated = best_of_n_weights(adv, sample_n_subset(data.cand_mask.cpu(), data.cand_count.cpu(), config.n, generator), config.threshold)
     elif config.method == "awr":
         first[:, 0] = awr_weights(adv[:, 0], config.awr_beta, config.awr_max_weight)
         weights, imitated = first, torch.zeros(b, dtype=torch.long)
     else:  # reinforce
-        weights = reinforce_weights(adv, sample_n_subset(data.cand_mask.cpu(), config.n, generator))
+        weights = reinforce_weights(adv, sample_n_subset(data.cand_mask.cpu(), data.cand_count.cpu(), config.n, generator))
         imitated = first_argmax(weights.masked_fill(weights == 0, math.nan))
     return weights, _selection_metrics(config.method, weights, imitated, adv)
 

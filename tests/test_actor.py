@@ -41,13 +41,25 @@ def test_n_subset_always_holds_the_dataset_action_only_valid_ones_and_is_seeded(
     mask = torch.ones(500, 8, dtype=torch.bool)
     mask[:, 5:] = False  # 5 valid candidates per state
     mask[:100, 2:] = False  # 2 valid in the first 100 states
-    subset = sample_n_subset(mask, 4, torch.Generator().manual_seed(0))
+    subset = sample_n_subset(mask, mask.float(), 4, torch.Generator().manual_seed(0))
     assert subset[:, 0].all()  # dataset action always in
     assert not (subset & ~mask).any()  # never an invalid candidate
     assert subset[:100].sum(dim=1).eq(2).all() and subset[100:].sum(dim=1).eq(4).all()  # min(N, valid)
     assert subset[100:, 1:5].float().mean(dim=0).sub(0.75).abs().max() < 0.08  # 3 of the 4 others, uniformly
-    assert torch.equal(subset, sample_n_subset(mask, 4, torch.Generator().manual_seed(0)))
-    assert not torch.equal(subset, sample_n_subset(mask, 4, torch.Generator().manual_seed(1)))
+    assert torch.equal(subset, sample_n_subset(mask, mask.float(), 4, torch.Generator().manual_seed(0)))
+    assert not torch.equal(subset, sample_n_subset(mask, mask.float(), 4, torch.Generator().manual_seed(1)))
+
+
+def test_n_subset_proposes_candidates_as_often_as_pi_beta_draws_them():
+    # the dataset action plus one more of the 12 other draws: its own second draw, 9 of candidate 1, one each of 2 and 3
+    mask = torch.tensor([[True, True, True, True, False]]).expand(4000, 5)
+    count = torch.tensor([[2.0, 9.0, 1.0, 1.0, 0.0]]).expand(4000, 5)  # the dataset action was drawn twice
+    subset = sample_n_subset(mask, count, 2, torch.Generator().manual_seed(0))
+    assert subset[:, 0].all() and subset.sum(dim=1).le(2).all() and not subset[:, 4].any()
+    torch.testing.assert_close(subset[:, 1:4].float().mean(dim=0), torch.tensor([9 / 12, 1 / 12, 1 / 12]), atol=0.02, rtol=0)
+    assert subset.sum(dim=1).eq(1).float().mean().item() == pytest.approx(1 / 12, abs=0.02)  # its second draw: nothing new
+    everything = sample_n_subset(mask, count, 64, torch.Generator().manual_seed(0))  # N ≥ draws: every candidate
+    assert everything[:, :4].all()
 
 
 def test_best_of_one_only_ever_considers_the_dataset_action():
