@@ -13,7 +13,7 @@ saves, through ``torch.autograd.graph.saved_tensors_hooks``, each storage once, 
 trained parameters with their gradients and AdamW state. Process RSS was tried first and rejected: glibc's
 arenas made it swing by 2x between identical runs. The points fix
 
-    saved(L, b) = b·(a_0 + a_layer·L)        (a_0 < 0 would mean the two-point fit is off; it is printed)
+    saved(L, b) = b·(a_0 + a_layer·L)
 
 a_layer: activations per sample and decoder layer; a_0: per sample outside the layers (projector, embeddings,
 head). The extrapolation to 32 layers is printed beside the measured points and labelled as such. Measured in
@@ -35,14 +35,9 @@ LLAVA_7B = {"params": 7_063_427_072, "layers": 32}
 
 def build_vlm(layers: int):
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    try:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor
-
-    from digiq.vlm.build import build_tokenizer
+    from digiq.vlm.build import build_processor, build_tokenizer
     from digiq.vlm.model import VLM
 
     tokenizer = build_tokenizer()
@@ -54,10 +49,7 @@ def build_vlm(layers: int):
                          image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
-    return VLM(model, processor, device="cpu", dtype=torch.float32)
+    return VLM(model, build_processor(tokenizer, 336), device="cpu", dtype=torch.float32)
 
 
 def measure_point(layers: int, batch: int) -> dict[str, float]:

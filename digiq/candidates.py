@@ -20,7 +20,7 @@ Imported official data (a dataset with its own ``candidates.parquet``, written b
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,17 @@ def semantic_key(action: Any, elements: list[dict[str, Any]] | None) -> str:
         return format_action(a)
     hit = tapped_element(a.touch_point, elements)
     return f"tap@{hit['ref'] if hit is not None else 'none'}"
+
+
+def key_classes(keys: Iterable[Hashable]) -> dict[Hashable, tuple[int, int]]:
+    """Group a sequence by key, in first-occurrence order: key → (position of its first item, items sharing it).
+    One rule for training (:func:`digiq.pipelines.critic.candidate_classes`) and live evaluation
+    (:func:`digiq.evaluate.candidate_set`): the first draw of a class stands for all its draws."""
+    classes: dict[Hashable, tuple[int, int]] = {}
+    for position, key in enumerate(keys):
+        first, count = classes.get(key, (position, 0))
+        classes[key] = (first, count + 1)
+    return classes
 
 
 def duplicate_flags(actions: Iterable[str]) -> list[bool]:

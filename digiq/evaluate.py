@@ -124,14 +124,11 @@ def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[s
 def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> tuple[list[Action], list[int]]:
     """K draws from π_β(· | view), duplicates (same :func:`~digiq.candidates.semantic_key`) dropped, first-draw
     order kept; returns (the distinct actions, how many of the K draws each stands for)."""
-    from digiq.candidates import semantic_key
+    from digiq.candidates import key_classes, semantic_key
 
-    seen: dict[str, tuple[Action, int]] = {}
-    for action in behavior.sample(view, k, rng):
-        key = semantic_key(action, view.elements)
-        first, draws = seen.get(key, (action, 0))
-        seen[key] = (first, draws + 1)
-    return [a for a, _ in seen.values()], [n for _, n in seen.values()]
+    draws = behavior.sample(view, k, rng)
+    classes = key_classes(semantic_key(action, view.elements) for action in draws).values()
+    return [draws[first] for first, _ in classes], [count for _, count in classes]
 
 
 class LiveFeaturizer:

@@ -183,14 +183,15 @@ def candidate_classes(keys: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, n
 
     ``distinct`` keeps the first candidate of each key; ``draws`` holds, at that candidate, how many valid
     candidates share its key (0 elsewhere)."""
+    from digiq.candidates import key_classes
+
     distinct = np.zeros_like(mask)
     draws = np.zeros(mask.shape, dtype=np.float32)
     for i in range(len(mask)):
-        first: dict[Any, int] = {}
-        for k in np.flatnonzero(mask[i]):
-            head = first.setdefault(keys[i, k], int(k))
-            distinct[i, head] = True
-            draws[i, head] += 1.0
+        valid = np.flatnonzero(mask[i])
+        for first, count in key_classes(keys[i, valid]).values():
+            distinct[i, valid[first]] = True
+            draws[i, valid[first]] = count
     return distinct, draws
 
 
