@@ -216,3 +216,17 @@ def test_chromium_flags_include_design_flags():
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"):
         assert flag in CHROMIUM_FLAGS
     assert os.path.basename(BrowserConfig().binary) == "chromium" or "MINIWOB_CHROME_BINARY" in os.environ
+
+
+def test_action_description_names_the_control_under_a_tap():
+    from digiq.envs.rollout import action_description
+    from digiq.schema import Action
+
+    elements = [
+        {"tag": "input_password", "id": "password", "text": "", "bbox": [0.30, 0.10, 0.40, 0.90], "leaf": False},
+        {"tag": "button", "id": "subbtn", "text": " Log\n in ", "bbox": [0.50, 0.10, 0.60, 0.30], "leaf": True},
+    ]
+    assert action_description(Action.tap(0.35, 0.5), elements) == 'tap (y=0.35, x=0.50) on "input_password#password"'
+    assert action_description(Action.tap(0.55, 0.2), elements) == 'tap (y=0.55, x=0.20) on "Log in"'
+    assert action_description(Action.tap(0.9, 0.9), elements) == "tap (y=0.90, x=0.90)"
+    assert action_description(Action.type_text("kanye"), elements) == 'type "kanye"'

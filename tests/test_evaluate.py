@@ -139,6 +139,9 @@ def test_behavior_and_random_in_a_real_browser(tmp_path):
     metrics = stage.run(cfg)
     first = stage.shard_path(cfg, "random", stage.units_of(cfg)[0], stage.fingerprint(cfg, "random"))
     assert first.exists()
+    for episode in json.loads(first.read_text())["episodes"]:  # what each live episode did, readable
+        assert "Click" in episode["goal"] and len(episode["actions"]) == episode["steps"]
+        assert all(a.startswith(("tap (y=", "type ", "press ", "swipe ", "task complete")) for a in episode["actions"])
     data = json.loads(Path(cfg.out).read_text())
     assert data == json.loads(json.dumps(metrics))
     for method in ("behavior", "random"):
