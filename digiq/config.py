@@ -205,6 +205,7 @@ class CriticParams(Section):
     device: str = Field("auto", description="auto | cpu | cuda")
     out: str = Field("models/critic", description="critic folder")
     checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (<out>.ckpt: a killed run resumes from it)")
+    cql_alpha: float = Field(0.0, ge=0.0, description="weight of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
 
 
 class ActorParams(Section):

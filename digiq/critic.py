@@ -9,6 +9,11 @@ Equations (DESIGN §1; arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s],
     MC   y_Q = y_V = G(s) = Σ_t γ^t r_t  (the observed discounted return, ``mc_return``)
     θ̄ ← τθ + (1 − τ)θ̄ after every update (TD only; MC needs no target network).
 
+    Conservative term (``cql_alpha`` = α > 0; off by default and in the paper): CQL(H) over π_β's distinct candidates,
+         L_Q += α · Σ_i mean_s [ log Σ_k exp Q_i(s, a_k) − Q_i(s, a_data) ]       k over the state's valid candidates
+    Q is trained only at dataset actions; this pushes down the candidates the data never shows, whose
+    extrapolated values otherwise win Best-of-N's argmax (docs/experiments.md, "why Digi-Q loses").
+
     A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
 Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); we follow DESIGN §1 and
@@ -61,6 +66,7 @@ class CriticConfig(BaseModel):
     log_every: int = Field(50, ge=1, description="updates per logged point (metrics are averaged over the window)")
     seed: int = Field(0, ge=0, description="seed for weight init and batch sampling")
     device: str = Field("auto", description="'auto' (cuda when visible), 'cpu', 'cuda', 'cuda:1', …")
+    cql_alpha: float = Field(0.0, ge=0.0, description="weight α of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
 
 
 @dataclass
@@ -143,7 +149,9 @@ def _check(data: Transitions, name: str, ndim: int, *dims: int, dtype: torch.dty
 
 
 class Batch(NamedTuple):
-    """One sampled batch of transitions (plain tensors, float32, on the training device)."""
+    """One sampled batch of transitions (plain tensors, float32, on the training device).
+
+    The candidates are carried only when the conservative term needs them."""
 
     s: torch.Tensor
     sa: torch.Tensor
@@ -151,6 +159,11 @@ class Batch(NamedTuple):
     reward: torch.Tensor
     done: torch.Tensor
     mc_return: torch.Tensor
+    cand_sa: torch.Tensor | None = None  # [B, K, d_sa]
+    cand_mask: torch.Tensor | None = None  # [B, K] bool
+
+    def rows(self, idx: torch.Tensor) -> Batch:
+        return Batch(*(t.index_select(0, idx) if t is not None else None for t in self))
 
 
 class QVHeads(nn.Module):
@@ -218,6 +231,15 @@ def td_q_target(target: QVHeads, batch: Batch, gamma: float) -> torch.Tensor:
     return batch.reward + gamma * (1.0 - batch.done) * torch.minimum(v1, v2)
 
 
+def conservative_gap(q_head: nn.Module, batch: Batch) -> torch.Tensor:
+    """mean_s [ log Σ_k exp Q(s, a_k) − Q(s, a_data) ] over each state's valid candidates (CQL(H); ≥ 0, as
+    column 0 is the dataset action). Q is evaluated only at valid candidates (≈ 11 of 64 per state here)."""
+    mask = batch.cand_mask
+    q = torch.full(mask.shape, -math.inf, dtype=batch.sa.dtype, device=mask.device)
+    q = q.masked_scatter(mask, q_head(batch.cand_sa[mask]).squeeze(-1))
+    return (torch.logsumexp(q, dim=1) - q[:, 0]).mean()
+
+
 @torch.no_grad()
 def td_v_target(target: QVHeads, batch: Batch) -> torch.Tensor:
     """y_V = min(Q̄1(s, a_data), Q̄2(s, a_data))."""
@@ -250,6 +272,10 @@ class CriticTrainer:
         y = td_q_target(self.critic.target, batch, self.config.gamma) if self.config.target == "td" else batch.mc_return
         q1, q2 = self.critic.online.q(batch.sa)
         loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        if self.config.cql_alpha > 0:
+            gap = conservative_gap(self.critic.online.q1, batch) + conservative_gap(self.critic.online.q2, batch)
+            loss = loss + self.config.cql_alpha * gap
+            log["cql_gap"] = gap / 2
         log["q_grad_norm"] = self._step(self.q_optimizer, self.q_params, loss)
         log.update(q_loss=loss, q_mean=q1.mean(), td_error=(q1 - y).abs().mean(), q_target_mean=y.mean())
 
@@ -276,9 +302,14 @@ class CriticTrainer:
         return {"val_q_loss": F.mse_loss(q1, y_q) + F.mse_loss(q2, y_q), "val_v_loss": F.mse_loss(v1, y_v) + F.mse_loss(v2, y_v)}
 
 
-def stack_batch(data: Transitions, device: str | torch.device) -> Batch:
-    """All transitions as one resident float32 Batch (sampling then only indexes it)."""
-    return Batch(*(getattr(data, name).to(device, torch.float32).contiguous() for name in Batch._fields))
+def stack_batch(data: Transitions, device: str | torch.device, *, candidates: bool = False) -> Batch:
+    """All transitions as one resident float32 Batch (sampling then only indexes it); ``candidates``: with
+    cand_sa and cand_mask (required then)."""
+    names = Batch._fields if candidates else Batch._fields[:6]
+    if candidates:
+        data.require("cand_sa", "cand_mask")
+    return Batch(*(getattr(data, name).to(device, torch.bool if name == "cand_mask" else torch.float32).contiguous()
+                   for name in names))
 
 
 def train_critic(
@@ -306,7 +337,7 @@ def train_critic(
     generator = seeded_generator(config.seed)
     critic = DoubleCritic(data.s.shape[1], data.sa.shape[1], config).to(device)
     trainer = CriticTrainer(critic, config)
-    table = stack_batch(data, device)
+    table = stack_batch(data, device, candidates=config.cql_alpha > 0)
     val_table = stack_batch(val_data, device) if val_data is not None else None
     sampler = EpochSampler(len(data), config.batch_size, generator, device)
     window, history = RunningMeans(), []
@@ -321,7 +352,7 @@ def train_critic(
             advance()
         for step in range(done + 1, config.updates + 1):
             idx = sampler.next()
-            window.add(trainer.update(Batch(*(t.index_select(0, idx) for t in table))))
+            window.add(trainer.update(table.rows(idx)))
             advance()
             if step % config.log_every == 0 or step == config.updates:
                 point = {"step": step, "epoch": step * config.batch_size / len(data), **window.pop()}
@@ -339,7 +370,7 @@ def train_critic(
 def run_fingerprint(config: CriticConfig, table: Batch, val_table: Batch | None) -> str:
     """sha256 of the config and the training (and validation) tensors: a checkpoint resumes only its own run."""
     digest = hashlib.sha256(config.model_dump_json().encode())
-    for tensor in (*table, *(val_table or ())):
+    for tensor in (t for t in (*table, *(val_table or ())) if t is not None):
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 DEFAULT_VAL_FRACTION = 0.1
 STEP_SCORES = "step_scores.parquet"
 CANDIDATE_SCORES = "candidate_scores.parquet"
-CURVES = ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "q_target_mean", "val_q_loss", "val_v_loss")
+CURVES = ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "q_target_mean", "cql_gap", "val_q_loss", "val_v_loss")
 
 
 # ----------------------------------------------------------------------------- configs from params
@@ -382,7 +382,7 @@ def critic_metrics(config: CriticConfig, variant: str, stage: StageData, is_val:
         "ranking_quality": headline.get("ranking_quality"),
         "v_return_corr": headline.get("v_return_corr"),
         "diagnostics_on": "val" if "val" in diagnostics else "train",
-        "train": {name: last[name] for name in ("q_loss", "v_loss", "td_error", "q_mean", "v_mean") if name in last},
+        "train": {name: last[name] for name in ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "cql_gap") if name in last},
         "val": {name.removeprefix("val_"): last[name] for name in ("val_q_loss", "val_v_loss") if name in last},
         "diagnostics": diagnostics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
