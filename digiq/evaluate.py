@@ -7,6 +7,8 @@ Each live step of every evaluated method is built the same way, so methods diffe
        n_k = how many of the K draws the kept a_k stands for)
     2. a chooser picks one:
          behavior   a_1                       (the first draw: exactly a sample of π_β)
+         behavior-mode  argmax_k n_k          (π_β's most-drawn candidate, first-drawn on ties: a trained policy
+                                               whose scores g are all equal, and what π_β would do without its noise)
          random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
          <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)]) + log n_k   (a trained CandidatePolicy;
                     + log n_k only with its behavior prior, as in training)
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # kept out of the import path of params loading (`digiq --hel
     from digiq.schema import Action
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-BASELINES = ("behavior", "random")  # evaluated without a trained model
+BASELINES = ("behavior", "behavior-mode", "random")  # evaluated without a trained model
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -63,8 +65,8 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
-                               description="trained policies (models/actor/<method>) plus the baselines behavior and random")
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "behavior-mode", "random"],
+                               description="trained policies (models/actor/<method>) plus the baselines behavior, behavior-mode and random")
     tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
     episodes_per_task: int = Field(10, ge=1, description="episodes per (method, task); 50 for the paper-style comparison (5x the episodes)")
     seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
@@ -181,6 +183,8 @@ class EvalPolicy:
     def choose(self, view: StepView, candidates: list[Action], draws: list[int]) -> int:
         if self.method == "behavior":
             return 0
+        if self.method == "behavior-mode":
+            return draws.index(max(draws))
         if self.method == "random":
             return int(self.rng.integers(len(candidates)))
         import torch

@@ -60,7 +60,7 @@ def test_candidates_are_distinct_and_choices_reproducible():
     cands, draws = candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(3))
     assert 1 <= len(cands) <= 16 and len(draws) == len(cands) and sum(draws) == 16 and min(draws) >= 1
     assert len({c.model_dump_json() for c in cands}) == len(cands)
-    for method in ("behavior", "random"):
+    for method in ("behavior", "behavior-mode", "random"):
         a, b = EvalPolicy(method, 16, 0.3), EvalPolicy(method, 16, 0.3)
         a.reset(7), b.reset(7)
         assert [a.act(view) for _ in range(5)] == [b.act(view) for _ in range(5)]
@@ -68,6 +68,9 @@ def test_candidates_are_distinct_and_choices_reproducible():
     p = EvalPolicy("behavior", 16, 0.3)
     p.reset(11)
     assert p.act(view) == candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(11))[0][0]
+    # behavior-mode: the most-drawn candidate, the first-drawn among equals
+    mode = EvalPolicy("behavior-mode", 16, 0.3)
+    assert mode.choose(view, cands, [1, 3, 2]) == 1 and mode.choose(view, cands, [2, 1, 2]) == 0
 
 
 # ---------------------------------------------------------------------------------------------- config, seeds, shards
