@@ -477,6 +477,28 @@ def ranking_quality(critic: DoubleCritic, data: Transitions) -> dict[str, float]
     return {"ranking_quality": per_state.mean().item(), "ranking_states": int(rows.sum())}
 
 
+def behavior_agreement(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
+    """Does the critic's favourite agree with π_β's? On states with ≥ 2 valid candidates:
+
+    - ``argmax_is_behavior_mode_frac``: the argmax-Q candidate is the one π_β draws most (``cand_count``; ties:
+      lowest index for both);
+    - ``argmax_draws_mean`` / ``behavior_mode_draws_mean``: π_β draws of the argmax-Q candidate / of the mode.
+
+    A critic that keeps choosing what π_β rarely proposes is extrapolating (docs/results.md).
+    """
+    data.require("cand_sa", "cand_mask", "cand_count")
+    rows = data.cand_mask.sum(dim=1) >= 2
+    q = candidate_q(critic, data)[rows]
+    counts = data.cand_count[rows].masked_fill(~data.cand_mask[rows], math.nan)
+    best, mode = first_argmax(q), first_argmax(counts)
+    drawn = counts.nan_to_num(0.0)
+    return {
+        "argmax_is_behavior_mode_frac": (best == mode).float().mean().item(),
+        "argmax_draws_mean": drawn.gather(1, best[:, None]).mean().item(),
+        "behavior_mode_draws_mean": drawn.gather(1, mode[:, None]).mean().item(),
+    }
+
+
 def v_calibration(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
     """V(s) = max(V1, V2)(s) against the observed discounted return G(s): Pearson r, mean error, MAE."""
     v = map_chunks(critic.v_value, data.s, device=_device_of(critic))
@@ -490,7 +512,7 @@ def critic_diagnostics(critic: DoubleCritic, data: Transitions) -> dict[str, flo
     """All diagnostics that ``data`` allows (candidate-based ones need ``cand_sa``; ranking needs success)."""
     out = v_calibration(critic, data)
     if data.cand_sa is not None:
-        out |= action_sensitivity(critic, data)
+        out |= action_sensitivity(critic, data) | behavior_agreement(critic, data)
         if data.traj_success is not None:
             out |= ranking_quality(critic, data)
     return out

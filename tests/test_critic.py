@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from digiq.critic import (Batch, CriticConfig, CriticTrainer, DoubleCritic, Transitions, action_sensitivity, advantage,
-                          candidate_q, conservative_gap, critic_diagnostics, ranking_quality, td_q_target, td_v_target, toy_transitions, train_critic,
-                          v_calibration)
+                          behavior_agreement, candidate_q, conservative_gap, critic_diagnostics, ranking_quality,
+                          td_q_target, td_v_target, toy_transitions, train_critic, v_calibration)
 from digiq.errors import DigiqError
 from digiq.nn import EpochSampler, soft_update
 
@@ -184,6 +184,17 @@ def test_action_sensitivity_by_hand():
     assert out["action_sensitivity"] == pytest.approx(math.sqrt(2 / 3) / 2 / 1.5, rel=1e-5)
     # argmax: state 0 → candidate 1 (≠ dataset); state 1 → tie 5 = 5 goes to index 0 → 1/2
     assert out["argmax_not_dataset_frac"] == pytest.approx(0.5)
+
+
+def test_behavior_agreement_by_hand():
+    critic, data = diagnostics_data()
+    # state 0: Q = [1, 3, 2] → argmax 1; draws [1, 2, 5] → mode 2 (disagree; the argmax has 2 draws, the mode 5)
+    # state 1: Q = [5, 5] → argmax 0 (tie); draws [3, 3] (third masked, its 9 ignored) → mode 0 (agree; 3 and 3)
+    data.cand_count = torch.tensor([[1.0, 2.0, 5.0], [3.0, 3.0, 9.0]])
+    out = behavior_agreement(critic, data)
+    assert out == {"argmax_is_behavior_mode_frac": pytest.approx(0.5), "argmax_draws_mean": pytest.approx(2.5),
+                   "behavior_mode_draws_mean": pytest.approx(4.0)}
+    assert set(out) <= set(critic_diagnostics(critic, data))
 
 
 def test_ranking_quality_by_hand_ties_count_half():
