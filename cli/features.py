@@ -41,7 +41,7 @@ def materialize(
     inputs = pipeline.Inputs.from_params(fp, dataset=pick(dataset, params.collect.out), labels=pick(labels, params.label.out))
     result = pipeline.materialize(inputs, pick(metrics, fp.metrics), progress=True)
     rows = ", ".join(f"{name} {count}" for name, count in result["rows"].items())
-    typer.echo(f"materialized variant {result['variant']} (d = {result['dim']}): {rows} in {result['timings_s']['total']:.1f} s")
+    typer.echo(f"materialized variant {result['variant']} (d = {result['dim']} per state, {result['dim_candidate']} per candidate): {rows} in {result['timings_s']['total']:.1f} s")
 
 
 @app.command("get")

@@ -161,6 +161,27 @@ def vector_dim(schema: pa.Schema, column: str = "embedding") -> int:
     return schema.field(column).type.list_size
 
 
+EMBEDDING_MANIFEST = "embedding.json"  # written by `digiq embed` next to the two tables
+
+
+def check_recorded_dims(states: Path, candidates: Path, dim_state: int, dim_candidate: int) -> None:
+    """The tables' vector sizes must be the ones their embedding run recorded (``embedding.json``: dim_state,
+    dim_candidate). f(s) and f(s, a) may differ in size (the no_vlm variant: 384 and 795); without a manifest
+    (hand-made tables) any sizes are accepted."""
+    manifest = states.parent / EMBEDDING_MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())
+        expected = {states: int(recorded["dim_state"]), candidates: int(recorded["dim_candidate"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DigiqError(f"unreadable or incomplete ({exc!r}); re-run `digiq embed`", file=manifest, field="dim_state") from None
+    for path, got in ((states, dim_state), (candidates, dim_candidate)):
+        if got != expected[path]:
+            raise DigiqError(f"embedding size {got} differs from the {expected[path]} that {EMBEDDING_MANIFEST} records",
+                             file=path, field="embedding")
+
+
 @contextlib.contextmanager
 def _duckdb() -> Iterator[Any]:
     import duckdb
@@ -471,9 +492,7 @@ def check_and_derive(inputs: Inputs) -> tuple[int, dict[str, pa.Table]]:
     candidates_schema = check_table(inputs.candidates, CANDIDATES_COLUMNS)
     check_table(inputs.labels, LABELS_COLUMNS)
     dim = vector_dim(states_schema)
-    if vector_dim(candidates_schema) != dim:
-        raise DigiqError(f"embedding size {vector_dim(candidates_schema)} differs from the states table's {dim}",
-                         file=inputs.candidates, field="embedding")
+    check_recorded_dims(inputs.states, inputs.candidates, dim, vector_dim(candidates_schema))
     check_keys(inputs.states, inputs.candidates)
     transitions = derive_transitions(Dataset(inputs.dataset).table(), inputs.candidates)
     labels = derive_labels(inputs.labels)
@@ -531,6 +550,7 @@ def _metrics(inputs: Inputs, dim: int, derived: dict[str, pa.Table], timings: di
     return {
         "variant": inputs.variant,
         "dim": dim,
+        "dim_candidate": vector_dim(pq.read_schema(inputs.candidates)),
         "rows": {
             "state_embedding": _count_keys(inputs.states, "state_key"),
             "candidate_embedding": _count_keys(inputs.candidates, "cand_key"),
@@ -737,7 +757,7 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     timings["next_state_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates, mask, actions = _candidate_block(store, entities, n_cands, dim)
+    candidates, mask, actions = _candidate_block(store, entities, n_cands)
     timings["candidates_s"] = time.perf_counter() - t
     return TrainingFrame(
         state_key=keys, state=state, action=candidates[:, 0].copy(), next_state=next_state, has_next=has_next,
@@ -749,8 +769,8 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     )
 
 
-def _candidate_block(store: FeatureStore, entities: pd.DataFrame, n_cands: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All candidates of all rows in one get_historical_features call, scattered into [N, K, d]."""
+def _candidate_block(store: FeatureStore, entities: pd.DataFrame, n_cands: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All candidates of all rows in one get_historical_features call, scattered into [N, K, d_sa]."""
     import pandas as pd
 
     k_max = int(n_cands.max()) if len(n_cands) else 0
@@ -763,7 +783,8 @@ def _candidate_block(store: FeatureStore, entities: pd.DataFrame, n_cands: np.nd
         "row_id": rows * k_max + idx,
     })
     table = _historical(store, cand_entities, ["candidate_embedding:embedding", "candidate_embedding:action"])
-    flat, valid = _matrix(table["candidate_embedding__embedding"], dim)
+    flat, valid = _matrix(table["candidate_embedding__embedding"])
+    dim = flat.shape[1]
     _require(valid, cand_entities["cand_key"].to_numpy(), "candidate embedding",
              store.get_feature_view("candidate_embedding").batch_source.path, "cand_key")
     candidates = np.zeros((len(entities) * k_max, dim), dtype=np.float32)
@@ -778,18 +799,20 @@ def _candidate_block(store: FeatureStore, entities: pd.DataFrame, n_cands: np.nd
 # ----------------------------------------------------------------------------- synthetic sources (tests, benchmark, docs)
 
 def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64, dim: int = 384, max_len: int = 6,
-                            variant: str = "finetuned", seed: int = 0, gamma: float = 0.95) -> dict[str, Path]:
+                            variant: str = "finetuned", seed: int = 0, gamma: float = 0.95,
+                            dim_candidate: int | None = None) -> dict[str, Path]:
     """A data/ folder with exactly the embed/label/collect contracts (random vectors, fixed seed).
 
     Writes ``raw/`` (a digiq dataset of ~n_states steps: trajectories of 1..max_len steps, half
     ending in success, half cut off), ``labels.parquet`` (non-terminal steps) and
-    ``embeddings/<variant>/{states,candidates}.parquet``.
+    ``embeddings/<variant>/{states,candidates,embedding.json}`` (f(s, a) of size ``dim_candidate``, default ``dim``).
     """
     from digiq.actions import format_action
     from digiq.schema import Action, Step, Trajectory
     from digiq.store import Dataset, DatasetWriter
 
     root = Path(root)
+    dim_candidate = dim_candidate or dim
     rng = np.random.default_rng(seed)
     writer = DatasetWriter(root / "raw", gamma=gamma, source="synthetic")
     shot, sha = writer.put_image(np.zeros((4, 4, 3), dtype=np.uint8))
@@ -814,7 +837,7 @@ def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64
     keys = np.array([f"{a}/{b}" for a, b in zip(traj, step)], dtype=object)
     stamps = pa.array([FEATURE_EPOCH + timedelta(seconds=i) for i in range(n)], pa.timestamp("us", tz="UTC"))
 
-    def vectors(count: int) -> pa.FixedSizeListArray:
+    def vectors(count: int, dim: int = dim) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(count * dim, dtype=np.float32)), dim)
 
     meta = {"model_hash": pa.array(["synthetic0"] * n), "layer": pa.array(np.full(n, 4, dtype=np.int32))}
@@ -828,7 +851,7 @@ def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64
     candidates = pa.table({
         "cand_key": [f"{keys[r]}/{i}" for r, i in zip(rows, idx)], "state_key": keys[rows], "traj_id": traj[rows],
         "step_id": step[rows], "cand_idx": idx, "action": actions, "event_timestamp": stamps.take(rows),
-        "embedding": vectors(n * k), "model_hash": meta["model_hash"].take(rows), "layer": meta["layer"].take(rows),
+        "embedding": vectors(n * k, dim_candidate), "model_hash": meta["model_hash"].take(rows), "layer": meta["layer"].take(rows),
     })
     keep = ~done  # terminal transitions carry no ε-label (DESIGN §6: MiniWoB's black final frame)
     mse = rng.uniform(0.0, 80.0, int(keep.sum()))
@@ -842,4 +865,5 @@ def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64
         out[name].parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out[name]) as tmp:
             pq.write_table(tab, tmp)
+    write_json(out["states"].parent / EMBEDDING_MANIFEST, {"dim_state": dim, "dim_candidate": dim_candidate, "variant": variant})
     return out

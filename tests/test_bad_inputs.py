@@ -363,7 +363,7 @@ def _resize_embeddings(path: Path, dim: int) -> None:
 
 def embedding_dimension_mismatch(base: Path, tmp: Path) -> Case:
     return _materialize_case(base, tmp, EMBEDDINGS / "candidates.parquet", lambda p: _resize_embeddings(p, 3), "embedding",
-                             "differs from the states table's 4")
+                             "differs from the 4 that embedding.json records")
 
 
 def embedding_nan(base: Path, tmp: Path) -> Case:

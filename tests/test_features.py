@@ -91,6 +91,25 @@ def test_materialize_writes_metrics_and_runtime_state(project):
     assert sources["dataset"] == str((project / "data" / "raw").resolve())  # the steps the store was derived from
 
 
+def test_state_and_action_features_of_different_sizes(tmp_path):
+    """no_vlm's f(s) and f(s, a) differ in size (384 and 795 on the default data); a table whose size is not the
+    one its embedding run recorded is refused."""
+    project = tmp_path / "p"
+    _copy_repo(project)
+    sources = fx.write_synthetic_sources(project / "data", n_states=12, k=4, dim=DIM, dim_candidate=DIM + 5, seed=1)
+    result = CliRunner().invoke(app, _materialize_args(project))
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "metrics" / "features.json").read_text())["dim_candidate"] == DIM + 5
+    frame = fx.training_frame(fx.open_store(project / "features", "finetuned"))
+    assert frame.state.shape[1] == frame.next_state.shape[1] == DIM
+    assert frame.candidates.shape[2] == frame.action.shape[1] == DIM + 5
+    manifest = sources["states"].parent / "embedding.json"
+    manifest.write_text(json.dumps({"dim_state": DIM, "dim_candidate": DIM}))
+    with pytest.raises(DigiqError, match=f"embedding size {DIM + 5} differs from the {DIM} that embedding.json records"):
+        fx.check_and_derive(fx.Inputs(repo=project / "features", variant="finetuned", states=sources["states"],
+                                      candidates=sources["candidates"], labels=sources["labels"], dataset=sources["dataset"]))
+
+
 def test_committed_repo_has_no_absolute_paths():
     for path in FEATURE_REPO.iterdir():
         if path.is_file():
