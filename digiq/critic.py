@@ -12,7 +12,7 @@ Equations (DESIGN §1; arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s],
     Conservative term (``cql_alpha`` = α > 0; off by default and in the paper): CQL(H) over π_β's distinct candidates,
          L_Q += α · Σ_i mean_s [ log Σ_k exp Q_i(s, a_k) − Q_i(s, a_data) ]       k over the state's valid candidates
     Q is trained only at dataset actions; this pushes down the candidates the data never shows, whose
-    extrapolated values otherwise win Best-of-N's argmax (docs/experiments.md, "why Digi-Q loses").
+    extrapolated values otherwise win Best-of-N's argmax (docs/results.md measures what it changes).
 
     A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
