@@ -305,7 +305,7 @@ class CriticTrainer:
 def stack_batch(data: Transitions, device: str | torch.device, *, candidates: bool = False) -> Batch:
     """All transitions as one resident float32 Batch (sampling then only indexes it); ``candidates``: with
     cand_sa and cand_mask (required then)."""
-    names = Batch._fields if candidates else Batch._fields[:6]
+    names = Batch._fields if candidates else [f for f in Batch._fields if f not in Batch._field_defaults]
     if candidates:
         data.require("cand_sa", "cand_mask")
     return Batch(*(getattr(data, name).to(device, torch.bool if name == "cand_mask" else torch.float32).contiguous()
@@ -430,7 +430,7 @@ def first_argmax(scores: torch.Tensor) -> torch.Tensor:
     return is_max.float().argmax(dim=-1)  # argmax of a 0/1 row returns the first 1
 
 
-def action_sensitivity(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
+def action_sensitivity(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
     """Does Q use the action? Spread of Q over a state's candidates vs spread of Q across states.
 
     - ``q_std_within_state``: mean over states (≥ 2 valid candidates) of the std of Q over that state's
@@ -438,8 +438,10 @@ def action_sensitivity(critic: DoubleCritic, data: Transitions) -> dict[str, flo
     - ``q_std_across_states``: std over states of the mean of Q over the state's valid candidates;
     - ``action_sensitivity`` = within / across: 0 for a critic that ignores the action;
     - ``argmax_not_dataset_frac``: states whose best candidate is not the dataset action (ties: index 0).
+
+    ``q``: :func:`candidate_q` of ``critic`` on ``data`` when the caller has it already.
     """
-    q = candidate_q(critic, data)
+    q = candidate_q(critic, data) if q is None else q
     rows = data.cand_mask.sum(dim=1) >= 2
     q_rows = q[rows]
     within = _nanstd(q_rows, dim=1).mean()
@@ -458,7 +460,7 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
     return ((x - mean) ** 2).nanmean(dim=dim).sqrt()
 
 
-def ranking_quality(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
+def ranking_quality(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
     """On states of successful trajectories: P[Q(s, a_data) > Q(s, a_random other valid candidate)].
 
     Computed exactly (the mean over all other valid candidates, not a sample); ties count ½, so a
@@ -468,7 +470,7 @@ def ranking_quality(critic: DoubleCritic, data: Transitions) -> dict[str, float]
     rows = data.traj_success & (data.cand_mask.sum(dim=1) >= 2)
     if not bool(rows.any()):
         return {"ranking_quality": math.nan, "ranking_states": 0}
-    q = candidate_q(critic, data)[rows]
+    q = (candidate_q(critic, data) if q is None else q)[rows]
     others = data.cand_mask[rows].clone()
     others[:, 0] = False
     q0 = q[:, :1]
@@ -477,7 +479,7 @@ def ranking_quality(critic: DoubleCritic, data: Transitions) -> dict[str, float]
     return {"ranking_quality": per_state.mean().item(), "ranking_states": int(rows.sum())}
 
 
-def behavior_agreement(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
+def behavior_agreement(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
     """Does the critic's favourite agree with π_β's? On states with ≥ 2 valid candidates:
 
     - ``argmax_is_behavior_mode_frac``: the argmax-Q candidate is the one π_β draws most (``cand_count``; ties:
@@ -488,7 +490,7 @@ def behavior_agreement(critic: DoubleCritic, data: Transitions) -> dict[str, flo
     """
     data.require("cand_sa", "cand_mask", "cand_count")
     rows = data.cand_mask.sum(dim=1) >= 2
-    q = candidate_q(critic, data)[rows]
+    q = (candidate_q(critic, data) if q is None else q)[rows]
     counts = data.cand_count[rows].masked_fill(~data.cand_mask[rows], math.nan)
     best, mode = first_argmax(q), first_argmax(counts)
     drawn = counts.nan_to_num(0.0)
@@ -512,9 +514,10 @@ def critic_diagnostics(critic: DoubleCritic, data: Transitions) -> dict[str, flo
     """All diagnostics that ``data`` allows (candidate-based ones need ``cand_sa``; ranking needs success)."""
     out = v_calibration(critic, data)
     if data.cand_sa is not None:
-        out |= action_sensitivity(critic, data) | behavior_agreement(critic, data)
+        q = candidate_q(critic, data)
+        out |= action_sensitivity(critic, data, q) | behavior_agreement(critic, data, q)
         if data.traj_success is not None:
-            out |= ranking_quality(critic, data)
+            out |= ranking_quality(critic, data, q)
     return out
 
 

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 EMBED_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
 STATES_FILE = "states.parquet"
 CANDIDATES_FILE = "candidates.parquet"
+MANIFEST_FILE = "embedding.json"  # the run's settings and vector sizes (dim_state, dim_candidate)
 PARTS_MANIFEST = "fingerprint.json"
 ACTION_KINDS = ("tap", "swipe", "type", "press_enter", "press_back", "press_home", "complete")
 TEXT_BUCKETS = 16
@@ -488,7 +489,7 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
         tmp.mkdir(parents=True)
         pq.write_table(states_t, tmp / STATES_FILE)
         pq.write_table(cands_t, tmp / CANDIDATES_FILE)
-        write_json(tmp / "embedding.json", {"model_hash": model_hash, "layer": layer, **(settings or {}),
+        write_json(tmp / MANIFEST_FILE, {"model_hash": model_hash, "layer": layer, **(settings or {}),
                                             "dim_state": extractor.dim_state,
                                             "dim_candidate": extractor.dim_candidate})
     shutil.rmtree(parts, ignore_errors=True)

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from digiq.atomic import atomic_path, write_json, write_text
 from digiq.config import FeaturesParams
+from digiq.embed import CANDIDATES_FILE, MANIFEST_FILE, STATES_FILE
 from digiq.errors import DigiqError
 
 if TYPE_CHECKING:
@@ -161,14 +162,11 @@ def vector_dim(schema: pa.Schema, column: str = "embedding") -> int:
     return schema.field(column).type.list_size
 
 
-EMBEDDING_MANIFEST = "embedding.json"  # written by `digiq embed` next to the two tables
-
-
 def check_recorded_dims(states: Path, candidates: Path, dim_state: int, dim_candidate: int) -> None:
     """The tables' vector sizes must be the ones their embedding run recorded (``embedding.json``: dim_state,
     dim_candidate). f(s) and f(s, a) may differ in size (the no_vlm variant: 384 and 795); without a manifest
     (hand-made tables) any sizes are accepted."""
-    manifest = states.parent / EMBEDDING_MANIFEST
+    manifest = states.parent / MANIFEST_FILE
     if not manifest.is_file():
         return
     try:
@@ -178,7 +176,7 @@ def check_recorded_dims(states: Path, candidates: Path, dim_state: int, dim_cand
         raise DigiqError(f"unreadable or incomplete ({exc!r}); re-run `digiq embed`", file=manifest, field="dim_state") from None
     for path, got in ((states, dim_state), (candidates, dim_candidate)):
         if got != expected[path]:
-            raise DigiqError(f"embedding size {got} differs from the {expected[path]} that {EMBEDDING_MANIFEST} records",
+            raise DigiqError(f"embedding size {got} differs from the {expected[path]} that {MANIFEST_FILE} records",
                              file=path, field="embedding")
 
 
@@ -433,8 +431,8 @@ class Inputs:
     def from_params(cls, fp: FeaturesParams, *, dataset: str | Path, labels: str | Path) -> Inputs:
         variant = check_variant(fp.variant)
         embeddings = Path(fp.embeddings) / variant
-        return cls(repo=Path(fp.repo).resolve(), variant=variant, states=(embeddings / "states.parquet").resolve(),
-                   candidates=(embeddings / "candidates.parquet").resolve(), labels=Path(labels).resolve(),
+        return cls(repo=Path(fp.repo).resolve(), variant=variant, states=(embeddings / STATES_FILE).resolve(),
+                   candidates=(embeddings / CANDIDATES_FILE).resolve(), labels=Path(labels).resolve(),
                    dataset=Path(dataset).resolve(), online_store=fp.online_store)
 
 
@@ -446,12 +444,12 @@ def materialize(inputs: Inputs, metrics_path: str | Path | None = None, *, progr
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    dim, derived = check_and_derive(inputs)
+    dims, derived = check_and_derive(inputs)
     timings["check_and_derive_s"] = time.perf_counter() - start
     paths = _write_runtime_sources(inputs, derived)
     timings.update(_build_store(inputs, paths, progress=progress))
     timings["total_s"] = time.perf_counter() - start
-    metrics = _metrics(inputs, dim, derived, timings)
+    metrics = _metrics(inputs, dims, derived, timings)
     if metrics_path is not None:
         write_json(metrics_path, metrics)
     return metrics
@@ -482,7 +480,7 @@ def ensure_store(params: Any, repo: str | Path, variant: str, say: Callable[[str
     return True
 
 
-def check_and_derive(inputs: Inputs) -> tuple[int, dict[str, pa.Table]]:
+def check_and_derive(inputs: Inputs) -> tuple[dict[str, int], dict[str, pa.Table]]:
     """Validate the four inputs (DigiqError naming file and field) and derive the state-keyed tables
     (transitions, labels, candidate_blocks)."""
     from digiq.store import Dataset
@@ -491,13 +489,13 @@ def check_and_derive(inputs: Inputs) -> tuple[int, dict[str, pa.Table]]:
     states_schema = check_table(inputs.states, STATES_COLUMNS)
     candidates_schema = check_table(inputs.candidates, CANDIDATES_COLUMNS)
     check_table(inputs.labels, LABELS_COLUMNS)
-    dim = vector_dim(states_schema)
-    check_recorded_dims(inputs.states, inputs.candidates, dim, vector_dim(candidates_schema))
+    dims = {"dim": vector_dim(states_schema), "dim_candidate": vector_dim(candidates_schema)}
+    check_recorded_dims(inputs.states, inputs.candidates, dims["dim"], dims["dim_candidate"])
     check_keys(inputs.states, inputs.candidates)
     transitions = derive_transitions(Dataset(inputs.dataset).table(), inputs.candidates)
     labels = derive_labels(inputs.labels)
     check_coverage(transitions, labels, inputs.states, inputs.candidates, inputs.labels)
-    return dim, {"transitions": transitions, "labels": labels, "candidate_blocks": derive_candidate_blocks(inputs.candidates)}
+    return dims, {"transitions": transitions, "labels": labels, "candidate_blocks": derive_candidate_blocks(inputs.candidates)}
 
 
 def _write_runtime_sources(inputs: Inputs, derived: dict[str, pa.Table]) -> dict[str, str]:
@@ -543,14 +541,13 @@ def _build_store(inputs: Inputs, paths: dict[str, str], *, progress: bool) -> di
     return timings
 
 
-def _metrics(inputs: Inputs, dim: int, derived: dict[str, pa.Table], timings: dict[str, float]) -> dict[str, Any]:
+def _metrics(inputs: Inputs, dims: dict[str, int], derived: dict[str, pa.Table], timings: dict[str, float]) -> dict[str, Any]:
     transitions = derived["transitions"]
     with _duckdb() as con:
         models = con.execute(f"SELECT DISTINCT model_hash, layer FROM read_parquet('{inputs.states}') ORDER BY ALL").fetchall()
     return {
         "variant": inputs.variant,
-        "dim": dim,
-        "dim_candidate": vector_dim(pq.read_schema(inputs.candidates)),
+        **dims,
         "rows": {
             "state_embedding": _count_keys(inputs.states, "state_key"),
             "candidate_embedding": _count_keys(inputs.candidates, "cand_key"),
@@ -859,11 +856,11 @@ def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64
                        "label": np.where(mse > 30.0, "Yes", "No"), "epsilon": np.full(len(mse), 30.0),
                        "scale": np.full(len(mse), 0.25)})
     out = {"dataset": root / "raw", "labels": root / "labels.parquet",
-           "states": root / "embeddings" / variant / "states.parquet",
-           "candidates": root / "embeddings" / variant / "candidates.parquet"}
+           "states": root / "embeddings" / variant / STATES_FILE,
+           "candidates": root / "embeddings" / variant / CANDIDATES_FILE}
     for name, tab in (("labels", labels), ("states", states), ("candidates", candidates)):
         out[name].parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out[name]) as tmp:
             pq.write_table(tab, tmp)
-    write_json(out["states"].parent / EMBEDDING_MANIFEST, {"dim_state": dim, "dim_candidate": dim_candidate, "variant": variant})
+    write_json(out["states"].parent / MANIFEST_FILE, {"dim_state": dim, "dim_candidate": dim_candidate, "variant": variant})
     return out
