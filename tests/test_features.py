@@ -110,6 +110,16 @@ def test_state_and_action_features_of_different_sizes(tmp_path):
                                       candidates=sources["candidates"], labels=sources["labels"], dataset=sources["dataset"]))
 
 
+def test_an_unreadable_embedding_manifest_is_one_error_naming_it(tmp_path):
+    states, candidates = tmp_path / "states.parquet", tmp_path / "candidates.parquet"
+    fx.check_recorded_dims(states, candidates, 4, 7)  # no manifest: any sizes
+    for text in ("{not json", json.dumps({"dim_state": 4})):
+        (tmp_path / "embedding.json").write_text(text)
+        with pytest.raises(DigiqError, match="re-run `digiq embed`") as err:
+            fx.check_recorded_dims(states, candidates, 4, 7)
+        assert err.value.file == str(tmp_path / "embedding.json") and err.value.field == "dim_state"
+
+
 def test_committed_repo_has_no_absolute_paths():
     for path in FEATURE_REPO.iterdir():
         if path.is_file():
