@@ -1,6 +1,6 @@
 """Small neural-network pieces shared by the critic and the policy, written once (DESIGN §8).
 
-- :func:`mlp` — the Q/V heads and the candidate scorer;
+- :func:`mlp` — the Q/V heads and the candidate scorer, optionally behind a :class:`Standardize` input layer;
 - :func:`soft_update` — Polyak averaging of target networks, θ̄ ← τθ + (1 − τ)θ̄;
 - :class:`EpochSampler` — random index batches over pre-stacked in-memory tensors (no DataLoader,
   no per-sample Python: one ``randperm`` per epoch, one ``index_select`` per tensor per batch);
@@ -28,6 +28,7 @@ from digiq.runtime import resolve_device, seed_everything
 __all__ = [
     "EpochSampler",
     "RunningMeans",
+    "Standardize",
     "load_pretrained",
     "load_state",
     "map_chunks",
@@ -44,10 +45,33 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int = 1) -> nn.Sequential:
-    """Linear → ReLU → … → Linear. ``hidden=()`` gives a single linear layer."""
+class Standardize(nn.Module):
+    """x ↦ (x − μ) / σ per feature, μ and σ fitted once on training inputs (buffers: saved with the weights, never
+    trained, left alone by :func:`soft_update`). Frozen VLM features are mostly an offset shared by every row, with
+    small variations around it; the MLP learns from the variations only once they are brought to unit scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> Standardize:
+        """Set μ, σ from the rows of ``x`` [N, dim] (σ floored at ``eps``: constant features stay finite)."""
+        x = x.reshape(-1, x.shape[-1]).to(self.mean.device, torch.float32)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0, unbiased=False).clamp_min(self.eps))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int = 1, *, standardize: bool = False) -> nn.Sequential:
+    """[Standardize →] Linear → ReLU → … → Linear. ``hidden=()`` gives a single linear layer."""
     dims = [in_dim, *hidden]
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [Standardize(in_dim)] if standardize else []
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     layers.append(nn.Linear(dims[-1], out_dim))

@@ -214,3 +214,22 @@ def test_the_split_first_layer_scores_like_the_concatenated_input():
     s, cand_sa, mask = torch.randn(2, 3), torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
     concatenated = torch.cat([s.unsqueeze(1).expand(-1, 6, -1), cand_sa], dim=-1)
     torch.testing.assert_close(policy.logits(s, cand_sa, mask, mask.float()), policy.scorer(concatenated).squeeze(-1))
+
+
+def test_standardized_policy_scores_standardized_inputs_and_reloads_with_its_scaling(toy, tmp_path):
+    """With ``standardize`` the scorer sees (x − μ)/σ of f(s) and of the valid f(s, a), μ and σ from the training
+    states; the split first layer still equals the concatenated input, and a saved policy reloads with the scaling."""
+    data, critic = toy
+    policy, _, _ = train_actor(data, ACTOR.model_copy(update={"method": "bc", "updates": 20, "standardize": True}))
+    valid = data.cand_sa[data.cand_mask]
+    torch.testing.assert_close(policy.norm_sa.mean, valid.mean(0))
+    torch.testing.assert_close(policy.norm_s.std, data.s.std(0, unbiased=False).clamp_min(1e-6))
+    z_s, z_sa = policy.norm_s(data.s), policy.norm_sa(data.cand_sa)
+    concatenated = torch.cat([z_s.unsqueeze(1).expand(-1, z_sa.shape[1], -1), z_sa], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.scores(data.s, data.cand_sa), policy.scorer(concatenated).squeeze(-1))
+    policy.save_pretrained(tmp_path / "p")
+    loaded = CandidatePolicy.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded.norm_s.mean, policy.norm_s.mean)
+    assert torch.equal(loaded.act(data.s, data.cand_sa, data.cand_mask, data.cand_count),
+                       policy.act(data.s, data.cand_sa, data.cand_mask, data.cand_count))

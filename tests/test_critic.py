@@ -28,7 +28,8 @@ def set_linear(head: nn.Sequential, weight: list[float], bias: float = 0.0) -> N
 
 
 def linear_critic(d_s: int = 2, d_sa: int = 2, **config) -> DoubleCritic:
-    critic = DoubleCritic(d_s, d_sa, CriticConfig(hidden=(), device="cpu", **config))
+    """Heads computing x · weight + bias on the raw features (no standardization layer), all weights 0."""
+    critic = DoubleCritic(d_s, d_sa, CriticConfig(hidden=(), device="cpu", standardize=False, **config))
     for heads in (critic.online, critic.target):
         for head in (heads.q1, heads.q2, heads.v1, heads.v2):
             set_linear(head, [0.0] * head[0].in_features)
@@ -250,6 +251,44 @@ def test_save_pretrained_round_trip_from_any_path(tmp_path):
         assert torch.equal(a, b)
     torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "elsewhere" / "critic").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_standardized_heads_see_unit_scale_inputs_and_keep_the_scaling_through_save_and_polyak(tmp_path):
+    """Features on wildly different scales (one constant): each head's input layer maps the training rows to mean 0,
+    std 1 (the constant column to 0, finite); targets carry the same scaling, Polyak steps leave it alone, and a saved
+    critic reloads with it."""
+    data = toy_transitions(200, seed=0)
+    scale = torch.tensor([1e-3, 1.0, 1e3, 0.0]).repeat(data.sa.shape[1] // 4)
+    data = dataclasses.replace(data, sa=data.sa * scale, cand_sa=data.cand_sa * scale, s=data.s * 100.0 + 5.0,
+                               s_next=data.s_next * 100.0 + 5.0)
+    critic, _ = train_critic(data, CriticConfig(updates=30, hidden=(8,), device="cpu", standardize=True))
+    for heads in (critic.online, critic.target):
+        z = heads.q1[0](data.sa)
+        torch.testing.assert_close(z.mean(0), torch.zeros_like(scale), atol=1e-4, rtol=0)
+        torch.testing.assert_close(z.std(0, unbiased=False), (scale != 0).float(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(heads.v2[0](data.s).std(0, unbiased=False), torch.ones(data.s.shape[1]), atol=1e-4, rtol=0)
+    assert torch.equal(critic.online.q1[0].mean, critic.target.q1[0].mean)
+    critic.save_pretrained(tmp_path / "c")
+    loaded = DoubleCritic.from_pretrained(tmp_path / "c")
+    assert torch.equal(loaded.online.q2[0].std, critic.online.q2[0].std)
+    torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
+
+
+def test_standardization_lets_the_critic_use_a_small_scale_feature():
+    """Q depends only on a feature 1000× smaller than a noise feature: hand-built data where the target is the small
+    feature's sign. Standardised inputs find it; raw inputs under the same updates fit it far worse."""
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    signal = torch.randint(0, 2, (n,), generator=g).float()
+    sa = torch.stack([(signal - 0.5) * 1e-3, torch.randn(n, generator=g) * 10.0], dim=1)
+    s = torch.zeros(n, 1)
+    data = Transitions(s=s, sa=sa, s_next=s, reward=signal, done=torch.ones(n), mc_return=signal)
+
+    def q_error(standardize: bool) -> float:
+        critic, _ = train_critic(data, CriticConfig(updates=300, hidden=(32,), device="cpu", standardize=standardize))
+        return (critic.q_value(sa) - signal).abs().mean().item()
+
+    assert q_error(True) < 0.1 < q_error(False)
 
 
 def test_from_pretrained_refuses_broken_folders(tmp_path):
