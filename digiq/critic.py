@@ -223,7 +223,8 @@ class DoubleCritic(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> DoubleCritic:
-        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticConfig)
+        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticConfig,
+                                              absent_means={"standardize": False})  # saved before the option: raw inputs
         critic = cls(dims["d_s"], dims["d_sa"], config)  # type: ignore[arg-type]
         load_state(critic, state, directory)
         return critic.to(device).eval()

@@ -185,8 +185,12 @@ def save_pretrained(directory: str | Path, module: nn.Module, *, kind: str, conf
     return directory
 
 
-def load_pretrained(directory: str | Path, *, kind: str, config_cls: type[BaseModel]) -> tuple[BaseModel, dict[str, int], dict[str, torch.Tensor]]:
-    """Read a folder written by :func:`save_pretrained`: (config, dims, state dict), checked."""
+def load_pretrained(directory: str | Path, *, kind: str, config_cls: type[BaseModel],
+                    absent_means: dict[str, Any] | None = None) -> tuple[BaseModel, dict[str, int], dict[str, torch.Tensor]]:
+    """Read a folder written by :func:`save_pretrained`: (config, dims, state dict), checked.
+
+    ``absent_means``: the value of a config key that folders saved before the key existed lack (their behaviour
+    then), so that a new default does not change what an old folder loads as."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -205,7 +209,8 @@ def load_pretrained(directory: str | Path, *, kind: str, config_cls: type[BaseMo
     if meta.get("format_version") != FORMAT_VERSION:
         raise DigiqError(f"unsupported format version {meta.get('format_version')!r}", file=config_path, field="format_version")
     try:
-        config = config_cls.model_validate(meta.get("config", {}))
+        saved = meta.get("config", {})
+        config = config_cls.model_validate({**(absent_means or {}), **saved} if isinstance(saved, dict) else saved)
     except ValidationError as exc:
         problem = exc.errors()[0]
         field = "config." + ".".join(str(p) for p in problem["loc"])

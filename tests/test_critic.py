@@ -274,6 +274,20 @@ def test_standardized_heads_see_unit_scale_inputs_and_keep_the_scaling_through_s
     torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
 
 
+def test_a_critic_saved_before_the_standardize_option_loads_with_raw_inputs(tmp_path):
+    """Folders written before ``standardize`` existed have no such key and no input layers: they load as they were
+    trained (raw inputs), not with the new default."""
+    data = toy_transitions(30, seed=1)
+    critic, _ = train_critic(data, CriticConfig(updates=10, hidden=(8,), device="cpu", standardize=False))
+    critic.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["config"]["standardize"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    loaded = DoubleCritic.from_pretrained(tmp_path / "old")
+    assert loaded.config.standardize is False and CriticConfig().standardize is True
+    torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
+
+
 def test_standardization_lets_the_critic_use_a_small_scale_feature():
     """Q depends only on a feature 1000× smaller than a noise feature: hand-built data where the target is the small
     feature's sign. Standardised inputs find it; raw inputs under the same updates fit it far worse."""
