@@ -98,22 +98,28 @@ class CandidatePolicy(nn.Module):
             self.norm_s.fit(s)
             self.norm_sa.fit(cand_sa[cand_mask])
 
-    def scores(self, s: torch.Tensor, cand_sa: torch.Tensor) -> torch.Tensor:
-        """g(s, a_k) [B, K].
+    def scores(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """g(s, a_k) [B, K], computed only where ``cand_mask`` (default: everywhere) is True; 0 elsewhere.
 
         The first layer W·[f(s); f(s, a_k)] + b is computed as W_a·f(s, a_k) + (W_s·f(s) + b): the state's
-        half once per state instead of once per candidate (same weights, ~1.6× fewer FLOPs at K = 64).
+        half once per state instead of once per candidate. Skipping the masked slots matters: on the default
+        data a state has 11.3 distinct candidates of K = 64 on average.
         """
+        if cand_mask is None:
+            cand_mask = torch.ones(cand_sa.shape[:2], dtype=torch.bool, device=cand_sa.device)
+        rows, cols = cand_mask.nonzero(as_tuple=True)
         first, rest = self.scorer[0], self.scorer[1:]
-        s, cand_sa = self.norm_s(s), self.norm_sa(cand_sa)
-        if not self.config.use_state:
-            return rest(first(cand_sa)).squeeze(-1)
-        hidden = F.linear(cand_sa, first.weight[:, self.d_s:]) + F.linear(s, first.weight[:, :self.d_s], first.bias).unsqueeze(1)
-        return rest(hidden).squeeze(-1)
+        pairs = self.norm_sa(cand_sa[rows, cols])
+        if self.config.use_state:
+            state_half = F.linear(self.norm_s(s), first.weight[:, :self.d_s], first.bias)
+            hidden = F.linear(pairs, first.weight[:, self.d_s:]) + state_half[rows]
+        else:
+            hidden = first(pairs)
+        return cand_sa.new_zeros(cand_mask.shape).index_put((rows, cols), rest(hidden).squeeze(-1))
 
     def logits(self, s: torch.Tensor, cand_sa: torch.Tensor, cand_mask: torch.Tensor, cand_count: torch.Tensor | None) -> torch.Tensor:
         """[B, K] logits g(s, a_k) + log n_k (n_k = 1 without the behavior prior); invalid candidates get −inf."""
-        logits = self.scores(s, cand_sa)
+        logits = self.scores(s, cand_sa, cand_mask)
         if self.config.behavior_prior:
             if cand_count is None:
                 raise DigiqError("this policy weighs candidates by π_β's draws (behavior_prior): pass how many draws each "

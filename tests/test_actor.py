@@ -216,6 +216,27 @@ def test_the_split_first_layer_scores_like_the_concatenated_input():
     torch.testing.assert_close(policy.logits(s, cand_sa, mask, mask.float()), policy.scorer(concatenated).squeeze(-1))
 
 
+def test_only_valid_candidates_are_scored_and_they_score_as_in_the_full_batch():
+    """Masked slots are skipped (0 from ``scores``, −inf in the logits); valid ones equal the unmasked computation,
+    and so do the gradients that reach the weights through them."""
+    torch.manual_seed(0)
+    policy = CandidatePolicy(3, 4, ActorConfig(hidden=(5,), behavior_prior=False))
+    s, cand_sa = torch.randn(2, 3), torch.randn(2, 6, 4)
+    mask = torch.tensor([[True, False, True, False, False, True], [True, True, False, False, False, False]])
+    full = policy.scores(s, cand_sa)
+    masked = policy.scores(s, cand_sa, mask)
+    torch.testing.assert_close(masked[mask], full[mask], rtol=0, atol=1e-6)
+    assert torch.equal(masked[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.isneginf(policy.logits(s, cand_sa, mask, None)[~mask]).all()
+
+    def first_layer_grad(scores: torch.Tensor) -> torch.Tensor:
+        policy.zero_grad()
+        (scores * mask).square().sum().backward()
+        return policy.scorer[0].weight.grad.clone()
+
+    torch.testing.assert_close(first_layer_grad(policy.scores(s, cand_sa, mask)), first_layer_grad(policy.scores(s, cand_sa)))
+
+
 def test_standardized_policy_scores_standardized_inputs_and_reloads_with_its_scaling(toy, tmp_path):
     """With ``standardize`` the scorer sees (x − μ)/σ of f(s) and of the valid f(s, a), μ and σ from the training
     states; the split first layer still equals the concatenated input, and a saved policy reloads with the scaling."""

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from test_candidates import write_tiny_dataset
+from tiny_llava import save_tiny_llava
 
 from digiq import candidates as C
 from digiq import embed as E
@@ -19,33 +20,6 @@ from digiq.pipelines import embed as stage
 from digiq.pipelines.features import CANDIDATES_COLUMNS, STATES_COLUMNS, check_keys, check_table
 
 K = 8
-
-
-def save_tiny_llava(path: Path) -> Path:
-    """A LLaVA-1.5-shaped checkpoint (CLIP vision tower, feature layer -2, Llama LM with 3 layers), seeded."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    try:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor
-
-    from digiq.vlm.build import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).eval().save_pretrained(path)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                                                      do_center_crop=True),
-                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from digiq.pipelines.finetune import FinetuneParams, run
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 from digiq.vlm.load import load_vlm
+from tiny_llava import save_tiny_llava
 
 N_TRAJ, N_STEPS = 8, 4
 
@@ -24,29 +25,7 @@ N_TRAJ, N_STEPS = 8, 4
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny LLaVA-1.5-shaped checkpoint (CLIP vision, Llama text) with the default model's tokenizer."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    try:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor
-
-    from digiq.vlm.build import build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-base")
-    tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
-                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(path)
-    return path
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-base"), text_layers=2)
 
 
 @pytest.fixture(scope="module")

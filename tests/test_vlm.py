@@ -16,6 +16,7 @@ from digiq.schema import Action
 from digiq.vlm import prompts as P
 from digiq.vlm.inputs import draw_tap_marker, pad_to_square, patch_index, square_point
 from digiq.vlm.load import load_vlm
+from tiny_llava import save_tiny_llava
 
 OBS = 'Previous Actions: tap (y=0.10, x=0.20) on "Username"; type "bob"\nGoal: log in as bob'
 GOAL = "log in as bob"
@@ -246,32 +247,7 @@ def test_gradients_reach_lora_and_projector(base_path):
 # ---------------------------------------------------------------- any LLaVA-style checkpoint
 def test_tiny_llava_checkpoint_loads_and_matches(tmp_path):
     """A LLaVA-1.5-shaped model (CLIP vision, feature layer -2, centre-cropping processor), saved and loaded."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-
-    try:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor
-
-    from digiq.vlm.build import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=16,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                                           do_center_crop=True),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    save_tiny_llava(tmp_path)
 
     tiny = load_vlm(tmp_path, dtype="float32", device="cpu")
     img = screenshot(3, (120, 200))
