@@ -112,7 +112,7 @@ class CandidatePolicy(nn.Module):
         pairs = self.norm_sa(cand_sa[rows, cols])
         if self.config.use_state:
             state_half = F.linear(self.norm_s(s), first.weight[:, :self.d_s], first.bias)
-            hidden = F.linear(pairs, first.weight[:, self.d_s:]) + state_half[rows]
+            hidden = F.linear(pairs, first.weight[:, self.d_s:]) + state_half.index_select(0, rows)
         else:
             hidden = first(pairs)
         return cand_sa.new_zeros(cand_mask.shape).index_put((rows, cols), rest(hidden).squeeze(-1))

@@ -237,6 +237,22 @@ def test_only_valid_candidates_are_scored_and_they_score_as_in_the_full_batch():
     torch.testing.assert_close(first_layer_grad(policy.scores(s, cand_sa, mask)), first_layer_grad(policy.scores(s, cand_sa)))
 
 
+def test_training_is_bit_identical_at_full_size_with_two_threads():
+    """Default widths and batch, two threads: big enough for torch's parallel CPU kernels, where the backward of
+    plain advanced indexing (``x[rows]``, an accumulating scatter) differed from run to run on the default data."""
+    data = toy_transitions(200, k=16, d=32, seed=1)
+    data.cand_mask = torch.rand(data.cand_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.7  # ragged sets,
+    data.cand_mask[:, 0] = True  # as after de-duplication: a state's rows rarely split evenly between the threads
+    config = ActorConfig(method="bc", updates=10, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [train_actor(data, config)[0].state_dict() for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
+
+
 def test_standardized_policy_scores_standardized_inputs_and_reloads_with_its_scaling(toy, tmp_path):
     """With ``standardize`` the scorer sees (x − μ)/σ of f(s) and of the valid f(s, a), μ and σ from the training
     states; the split first layer still equals the concatenated input, and a saved policy reloads with the scaling."""
