@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from test_candidates import write_tiny_dataset
-from tiny_llava import save_tiny_llava
 from test_finetune import base, data  # noqa: F401 - module fixtures: the tiny LLaVA and the labelled dataset
+from tiny_llava import save_tiny_llava
 
 from digiq import candidates as C
 from digiq import embed as E

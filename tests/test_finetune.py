@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_llava import save_tiny_llava
 
 from digiq import finetune as F
 from digiq.errors import DigiqError
@@ -17,7 +18,6 @@ from digiq.pipelines.finetune import FinetuneParams, run
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 from digiq.vlm.load import load_vlm
-from tiny_llava import save_tiny_llava
 
 N_TRAJ, N_STEPS = 8, 4
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from processes import Files, Replacements, kill_at, run_stage, sha256, start_stage, temp_files, tree_hashes, wait_for_no_browsers
 from test_critic_stage import make_project
-from tiny_llava import save_tiny_llava
 from test_finetune import base, data  # noqa: F401 - module fixtures: tiny LLaVA checkpoint, labelled PNG dataset
+from tiny_llava import save_tiny_llava
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
+from tiny_llava import save_tiny_llava
 
 from digiq.errors import DigiqError
 from digiq.schema import Action
 from digiq.vlm import prompts as P
 from digiq.vlm.inputs import draw_tap_marker, pad_to_square, patch_index, square_point
 from digiq.vlm.load import load_vlm
-from tiny_llava import save_tiny_llava
 
 OBS = 'Previous Actions: tap (y=0.10, x=0.20) on "Username"; type "bob"\nGoal: log in as bob'
 GOAL = "log in as bob"
