@@ -29,7 +29,7 @@ def candidates(
     p = stage.candidates_params(cfg)
     p = stage.validated(stage.CandidatesParams, {**p.model_dump(), "k": pick(k, p.k), "seed": pick(seed, p.seed),
                                                  "out": str(pick(out, p.out))}, "candidates")
-    outcome = stage.run(pick(dataset, Path(cfg.collect.out)), p, progress=True, report=_print)
+    outcome = stage.run(pick(dataset, Path(cfg.collect.out)), p, behavior=cfg.collect.behavior, progress=True, report=_print)
     typer.echo(f"wrote {p.out}, {p.metrics}, {p.checks}/index.html ({outcome.seconds:.1f} s)")
 
 

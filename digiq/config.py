@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from digiq.envs.behavior import IMPATIENT
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
 from digiq.report import ReportParams
@@ -43,6 +44,10 @@ class CollectParams(Section):
     workers: int = Field(2, ge=1, description="parallel browser processes")
     max_steps: int = Field(8, ge=1, description="episode length cap (steps)")
     noise: float = Field(0.3, ge=0.0, le=1.0, description="behaviour policy temperature / noise level")
+    behavior: dict[str, float] = Field(
+        default_factory=lambda: dict(IMPATIENT),
+        description="π_β's heuristic weights changed from digiq/envs/behavior.py Scores, for collection, candidates and evaluation alike "
+                    "(submit_partial 1.5: an impatient π_β that presses the button of a partly filled form; {}: the patient π_β, whose most likely action solves 89 %)")
     history: int = Field(1, ge=0, description="previous actions quoted in the observation text (official Digi-Q: 1)")
     shard_episodes: int = Field(10, ge=1, description="episodes per shard (the unit of resumption)")
     time_limit_s: float = Field(60.0, gt=0, description="MiniWoB episode clock in seconds (its default 10 s times out slow steps)")
@@ -57,6 +62,17 @@ class CollectParams(Section):
     @classmethod
     def _success_band(cls, band: tuple[float, float]) -> tuple[float, float]:
         return _check_band(band)
+
+    @field_validator("behavior")
+    @classmethod
+    def _behavior(cls, overrides: dict[str, float]) -> dict[str, float]:
+        from digiq.envs.behavior import scores_with
+
+        try:
+            scores_with(overrides)
+        except DigiqError as exc:  # pydantic reports a ValueError with the file and the dotted field
+            raise ValueError(f"{exc.field}: {exc.message}") from None
+        return overrides
 
 
 class LabelParams(Section):

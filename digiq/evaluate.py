@@ -164,11 +164,12 @@ class EvalPolicy:
     noise: float
     featurizer: Any = None  # LiveFeaturizer for trained policies
     actor: Any = None  # CandidatePolicy for trained policies
+    behavior_scores: dict[str, float] = field(default_factory=dict)  # π_β's changed heuristic weights (collect.behavior)
     behavior: Any = field(init=False)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.behavior = _behavior(self.noise)
+        self.behavior = _behavior(self.noise, self.behavior_scores)
         self.reset(0)
 
     def reset(self, seed: int) -> None:
@@ -195,17 +196,19 @@ class EvalPolicy:
         return int(self.actor.act(s, cand_sa, mask, count, mode="argmax")[0])
 
 
-def _behavior(noise: float) -> Any:
+def _behavior(noise: float, scores: dict[str, float]) -> Any:
     from digiq.envs.behavior import BehaviorPolicy
 
-    return BehaviorPolicy(noise=noise)
+    return BehaviorPolicy(noise=noise, scores=scores)
 
 
 def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None = None,
-                      features: dict[str, Any] | None = None, threads: int = 1) -> EvalPolicy:
+                      features: dict[str, Any] | None = None, threads: int = 1,
+                      behavior: dict[str, float] | None = None) -> EvalPolicy:
     """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``)."""
+    behavior = dict(behavior or {})
     if method in BASELINES:
-        return EvalPolicy(method, k, noise)
+        return EvalPolicy(method, k, noise, behavior_scores=behavior)
     if actor_dir is None:
         raise DigiqError(f"method {method!r} needs a trained policy folder", field="actor_dir")
     import torch
@@ -220,4 +223,4 @@ def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None =
         raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but variant "
                          f"{featurizer.spec.variant!r} of {featurizer.spec.model} gives {dims}: evaluate with the "
                          f"features the policy was trained on", file=actor_dir, field="features.variant")
-    return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor)
+    return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor, behavior_scores=behavior)

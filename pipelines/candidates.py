@@ -10,7 +10,7 @@ When the gate fails the table is not written (metrics and Data Docs are, to show
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,18 @@ class CandidatesOutcome:
     seconds: float
 
 
-def run(dataset: str | Path, p: CandidatesParams, *, progress: bool = False,
+def run(dataset: str | Path, p: CandidatesParams, *, behavior: Mapping[str, float] | None = None, progress: bool = False,
         report: Callable[[dict[str, Any]], None] | None = None) -> CandidatesOutcome:
-    """Sample, gate, write. Raises DigiqError (after writing metrics + Data Docs) when the gate fails."""
+    """Sample, gate, write. Raises DigiqError (after writing metrics + Data Docs) when the gate fails.
+
+    ``behavior``: π_β's changed heuristic weights (params: collect.behavior), so that the candidates come from the
+    policy that collected the data."""
     from digiq.envs.behavior import BehaviorPolicy
 
     started = time.perf_counter()
     data = Dataset(dataset)
-    table = C.make_candidates(data, p.k, p.seed, policy=BehaviorPolicy(noise=p.noise), progress=progress)
+    policy = BehaviorPolicy(noise=p.noise, scores=behavior)
+    table = C.make_candidates(data, p.k, p.seed, policy=policy, progress=progress)
     sampled_s = time.perf_counter() - started
     imported = (Path(dataset) / C.IMPORTED_FILE).is_file()
     gate = C.check_diversity(table, p.min_mean_distinct, p.min_frac_two_distinct, docs_dir=Path(p.checks))
@@ -49,6 +53,7 @@ def run(dataset: str | Path, p: CandidatesParams, *, progress: bool = False,
         "source": "imported action_list" if imported else "behaviour policy",
         "seed": p.seed,
         "noise": p.noise,
+        "behavior": dict(behavior or {}),
         "sample_seconds": round(sampled_s, 3),
         "gate": {"success": gate.success, "failures": gate.failures,
                  "min_mean_distinct": p.min_mean_distinct, "min_frac_two_distinct": p.min_frac_two_distinct},

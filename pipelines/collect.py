@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from digiq.atomic import write_json
+from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.envs.miniwob import BrowserConfig, check_tasks
 from digiq.envs.policy import PolicySpec
 from digiq.envs.workers import RunConfig, Unit, run_units
@@ -48,6 +49,7 @@ class CollectConfig:
     max_steps: int
     noise: float
     out: str
+    behavior: dict[str, float] = field(default_factory=lambda: dict(IMPATIENT))  # π_β's heuristic weights changed from Scores
     gamma: float = 0.95
     history: int = 1  # previous actions in the observation text (official Digi-Q: 1)
     shard_episodes: int = 10  # episodes per shard (the unit of resumption)
@@ -69,6 +71,7 @@ class CollectConfig:
                 raise DigiqError(f"must be at least 1, got {getattr(self, name)}", field=f"collect.{name}")
         if not 0.0 <= self.noise <= 1.0:
             raise DigiqError(f"must be in [0, 1], got {self.noise}", field="collect.noise")
+        scores_with(self.behavior)
         low, high = self.success_band
         if not 0.0 <= low <= high <= 1.0:
             raise DigiqError(f"must be [low, high] inside [0, 1], got {list(self.success_band)}", field="collect.success_band")
@@ -81,6 +84,7 @@ class CollectConfig:
         return {
             "policy": "behavior",
             "noise": self.noise,
+            "behavior": dict(sorted(self.behavior.items())),
             "seed": self.seed,
             "max_steps": self.max_steps,
             "history": self.history,
@@ -175,7 +179,7 @@ class _Collected:
 def _collect(root: Path, config: CollectConfig, browser: BrowserConfig, todo: list[Unit], progress: bool) -> _Collected:
     """Run the missing units on the worker pool; each writes its shard when done."""
     run_config = RunConfig(
-        policy=PolicySpec("behavior", {"noise": config.noise}),
+        policy=PolicySpec("behavior", {"noise": config.noise, "scores": dict(config.behavior)}),
         seed=config.seed,
         max_steps=config.max_steps,
         history=config.history,

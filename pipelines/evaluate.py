@@ -25,6 +25,7 @@ from typing import Any
 
 from digiq.atomic import write_json, write_text
 from digiq.embed import model_hash
+from digiq.envs.behavior import IMPATIENT
 from digiq.envs.miniwob import BrowserConfig, check_tasks
 from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed
@@ -49,6 +50,7 @@ class EvaluateConfig:
     k: int
     noise: float
     max_steps: int
+    behavior: dict[str, float] = field(default_factory=lambda: dict(IMPATIENT))  # π_β's changed heuristic weights (collect.behavior)
     workers: int = 2
     history: int = 1
     time_limit_s: float = 120.0
@@ -68,6 +70,7 @@ class EvaluateConfig:
             methods=list(ev.methods), tasks=list(ev.tasks or col.tasks), episodes=ev.episodes_per_task, seed=ev.seed,
             collect_seed=col.seed, collect_tasks=list(col.tasks), collect_episodes=col.episodes_per_task, k=ev.k,
             noise=col.noise if ev.noise is None else ev.noise, max_steps=ev.max_steps or col.max_steps,
+            behavior=dict(col.behavior),
             workers=ev.workers, time_limit_s=ev.time_limit_s, episodes_per_unit=ev.episodes_per_unit, actors=ev.actors,
             features=live_features(params), shards=ev.shards, out=ev.out, plots=ev.plots,
         )
@@ -134,6 +137,7 @@ CANDIDATE_RULE = "semantic_key/v1"  # duplicates by what they do: taps by the el
 def fingerprint(config: EvaluateConfig, method: str) -> str:
     """Short hash of everything that changes the episodes of ``method``."""
     parts: dict[str, Any] = {"seed": config.seed, "k": config.k, "noise": config.noise, "max_steps": config.max_steps,
+                             "behavior": dict(sorted(config.behavior.items())),
                              "history": config.history, "time_limit_s": config.time_limit_s, "method": method,
                              "candidate_rule": CANDIDATE_RULE}
     if method not in BASELINES:
@@ -186,7 +190,7 @@ class _ShardWriter:
 
 
 def policy_spec(config: EvaluateConfig, method: str) -> PolicySpec:
-    kwargs: dict[str, Any] = {"method": method, "k": config.k, "noise": config.noise}
+    kwargs: dict[str, Any] = {"method": method, "k": config.k, "noise": config.noise, "behavior": dict(config.behavior)}
     if method not in BASELINES:
         kwargs.update(actor_dir=str(Path(config.actors) / method), features=config.features.model_dump(), threads=1)
     return PolicySpec(FACTORY, kwargs)
@@ -242,6 +246,7 @@ def summarise(config: EvaluateConfig, units: list[Unit], fps: dict[str, str], ti
         "seed": config.seed,
         "k": config.k,
         "noise": config.noise,
+        "behavior": dict(config.behavior),
         "max_steps": config.max_steps,
         "time_limit_s": config.time_limit_s,
         "timing": {"this_run": timing, "estimate": wall_time_estimate(config, timing)},

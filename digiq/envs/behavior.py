@@ -12,6 +12,14 @@ Heuristics (no per-task rules): prefer elements whose text matches the goal; fil
 before pressing buttons; type only into a focused field, the phrase whose cue word ("username")
 matches the field; don't uncheck a box the goal asks for; don't repeat the last tap.
 
+The weights are named numbers (``Scores``); params.yaml's ``collect.behavior`` overrides some of them for
+the collection, the candidate stage and live evaluation alike. The default data set
+``submit_partial: 1.5`` (= ``submit_ready``): an *impatient* π_β that treats a partly filled form as
+finished. Its most likely action is then wrong in some states (tap "Login" once the username is typed),
+while its noise still proposes the right one: the systematic, state-dependent mistakes an offline
+critic can correct and imitation copies (docs/results.md). With ``submit_partial`` at ``submit_early``
+(−2.5, the ``Scores`` default) π_β's most likely action solves 89 % of the default episodes.
+
 ``sample(view_or_step, k, rng)`` works offline on a stored step (goal + elements JSON + previous
 actions from the observation text) and is what the candidate stage uses for K = 64.
 """
@@ -20,7 +28,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +65,8 @@ class Scores:
     refocus: float = -1.5  # tap the field that already has focus
     keep_checked: float = -4.0  # × relevance: unchecking a box the goal asks for
     uncheck_other: float = 0.5  # unchecking a box the goal does not mention
-    submit_early: float = -2.5  # press a button while fields/boxes are still pending
+    submit_early: float = -2.5  # press a button while fields/boxes are still pending and nothing was done yet
+    submit_partial: float = -2.5  # press a button while something is pending but the page was already worked on
     submit_ready: float = 1.5  # press a button once the page was worked on and nothing is pending
     repeat_tap: float = -1.5  # tap the element tapped by the previous action
     type_phrase: float = 2.5  # type a phrase into a focused empty field
@@ -70,6 +80,20 @@ class Scores:
     complete: float = -3.0
 
 
+IMPATIENT = {"submit_partial": Scores.submit_ready}  # the default data's π_β (params: collect.behavior)
+
+
+def scores_with(overrides: Mapping[str, float], field: str = "collect.behavior") -> Scores:
+    """The default heuristic weights with some replaced, e.g. ``{"submit_partial": 1.5}``; unknown names are refused."""
+    known = {f.name for f in fields(Scores)}
+    for name, value in overrides.items():
+        if name not in known:
+            raise DigiqError(f"unknown heuristic weight {name!r} (known: {sorted(known)})", field=f"{field}.{name}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DigiqError(f"must be a finite number, got {value!r}", field=f"{field}.{name}")
+    return replace(Scores(), **{name: float(value) for name, value in overrides.items()})
+
+
 @dataclass(frozen=True)
 class Candidate:
     kind: str  # tap | tap_random | type | enter | swipe_up | swipe_down | complete
@@ -81,14 +105,15 @@ class Candidate:
 class BehaviorPolicy:
     """π_β. ``BehaviorPolicy(noise, seed).act(view)`` online; ``sample(step, k, rng)`` offline."""
 
-    def __init__(self, noise: float = 0.3, seed: int = 0, temperature: float = 1.0, scores: Scores | None = None):
+    def __init__(self, noise: float = 0.3, seed: int = 0, temperature: float = 1.0,
+                 scores: Scores | Mapping[str, float] | None = None):
         if not 0.0 <= noise <= 1.0:
             raise DigiqError(f"must be in [0, 1], got {noise}", field="noise")
         if temperature <= 0:
             raise DigiqError(f"must be positive, got {temperature}", field="temperature")
         self.noise = noise
         self.temperature = temperature
-        self.scores = scores or Scores()
+        self.scores = scores if isinstance(scores, Scores) else scores_with(scores or {})
         self.rng = np.random.default_rng(seed)
 
     # -- Policy protocol --------------------------------------------------------------------
@@ -164,7 +189,7 @@ class _Reader:
         if tag in TOGGLE_TAGS and e.get("value") is True:
             score += w.keep_checked * relevance if relevance > 0.5 else w.uncheck_other
         if tag in SUBMIT_TAGS:
-            score += w.submit_early if self.pending() > 0 else w.submit_ready * self._worked()
+            score += self._submit_score()
         if self.last is not None and self.last.kind == "tap" and _inside(self.last.touch_point, e["bbox"]):
             score += w.repeat_tap
         return Candidate("tap", score, bbox=tuple(e["bbox"]))
@@ -198,6 +223,12 @@ class _Reader:
             1 for e in self.elements if e["tag"] in TOGGLE_TAGS and e.get("value") is False and self.relevance(self.label(e)) > 0.5
         )
         return empty_fields + unchecked
+
+    def _submit_score(self) -> float:
+        worked = self._worked()
+        if self.pending() == 0:
+            return self.w.submit_ready * worked
+        return self.w.submit_partial if worked else self.w.submit_early
 
     def _cue(self, e: dict[str, Any]) -> float:
         """1 when the goal word right before one of the untyped phrases names this field."""
