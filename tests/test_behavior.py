@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from digiq.envs.behavior import BehaviorPolicy, goal_phrases
+from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, goal_phrases, scores_with
 from digiq.envs.policy import Policy, PolicySpec, StepView
 from digiq.envs.rollout import elements_json
 from digiq.errors import DigiqError
@@ -128,6 +128,35 @@ def test_heuristics_are_grounded_in_the_page():
     last = Action.tap(*[(a + b) / 2 for a, b in zip(unchecked[8]["bbox"][:2], unchecked[8]["bbox"][2:])])
     repeat = prob_of(policy, view(CHECKBOX_GOAL, unchecked, [last]), taps_on(unchecked[8]))
     assert repeat < target  # don't repeat the previous tap
+
+
+def _most_likely(policy, v):
+    candidates = policy.candidates(v)
+    return candidates[int(np.argmax(policy.probabilities(candidates)))]
+
+
+def test_the_impatient_policy_submits_a_partly_filled_form_and_the_patient_one_does_not():
+    half = login_page(username="vina")  # username typed, password still empty
+    v = view(LOGIN_GOAL, half, [Action.type_text("vina")])
+    patient, impatient = BehaviorPolicy(noise=0.0), BehaviorPolicy(noise=0.0, scores=IMPATIENT)
+    assert impatient.scores.submit_partial == impatient.scores.submit_ready == 1.5
+    assert taps_on(half[9])(_most_likely(patient, v))  # the password field
+    assert taps_on(half[10])(_most_likely(impatient, v))  # "Login": the systematic mistake
+    # its noise still proposes the password field often, so the data hold the correction
+    assert prob_of(BehaviorPolicy(noise=0.3, scores=IMPATIENT), v, taps_on(half[9])) > 0.2
+    # on an untouched form both fill the fields first, and on a finished one both submit
+    for policy in (patient, impatient):
+        assert not taps_on(half[10])(_most_likely(policy, view(LOGIN_GOAL, login_page())))
+        assert taps_on(half[10])(_most_likely(policy, view(LOGIN_GOAL, login_page("vina", "US"))))
+
+
+@pytest.mark.parametrize("overrides, field", [({"submit_parital": 1.0}, "collect.behavior.submit_parital"),
+                                              ({"submit_partial": "high"}, "collect.behavior.submit_partial"),
+                                              ({"submit_partial": float("nan")}, "collect.behavior.submit_partial")])
+def test_unknown_or_non_numeric_weights_are_refused_by_name(overrides, field):
+    with pytest.raises(DigiqError) as err:
+        scores_with(overrides)
+    assert err.value.field == field
 
 
 def test_noise_mixes_in_the_uniform_distribution():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from processes import browsers, digiq_executable, tree_hashes, wait_for_no_browsers
 
-from digiq.envs.behavior import BehaviorPolicy
+from digiq.envs.behavior import IMPATIENT, BehaviorPolicy
 from digiq.envs.miniwob import BrowserConfig
 from digiq.envs.policy import PolicySpec
 from digiq.envs.workers import RunConfig, run_units
@@ -60,6 +60,8 @@ def test_collect_writes_a_checked_dataset(reference):
         for step in (traj.steps[0], traj.steps[-1]):
             assert data.load_image(step.next_screenshot, step.next_screenshot_sha256).getextrema() != ((0, 0),) * 3
     assert data.manifest["collect"]["seed"] == 11
+    assert data.manifest["collect"]["behavior"] == IMPATIENT  # which π_β made the data; another one is another dataset
+    assert config(reference, behavior={}).fingerprint() != config(reference).fingerprint()
 
 
 def test_same_params_give_the_same_dataset_with_one_worker(reference, tmp_path):

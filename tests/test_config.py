@@ -15,7 +15,7 @@ def test_repo_params_yaml_is_valid_and_complete():
     params = load_params(REPO / "params.yaml")
     on_disk = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(on_disk) == set(Params.model_fields), "params.yaml must list every section"
-    assert params.gamma == 0.95
+    assert params.gamma == 0.5
 
 
 def test_generated_params_yaml_round_trips(tmp_path):
@@ -38,6 +38,14 @@ def test_wrong_type_names_field(tmp_path):
     path.write_text("label:\n  epsilon: lots\n")
     with pytest.raises(DigiqError, match=r"label\.epsilon"):
         load_params(path)
+
+
+def test_an_unknown_behaviour_weight_names_the_file_and_the_weight(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("collect:\n  behavior: {submit_parital: 1.5}\n")
+    with pytest.raises(DigiqError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "collect.behavior" in str(err.value) and "submit_parital" in str(err.value)
 
 
 def test_invalid_yaml_names_file(tmp_path):
@@ -89,3 +97,18 @@ def test_a_bad_preset_is_refused_naming_file_and_key(tmp_path, text, field, hint
     with pytest.raises(DigiqError) as err:
         preset_overrides(preset, REPO / "params.yaml")
     assert str(preset) in str(err.value) and field in str(err.value) and hint in str(err.value)
+
+
+def test_the_documented_patient_behaviour_override_gives_the_patient_policy(tmp_path):
+    """docs/experiments.md: `dvc exp run -S collect.behavior.submit_partial=-2.5` (DVC merges a `{}` override into the
+    existing mapping, so setting the weight is how to get the patient π_β back)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from digiq.envs.behavior import Scores, scores_with
+
+    assert "-S collect.behavior.submit_partial=-2.5" in (REPO / "docs" / "experiments.md").read_text()
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(params_path, ["collect.behavior.submit_partial=-2.5"])
+    assert scores_with(load_params(params_path).collect.behavior) == Scores()
+

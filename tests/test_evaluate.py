@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from digiq.config import Params
-from digiq.envs.behavior import BehaviorPolicy
+from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, scores_with
 from digiq.envs.policy import StepView
 from digiq.errors import DigiqError
 from digiq.evaluate import EvalPolicy, candidate_set, success_summary, wilson_interval
@@ -103,6 +103,9 @@ def test_from_params_uses_collect_defaults():
     cfg = stage.EvaluateConfig.from_params(Params(), episodes=3)
     p = Params()
     assert cfg.tasks == p.collect.tasks and cfg.noise == p.collect.noise and cfg.max_steps == p.collect.max_steps
+    assert cfg.behavior == p.collect.behavior == IMPATIENT  # the π_β that collected the data proposes the candidates
+    spec = stage.policy_spec(cfg, "behavior-mode")
+    assert spec.build().behavior.scores == scores_with(IMPATIENT) != BehaviorPolicy().scores  # as the workers build it
     assert cfg.episodes == 3 and cfg.seed != p.collect.seed
     # live features are the embed stage's recipe for the variant the policies were trained on
     assert cfg.features.variant == p.features.variant and cfg.features.model == p.embed.models[p.features.variant]
@@ -129,8 +132,9 @@ def test_resume_skips_finished_shards(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in Path(cfg.shards).rglob("*.json")} == stamps
     assert metrics["timing"]["this_run"] == {}
     assert metrics["methods"]["behavior"]["successes"] == 1 and metrics["methods"]["random"]["successes"] == 0
-    # another K changes the episodes: the old shards no longer count
+    # another K, or another π_β, changes the episodes: the old shards no longer count
     assert stage.fingerprint(_config(tmp_path, k=4), "behavior") != stage.fingerprint(cfg, "behavior")
+    assert stage.fingerprint(_config(tmp_path, behavior={}), "behavior") != stage.fingerprint(cfg, "behavior")
 
 
 # ---------------------------------------------------------------------------------------------- real browser
