@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from digiq.actions import describe_action, parse_action
 from digiq.cli.main import app
+from digiq.config import Params
 from digiq.schema import discounted_returns
 from fixtures_official import make_screenshots, official_trajectories, save_official, write_hostile
 
@@ -78,7 +79,7 @@ def test_show_prints_each_step(imported):
     assert result.exit_code == 0, result.output
     view = json.loads(result.stdout)
     raw = source[2]
-    returns = discounted_returns([float(d["reward"]) for d in raw], 0.95)
+    returns = discounted_returns([float(d["reward"]) for d in raw], Params().gamma)  # imported with the default γ
     assert view["task"] == view["goal"] == raw[0]["task"]
     assert [s["action"] for s in view["steps"]] == [d["action"] for d in raw]
     assert [s["description"] for s in view["steps"]] == [describe_action(parse_action(d["action"])) for d in raw]
