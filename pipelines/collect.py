@@ -50,7 +50,7 @@ class CollectConfig:
     noise: float
     out: str
     behavior: dict[str, float] = field(default_factory=lambda: dict(IMPATIENT))  # π_β's heuristic weights changed from Scores
-    gamma: float = 0.95
+    gamma: float = 0.5  # params.yaml's γ (the CLI without a params file uses it too)
     history: int = 1  # previous actions in the observation text (official Digi-Q: 1)
     shard_episodes: int = 10  # episodes per shard (the unit of resumption)
     time_limit_s: float = 60.0  # MiniWoB episode clock (its default, 10 s, times out slow policies)
