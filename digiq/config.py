@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from digiq.envs.behavior import IMPATIENT
+from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
 from digiq.report import ReportParams
@@ -66,8 +66,6 @@ class CollectParams(Section):
     @field_validator("behavior")
     @classmethod
     def _behavior(cls, overrides: dict[str, float]) -> dict[str, float]:
-        from digiq.envs.behavior import scores_with
-
         try:
             scores_with(overrides)
         except DigiqError as exc:  # pydantic reports a ValueError with the file and the dotted field

@@ -137,7 +137,7 @@ CANDIDATE_RULE = "semantic_key/v1"  # duplicates by what they do: taps by the el
 def fingerprint(config: EvaluateConfig, method: str) -> str:
     """Short hash of everything that changes the episodes of ``method``."""
     parts: dict[str, Any] = {"seed": config.seed, "k": config.k, "noise": config.noise, "max_steps": config.max_steps,
-                             "behavior": dict(sorted(config.behavior.items())),
+                             "behavior": config.behavior,
                              "history": config.history, "time_limit_s": config.time_limit_s, "method": method,
                              "candidate_rule": CANDIDATE_RULE}
     if method not in BASELINES:
