@@ -70,7 +70,7 @@ class EvaluateConfig:
             methods=list(ev.methods), tasks=list(ev.tasks or col.tasks), episodes=ev.episodes_per_task, seed=ev.seed,
             collect_seed=col.seed, collect_tasks=list(col.tasks), collect_episodes=col.episodes_per_task, k=ev.k,
             noise=col.noise if ev.noise is None else ev.noise, max_steps=ev.max_steps or col.max_steps,
-            behavior=dict(col.behavior),
+            behavior=dict(col.behavior), history=col.history,
             workers=ev.workers, time_limit_s=ev.time_limit_s, episodes_per_unit=ev.episodes_per_unit, actors=ev.actors,
             features=live_features(params), shards=ev.shards, out=ev.out, plots=ev.plots,
         )

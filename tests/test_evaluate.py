@@ -112,6 +112,15 @@ def test_from_params_uses_collect_defaults():
     assert (cfg.features.layer, cfg.features.pooling, cfg.features.dtype) == (p.embed.layer, p.embed.pooling, p.embed.dtype)
 
 
+
+def test_live_observation_quotes_as_many_actions_as_the_data():
+    # the policies were trained on observations with collect.history previous actions: live ones must match
+    p = Params()
+    longer = p.model_copy(update={"collect": p.collect.model_copy(update={"history": 8})})
+    cfg, cfg8 = stage.EvaluateConfig.from_params(p), stage.EvaluateConfig.from_params(longer)
+    assert (cfg.history, cfg8.history) == (p.collect.history, 8)
+    assert stage.fingerprint(cfg, "behavior") != stage.fingerprint(cfg8, "behavior")
+
 def _fake_shards(cfg: stage.EvaluateConfig, successes: dict[str, list[bool]]) -> None:
     """Write finished shards by hand (the format run() writes), so summarising needs no browser."""
     for method, wins in successes.items():
