@@ -21,6 +21,7 @@ def build(
     out: Path | None = typer.Option(None, "--out", help="checkpoint folder to write, replaced atomically [params: model.base]"),
     image_size: int | None = typer.Option(None, "--image-size", help="working resolution in px, a multiple of 14 (112 → 64 image tokens) [params: model.image_size]"),
     seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector) [params: model.seed]"),
+    prompt_order: str | None = typer.Option(None, "--prompt-order", help="image_first | state_first: screenshot before or after the state text, recorded in config.json [params: model.prompt_order]"),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings, seeded Llama layers)."""
@@ -30,8 +31,9 @@ def build(
     out = pick(out, Path(cfg.base))
     image_size = pick(image_size, cfg.image_size)
     seed = pick(seed, cfg.seed)
-    record = run(out, image_size=image_size, seed=seed)
-    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}")
+    prompt_order = pick(prompt_order, cfg.prompt_order)
+    record = run(out, image_size=image_size, seed=seed, prompt_order=prompt_order)
+    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}, prompt order {prompt_order}")
 
 
 @app.command("info")
@@ -53,6 +55,7 @@ def info(
         typer.echo(f"  {part}: " + ", ".join(f"{k}={v}" for k, v in summary[part].items()))
     typer.echo(f"  image tokens: {summary['image_seq_length']} (feature layer {summary['vision_feature_layer']}, "
                f"strategy {summary['vision_feature_select_strategy']}, token id {summary['image_token_id']})")
+    typer.echo(f"  prompt order: {summary['prompt_order']}")
     build = summary.get("digiq_build")
     if build:
         typer.echo(f"  digiq build: seed {build['config']['seed']}, pretrained: "

@@ -108,6 +108,7 @@ class ModelParams(Section):
     base: str = Field("models/base", description="'models/base' (embedded default, built by a stage) or a local HF LLaVA checkpoint path")
     image_size: int = Field(112, ge=14, description="working resolution of the embedded default's vision tower")
     seed: int = Field(0, ge=0, description="seed for building the embedded default")
+    prompt_order: Literal["image_first", "state_first"] = Field("image_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
 
 

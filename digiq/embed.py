@@ -125,7 +125,7 @@ class VLMExtractor:
 
         import torch
 
-        prompts = [state_prompt(g, o) for g, o in zip(goals, observations, strict=True)]
+        prompts = [state_prompt(g, o, self.vlm.prompt_order) for g, o in zip(goals, observations, strict=True)]
         with torch.inference_mode():
             out = self.vlm.forward_features(tokens, prompts, layer=self.layer, pooling=self.pooling,
                                             batch_size=self.batch_size)
@@ -137,7 +137,7 @@ class VLMExtractor:
 
         import torch
 
-        prompts = build_prompts(goal, observation, actions, marker="patch")
+        prompts = build_prompts(goal, observation, actions, marker="patch", order=self.vlm.prompt_order)
         with torch.inference_mode():
             out = self.vlm.forward_features(tokens, prompts, actions, layer=self.layer, pooling=self.pooling,
                                             image_sizes=[size], batch_size=self.batch_size)

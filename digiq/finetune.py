@@ -69,7 +69,8 @@ class Examples:
         return len(self.labels)
 
 
-def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker: str = "patch") -> Examples:
+def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker: str = "patch",
+                  order: str = "image_first") -> Examples:
     """Join the label table to the dataset's steps and build one prompt per transition.
 
     A label row naming a step that the dataset does not hold is a :class:`DigiqError` on the label file."""
@@ -89,7 +90,8 @@ def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker
         index.append(image_of[sha])
         action = dataset.action(row._asdict())
         actions.append(action)
-        prompts.append(build_prompt(row.goal, row.observation, action, None, marker=marker))  # type: ignore[arg-type]
+        prompts.append(build_prompt(row.goal, row.observation, action, None, marker=marker,  # type: ignore[arg-type]
+                                    order=order))  # type: ignore[arg-type]
     from PIL import Image
 
     for rel, _sha in images:  # the PNG header only (contents are checked when the vision cache decodes them)

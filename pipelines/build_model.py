@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 
-def run(out: Path, image_size: int = 112, seed: int = 0) -> dict:
+def run(out: Path, image_size: int = 112, seed: int = 0, prompt_order: str = "image_first") -> dict:
     """Build the default VLM into ``out`` (replaced atomically) and return its build record."""
     from digiq.runtime import set_threads
     from digiq.vlm.build import BUILD_FILE, build_default_vlm
 
     set_threads()
-    path = build_default_vlm(Path(out), image_size=image_size, seed=seed)
+    path = build_default_vlm(Path(out), image_size=image_size, seed=seed, prompt_order=prompt_order)
     return json.loads((path / BUILD_FILE).read_text())

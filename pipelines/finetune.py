@@ -61,9 +61,9 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     dtype = dtype_from_name(p.dtype, device)
     data = Dataset(dataset)
     table = read_labels(labels)
-    examples = F.load_examples(data, table, labels, marker=p.marker)
-    train_idx, val_idx = F.split_by_trajectory(examples.traj_ids, p.val_fraction, p.seed)
     vlm = load_vlm(base, dtype=p.base_dtype, device=device)  # trained weights stay fp32; bf16 compute via autocast
+    examples = F.load_examples(data, table, labels, marker=p.marker, order=vlm.prompt_order)
+    train_idx, val_idx = F.split_by_trajectory(examples.traj_ids, p.val_fraction, p.seed)
     say(f"{len(examples)} transitions ({len(train_idx)} train / {len(val_idx)} val, by trajectory), "
         f"{len(examples.images)} distinct screenshots, on {device}, compute dtype {str(dtype).removeprefix('torch.')}")
 
@@ -84,7 +84,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
                        batch_size=p.batch_size, seed=p.seed, checkpoint_every=p.checkpoint_every,
                        max_train_seconds=p.max_train_seconds)
     data_hash = data_fingerprint(data, labels)
-    fingerprint = _run_fingerprint(p, data_hash, base)
+    fingerprint = _run_fingerprint(p, data_hash, base, vlm.prompt_order)
     model = F.make_trainable(vlm, spec)
     from digiq.vlm.model import VLM
 
@@ -126,6 +126,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
                          "val_balanced_accuracy": probe["balanced_accuracy"]},
         "history": trainer.state.history,
         "completed": finished,
+        "prompt_order": vlm.prompt_order,
         "data": {"transitions": len(examples), "train": int(len(train_idx)), "val": int(len(val_idx)),
                  "train_trajectories": len({examples.traj_ids[i] for i in train_idx}),
                  "val_trajectories": len({examples.traj_ids[i] for i in val_idx}),
@@ -165,13 +166,14 @@ def final_validation(trainer: Any, finished: bool, val_idx: Any) -> dict[str, fl
     return trainer.evaluate(val_idx)
 
 
-def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path) -> str:
-    """A checkpoint resumes only a run with the same data, base model and training params."""
+def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path, prompt_order: str) -> str:
+    """A checkpoint resumes only a run with the same data, base model, prompt order and training params."""
     import hashlib
 
     keys = {k: v for k, v in p.model_dump().items() if k not in ("max_train_seconds", "out", "metrics", "live_dir",
                                                                  "checkpoint_dir", "device")}
-    blob = json.dumps({"params": keys, "data": data_hash, "base": str(Path(base).resolve())}, sort_keys=True)
+    blob = json.dumps({"params": keys, "data": data_hash, "base": str(Path(base).resolve()),
+                       "prompt_order": prompt_order}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -207,6 +209,7 @@ def model_card(p: FinetuneParams, base: str | Path, m: dict[str, Any]) -> str:
 
 Base model: `{base}`. Fine-tuned ({p.mode}) to answer "will this action change the screen?" (Yes/No) on
 ε-labels of visual change, class-weighted cross-entropy on the answer token. Vision tower frozen.
+Prompt order: `{m['prompt_order']}` (inherited from the base model's config; read the model with the same order).
 Load with `digiq.vlm.load_vlm("{p.out}")`{" or the base model plus `adapter/`" if p.mode == "lora" else ""}.
 
 ## Data

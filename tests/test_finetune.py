@@ -18,14 +18,19 @@ from digiq.pipelines.finetune import FinetuneParams, run
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 from digiq.vlm.load import load_vlm
+from digiq.vlm.prompts import ORDER_KEY
 
 N_TRAJ, N_STEPS = 8, 4
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A tiny LLaVA-1.5-shaped checkpoint (CLIP vision, Llama text) with the default model's tokenizer."""
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny-base"), text_layers=2)
+    """A tiny LLaVA-1.5-shaped checkpoint (CLIP vision, Llama text) with the default model's tokenizer, prompted
+    state text first (the non-default order, which the fine-tuned model must inherit)."""
+    path = save_tiny_llava(tmp_path_factory.mktemp("tiny-base"), text_layers=2)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, ORDER_KEY: "state_first"}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +107,10 @@ def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
     merged = load_vlm(out, dtype="float32", device="cpu")
     adapted = load_vlm(base, dtype="float32", device="cpu", adapter=out / "adapter")
     plain = load_vlm(base, dtype="float32", device="cpu")
+    assert merged.prompt_order == adapted.prompt_order == metrics["prompt_order"] == "state_first"
     ds = Dataset(data[0])
-    ex = F.load_examples(ds, pd.read_parquet(data[1]), data[1])
+    ex = F.load_examples(ds, pd.read_parquet(data[1]), data[1], order=merged.prompt_order)
+    assert ex.prompts[0].startswith("USER: Goal: press the top button\n<image>")
     rows = np.arange(8)
     logits = []
     for vlm in (merged, adapted, plain):

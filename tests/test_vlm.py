@@ -244,6 +244,48 @@ def test_gradients_reach_lora_and_projector(base_path):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5)
 
 
+# ---------------------------------------------------------------- prompt order
+def test_prompt_order_travels_with_the_checkpoint(base_path, vlm, tokens, tmp_path):
+    import shutil
+
+    from digiq.vlm.build import DefaultVLMConfig, default_config
+
+    assert json.loads((base_path / "config.json").read_text())[P.ORDER_KEY] == "image_first" == vlm.prompt_order
+    assert getattr(default_config(DefaultVLMConfig(prompt_order="state_first"), 100, 99,
+                                  {"pad": 0, "bos": 1, "eos": 2}), P.ORDER_KEY) == "state_first"
+    with pytest.raises(DigiqError, match="prompt order"):
+        default_config(DefaultVLMConfig(prompt_order="text_first"), 100, 99, {"pad": 0, "bos": 1, "eos": 2})
+
+    state_first = tmp_path / "state-first"
+    shutil.copytree(base_path, state_first)
+    _set_config(state_first, **{P.ORDER_KEY: "state_first"})
+    sf = load_vlm(state_first, dtype="float32", device="cpu")
+    assert sf.prompt_order == "state_first"
+    prompts = P.build_prompts(GOAL, OBS, ACTIONS, order="state_first")
+    assert prompts[0].startswith(f"USER: {OBS}\n{P.IMAGE}\nAction:")
+    img = screenshot()
+    with torch.no_grad():
+        full = sf.full_forward([img], [P.build_prompt(GOAL, OBS, ACTIONS[1], marker="none", order="state_first")])
+        ours = sf.candidate_features(img, GOAL, OBS, [ACTIONS[1]], marker="none", layers=[2], image_tokens=tokens)
+        cached = sf.forward(tokens, prompts, ACTIONS, layers=[2], image_sizes=[img.size], batch_size=4)
+        plain = sf.forward(tokens, prompts, ACTIONS, layers=[2], image_sizes=[img.size], prefix_cache=False)
+        image_first = vlm.forward(tokens, P.build_prompts(GOAL, OBS, ACTIONS), ACTIONS, layers=[2],
+                                  image_sizes=[img.size])
+    torch.testing.assert_close(ours.features[2], full.hidden_states[2][:, -1].float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached.features[2], plain.features[2], rtol=0, atol=2e-5)
+    assert not torch.allclose(cached.features[2], image_first.features[2], atol=1e-3)
+
+    _set_config(state_first, **{P.ORDER_KEY: "text_first"})
+    with pytest.raises(DigiqError, match=P.ORDER_KEY) as err:
+        load_vlm(state_first, dtype="float32", device="cpu")
+    assert "config.json" in str(err.value)
+
+
+def _set_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 # ---------------------------------------------------------------- any LLaVA-style checkpoint
 def test_tiny_llava_checkpoint_loads_and_matches(tmp_path):
     """A LLaVA-1.5-shaped model (CLIP vision, feature layer -2, centre-cropping processor), saved and loaded."""

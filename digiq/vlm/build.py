@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
+from digiq.vlm.prompts import ORDER_KEY, PROMPT_ORDERS
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -48,6 +49,7 @@ class DefaultVLMConfig:
     text_heads: int = 6  # attention heads (head dim 64)
     text_intermediate: int = 1536  # Llama MLP width
     max_positions: int = 1024  # rope positions the config declares (image tokens + prompt)
+    prompt_order: str = "image_first"  # recorded in config.json: how the model is prompted (digiq.vlm.prompts)
 
 
 def minilm_dir() -> Path:
@@ -115,6 +117,9 @@ def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, 
     if cfg.image_size % PATCH_SIZE or cfg.image_size <= 0:
         raise DigiqError(f"image size {cfg.image_size} must be a positive multiple of {PATCH_SIZE}",
                          field="image_size")
+    if cfg.prompt_order not in PROMPT_ORDERS:
+        raise DigiqError(f"unknown prompt order {cfg.prompt_order!r} (expected one of {', '.join(PROMPT_ORDERS)})",
+                         field="prompt_order")
     vision = dinov2_config(cfg.image_size)
     vision.tie_last_hidden_states = True  # hidden_states[-1] = the backbone's normalised output
     text = LlamaConfig(
@@ -128,7 +133,7 @@ def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, 
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=n_patches,
         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-        multimodal_projector_bias=True, tie_word_embeddings=True,
+        multimodal_projector_bias=True, tie_word_embeddings=True, **{ORDER_KEY: cfg.prompt_order},
     )
 
 
@@ -225,4 +230,5 @@ A small LLaVA-architecture model built offline and deterministically by `digiq m
 
 Load with `digiq.vlm.load.load_vlm(path)` or `AutoProcessor.from_pretrained(path)` +
 `AutoModelForImageTextToText.from_pretrained(path)`. Pad screenshots to a square before processing.
+Prompt order: `{cfg['prompt_order']}` (config.json `{ORDER_KEY}`; see `digiq.vlm.prompts`).
 """

@@ -91,6 +91,8 @@ def model_info(path: str | Path) -> dict[str, Any]:
     headers), architecture and the main config values."""
     import json
 
+    from digiq.vlm.prompts import ORDER_KEY
+
     path = Path(path).expanduser()
     if not path.is_dir():
         raise DigiqError("no model folder here", file=path)
@@ -113,6 +115,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "vision_feature_select_strategy": config.get("vision_feature_select_strategy"),
         "image_token_id": config.get("image_token_id", config.get("image_token_index")),
         "image_seq_length": config.get("image_seq_length"),
+        "prompt_order": config.get(ORDER_KEY, "image_first"),
     }
     build = path / "digiq_build.json"
     if build.is_file():

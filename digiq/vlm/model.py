@@ -98,6 +98,7 @@ class VLM:
         mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
         self.pad_fill = tuple(int(round(255 * m)) for m in mean)
         self.answer_ids = self._answer_token_ids()
+        self.prompt_order: P.PromptOrder = self._prompt_order()
         self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ images
@@ -217,7 +218,7 @@ class VLM:
         """f(s, a) for the candidates of one state. ``marker``: "patch" (tap slot, screenshot encoded once —
         pass ``image_tokens`` to reuse an encoding), "none" (text only) or "draw" (marker drawn on the
         screenshot and the screenshot re-encoded per candidate: slow, the official way)."""
-        prompts = P.build_prompts(goal, observation, actions, targets, marker=marker)
+        prompts = P.build_prompts(goal, observation, actions, targets, marker=marker, order=self.prompt_order)
         if marker == "draw":
             tokens = self.encode_images([draw_tap_marker(image, a) for a in actions])
             return self.forward(tokens, prompts, actions, layers=layers, pooling=pooling, yes_no=yes_no, **kwargs)
@@ -229,7 +230,7 @@ class VLM:
                        layers: Sequence[int] = (-1,), pooling: Pooling = "last",
                        image_tokens: torch.Tensor | None = None, **kwargs: Any) -> VLMOutput:
         """f(s) for a batch of states (one screenshot each), from :func:`~digiq.vlm.prompts.state_prompt`."""
-        prompts = [P.state_prompt(g, o) for g, o in zip(goals, observations, strict=True)]
+        prompts = [P.state_prompt(g, o, self.prompt_order) for g, o in zip(goals, observations, strict=True)]
         tokens = image_tokens if image_tokens is not None else self.encode_images(images)
         return self.forward(tokens, prompts, layers=layers, pooling=pooling, **kwargs)
 
@@ -250,6 +251,13 @@ class VLM:
         if not 0 <= idx <= self.num_layers:
             raise ValueError(f"layer {k} is outside 0..{self.num_layers} (or -1..-{self.num_layers + 1})")
         return idx
+
+    def _prompt_order(self) -> P.PromptOrder:
+        order = getattr(self.config, P.ORDER_KEY, "image_first")
+        if order not in P.PROMPT_ORDERS:
+            raise DigiqError(f"unknown prompt order {order!r} (expected one of {', '.join(P.PROMPT_ORDERS)})",
+                             file=self.path / "config.json" if self.path else None, field=P.ORDER_KEY)
+        return order
 
     def _answer_token_ids(self) -> tuple[int, int]:
         """Token ids of the first token of " Yes"/" No" right after "ASSISTANT:" (tokenizer-independent)."""

@@ -14,6 +14,10 @@ A prompt is one string in the LLaVA-1.5 conversation form::
   on the screenshot instead).
 - Everything before "Action:" depends on the state only, so all candidates of a state share that prefix
   (the VLM computes it once).
+- The prompt order (:data:`PROMPT_ORDERS`) puts the screenshot before the state text (``image_first``, LLaVA's
+  and the official form, above) or after it (``state_first``: ``USER: <state text>\n<image>\n<action>``). A
+  checkpoint records its order in its config (:data:`ORDER_KEY`), so that it is always read the way it was
+  built and fine-tuned; a checkpoint without the key is ``image_first``.
 - The answer the model is asked for is the next token after "ASSISTANT:": :data:`ANSWERS`.
 """
 
@@ -28,12 +32,18 @@ if TYPE_CHECKING:
     from digiq.schema import Action
 
 Marker = Literal["patch", "draw", "none"]
+PromptOrder = Literal["image_first", "state_first"]
 MARKERS: tuple[str, ...] = ("patch", "draw", "none")
 
 IMAGE = "<image>"
 TAP_SLOT = "<tap>"
 ANSWERS = ("Yes", "No")
-TEMPLATE = "USER: {image}\n{state}\n{action} ASSISTANT:"
+TEMPLATES: dict[str, str] = {
+    "image_first": "USER: {image}\n{state}\n{action} ASSISTANT:",
+    "state_first": "USER: {state}\n{image}\n{action} ASSISTANT:",
+}
+PROMPT_ORDERS: tuple[str, ...] = tuple(TEMPLATES)
+ORDER_KEY = "digiq_prompt_order"  # the config.json attribute naming a checkpoint's prompt order
 
 QUESTIONS = {
     "tap": "Will tapping there change the screen? Answer Yes or No.",
@@ -71,25 +81,33 @@ def action_text(action: Action, target: str | None = None, marker: Marker = "pat
     return f"{text}. {QUESTIONS[kind]}"
 
 
+def template(order: PromptOrder) -> str:
+    """The conversation template of a prompt order."""
+    if order not in TEMPLATES:
+        raise ValueError(f"unknown prompt order {order!r} (expected one of {', '.join(PROMPT_ORDERS)})")
+    return TEMPLATES[order]
+
+
 def build_prompt(goal: str, observation: str, action: Action, target: str | None = None,
-                 marker: Marker = "patch") -> str:
+                 marker: Marker = "patch", order: PromptOrder = "image_first") -> str:
     """The full prompt for one (state, action) pair."""
     if marker not in MARKERS:
         raise ValueError(f"unknown marker {marker!r} (expected one of {', '.join(MARKERS)})")
-    return TEMPLATE.format(image=IMAGE, state=state_text(goal, observation),
-                           action=action_text(action, target, marker))
+    return template(order).format(image=IMAGE, state=state_text(goal, observation),
+                                  action=action_text(action, target, marker))
 
 
 def build_prompts(goal: str, observation: str, actions: Sequence[Action],
-                  targets: Sequence[str | None] | None = None, marker: Marker = "patch") -> list[str]:
+                  targets: Sequence[str | None] | None = None, marker: Marker = "patch",
+                  order: PromptOrder = "image_first") -> list[str]:
     """Prompts for the candidates of one state (they share the state prefix)."""
     targets = list(targets) if targets is not None else [None] * len(actions)
     if len(targets) != len(actions):
         raise ValueError(f"{len(actions)} actions but {len(targets)} targets")
-    return [build_prompt(goal, observation, a, t, marker) for a, t in zip(actions, targets, strict=True)]
+    return [build_prompt(goal, observation, a, t, marker, order) for a, t in zip(actions, targets, strict=True)]
 
 
-def state_prompt(goal: str, observation: str) -> str:
+def state_prompt(goal: str, observation: str, order: PromptOrder = "image_first") -> str:
     """A prompt for the state alone (f(s)): the image and the state text, no action."""
-    return TEMPLATE.format(image=IMAGE, state=state_text(goal, observation),
-                           action="What will the next action be?")
+    return template(order).format(image=IMAGE, state=state_text(goal, observation),
+                                  action="What will the next action be?")
