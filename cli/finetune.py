@@ -36,6 +36,10 @@ def finetune(
     overrides = {"out": out, "mode": mode, "epochs": epochs, "lr": lr, "dtype": dtype, "metrics": metrics}
     p = stage.FinetuneParams.model_validate({**p.model_dump(), **{k: str(v) if isinstance(v, Path) else v
                                                                   for k, v in overrides.items() if v is not None}})
+    if base is None:  # an explicit --base is taken as it is
+        from digiq.vlm.load import check_prompt_order
+
+        check_prompt_order(cfg.model.base, cfg.model.prompt_order)
     m = stage.run(pick(dataset, Path(cfg.collect.out)), pick(labels, Path(cfg.label.out)),
                   pick(base, Path(cfg.model.base)), p, progress=True, report=typer.echo)
     if m is None:  # a non-main process of `accelerate launch` (the main one writes and reports)

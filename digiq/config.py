@@ -108,7 +108,7 @@ class ModelParams(Section):
     base: str = Field("models/base", description="'models/base' (embedded default, built by a stage) or a local HF LLaVA checkpoint path")
     image_size: int = Field(112, ge=14, description="working resolution of the embedded default's vision tower")
     seed: int = Field(0, ge=0, description="seed for building the embedded default")
-    prompt_order: Literal["image_first", "state_first"] = Field("image_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow")
+    prompt_order: Literal["image_first", "state_first"] = Field("state_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow (state_first fine-tunes faster on the default data: docs/results.md)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
 
 
@@ -175,7 +175,7 @@ class FinetuneParams(Section):
     marker: Literal["patch", "draw", "none"] = Field("patch", description="how a tap's location enters the prompt: 'patch' (the projected patch under the point, no re-encoding) or 'none'")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (1e-3 and 3e-3 collapsed to one class in epoch 1 on realmini60)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    epochs: int = Field(3, ge=1, description="passes over the training split (default data, held-out balanced accuracy after epochs 1-4: 0.602, 0.691, 0.755, 0.789; linear probe 0.781)")
+    epochs: int = Field(4, ge=1, description="passes over the training split (default data, held-out balanced accuracy after epochs 1-6: 0.592, 0.780, 0.790, 0.856, 0.833, 0.849, linear probe 0.778; prompted image_first: 0.602, 0.691, 0.755, 0.789 for epochs 1-4, probe 0.781)")
     batch_size: int = Field(16, ge=1, description="transitions per optimizer step")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of trajectories held out for validation (split by trajectory)")
     seed: int = Field(0, ge=0, description="seeds the split, LoRA init and batch order")

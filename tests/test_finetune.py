@@ -159,3 +159,19 @@ def test_labels_naming_missing_steps_name_file_and_field(base, data, tmp_path):
         run(data[0], bad, base, params(tmp_path))
     assert err.value.file is not None and str(bad) in str(err.value) and "step_id" in str(err.value)
     assert "nowhere" in str(err.value) and not (tmp_path / "model").exists()
+
+
+def test_the_stage_refuses_a_base_prompted_in_another_order(base, data, tmp_path):
+    from typer.testing import CliRunner
+
+    from digiq.cli.main import app
+    from digiq.config import Params, params_yaml
+
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(params_yaml(Params(model={"base": str(base), "prompt_order": "image_first"})))
+    result = CliRunner().invoke(app, ["finetune", "--params", str(params_path), "--dataset", str(data[0]),
+                                      "--labels", str(data[1]), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 2, result.output
+    assert f"{base}/config.json: {ORDER_KEY}: the checkpoint is prompted state_first but model.prompt_order is " \
+           "image_first" in " ".join(result.output.split())
+    assert not (tmp_path / "model").exists()

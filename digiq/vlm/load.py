@@ -123,6 +123,19 @@ def model_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def check_prompt_order(path: str | Path, expected: str) -> None:
+    """The checkpoint at ``path`` must be prompted in the order params.yaml names (``model.prompt_order``): a
+    model is read the way it was built and fine-tuned, so a disagreement is an error, not a silent choice."""
+    from digiq.vlm.prompts import ORDER_KEY
+
+    actual = model_info(path)["prompt_order"]
+    if actual != expected:
+        raise DigiqError(f"the checkpoint is prompted {actual} but model.prompt_order is {expected}: rebuild the "
+                         f"default (`digiq model build`) or set model.prompt_order: {actual} (a checkpoint "
+                         f"without {ORDER_KEY} is image_first, LLaVA's own order)",
+                         file=Path(path) / "config.json", field=ORDER_KEY)
+
+
 def _safetensors_params(path: Path) -> tuple[int, set[str]]:
     import json
     import math
