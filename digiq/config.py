@@ -182,7 +182,7 @@ class FinetuneParams(Section):
     probe_layer: int = Field(2, description="hidden_states layer of the frozen off-the-shelf model for the linear-probe baseline (last token of the prompt)")
     checkpoint_every: int = Field(20, ge=1, description="optimizer steps between checkpoints (plus one per epoch)")
     checkpoint_dir: str = Field("models/finetune-ckpt", description="checkpoint folder (resume after an interruption)")
-    max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time (the default run needs ~11 min on 2 cores); a run that hits it stops, says so and records completed: false")
+    max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time (the default run trains for ~5 min on 2 bf16 cores); a run that hits it stops, says so and records completed: false")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto = bf16 autocast where faster here (fp32 master weights)")
     device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N; under accelerate launch each process takes its own GPU")
     base_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage dtype of the frozen base weights (bfloat16 halves a 7B model's memory; LoRA mode only, the trained weights stay float32)")
