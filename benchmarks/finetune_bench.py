@@ -36,13 +36,14 @@ def main() -> None:
     from digiq.labels import read_labels
     from digiq.runtime import choose_dtype, cpu_flags, seed_everything, set_threads
     from digiq.store import Dataset
-    from digiq.vlm.load import load_vlm
+    from digiq.vlm.load import load_vlm, model_info
     from digiq.vlm.model import VLM
 
     threads = set_threads(args.threads)
     data = Dataset(args.dataset)
     n = args.batch_size * (args.steps + args.warmup)
-    examples = F.load_examples(data, read_labels(args.labels).iloc[:n], args.labels)
+    examples = F.load_examples(data, read_labels(args.labels).iloc[:n], args.labels,
+                               order=model_info(args.base)["prompt_order"])
     rows = np.arange(len(examples))
     results = {}
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
