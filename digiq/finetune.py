@@ -90,8 +90,8 @@ def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker
         index.append(image_of[sha])
         action = dataset.action(row._asdict())
         actions.append(action)
-        prompts.append(build_prompt(row.goal, row.observation, action, None, marker=marker,  # type: ignore[arg-type]
-                                    order=order))  # type: ignore[arg-type]
+        prompts.append(build_prompt(row.goal, row.observation, action, None,  # type: ignore[arg-type]
+                                    marker=marker, order=order))  # type: ignore[arg-type]
     from PIL import Image
 
     for rel, _sha in images:  # the PNG header only (contents are checked when the vision cache decodes them)

@@ -255,8 +255,8 @@ class VLM:
     def _prompt_order(self) -> P.PromptOrder:
         order = getattr(self.config, P.ORDER_KEY, "image_first")
         if order not in P.PROMPT_ORDERS:
-            raise DigiqError(f"unknown prompt order {order!r} (expected one of {', '.join(P.PROMPT_ORDERS)})",
-                             file=self.path / "config.json" if self.path else None, field=P.ORDER_KEY)
+            raise DigiqError(P.unknown_order(order), file=self.path / "config.json" if self.path else None,
+                             field=P.ORDER_KEY)
         return order
 
     def _answer_token_ids(self) -> tuple[int, int]:

@@ -81,10 +81,15 @@ def action_text(action: Action, target: str | None = None, marker: Marker = "pat
     return f"{text}. {QUESTIONS[kind]}"
 
 
+def unknown_order(order: str) -> str:
+    """The message for a prompt order that is not one of :data:`PROMPT_ORDERS`."""
+    return f"unknown prompt order {order!r} (expected one of {', '.join(PROMPT_ORDERS)})"
+
+
 def template(order: PromptOrder) -> str:
     """The conversation template of a prompt order."""
     if order not in TEMPLATES:
-        raise ValueError(f"unknown prompt order {order!r} (expected one of {', '.join(PROMPT_ORDERS)})")
+        raise ValueError(unknown_order(order))
     return TEMPLATES[order]
 
 
