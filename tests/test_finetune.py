@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_llava import save_tiny_llava
+from tiny_llava import save_tiny_llava, set_config
 
 from digiq import finetune as F
 from digiq.errors import DigiqError
@@ -28,8 +28,7 @@ def base(tmp_path_factory) -> Path:
     """A tiny LLaVA-1.5-shaped checkpoint (CLIP vision, Llama text) with the default model's tokenizer, prompted
     state text first (the non-default order, which the fine-tuned model must inherit)."""
     path = save_tiny_llava(tmp_path_factory.mktemp("tiny-base"), text_layers=2)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, ORDER_KEY: "state_first"}))
+    set_config(path, **{ORDER_KEY: "state_first"})
     return path
 
 

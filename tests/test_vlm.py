@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
-from tiny_llava import save_tiny_llava
+from tiny_llava import save_tiny_llava, set_config
 
 from digiq.errors import DigiqError
 from digiq.schema import Action
@@ -258,7 +258,7 @@ def test_prompt_order_travels_with_the_checkpoint(base_path, vlm, tokens, tmp_pa
 
     state_first = tmp_path / "state-first"
     shutil.copytree(base_path, state_first)
-    _set_config(state_first, **{P.ORDER_KEY: "state_first"})
+    set_config(state_first, **{P.ORDER_KEY: "state_first"})
     sf = load_vlm(state_first, dtype="float32", device="cpu")
     assert sf.prompt_order == "state_first"
     prompts = P.build_prompts(GOAL, OBS, ACTIONS, order="state_first")
@@ -275,15 +275,10 @@ def test_prompt_order_travels_with_the_checkpoint(base_path, vlm, tokens, tmp_pa
     torch.testing.assert_close(cached.features[2], plain.features[2], rtol=0, atol=2e-5)
     assert not torch.allclose(cached.features[2], image_first.features[2], atol=1e-3)
 
-    _set_config(state_first, **{P.ORDER_KEY: "text_first"})
+    set_config(state_first, **{P.ORDER_KEY: "text_first"})
     with pytest.raises(DigiqError, match=P.ORDER_KEY) as err:
         load_vlm(state_first, dtype="float32", device="cpu")
     assert "config.json" in str(err.value)
-
-
-def _set_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
 # ---------------------------------------------------------------- any LLaVA-style checkpoint

@@ -3,6 +3,7 @@ AutoModelForImageTextToText) on a model small enough to build, save and run in s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -34,3 +35,9 @@ def save_tiny_llava(path: Path, text_layers: int = 3) -> Path:
                    tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1).save_pretrained(path)
     return path
+
+
+def set_config(folder: Path, **changes: object) -> None:
+    """Rewrite keys of a saved checkpoint's config.json (e.g. its recorded prompt order)."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))

@@ -91,7 +91,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     headers), architecture and the main config values."""
     import json
 
-    from digiq.vlm.prompts import ORDER_KEY
+    from digiq.vlm.prompts import ORDER_KEY, UNRECORDED_ORDER
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -115,7 +115,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "vision_feature_select_strategy": config.get("vision_feature_select_strategy"),
         "image_token_id": config.get("image_token_id", config.get("image_token_index")),
         "image_seq_length": config.get("image_seq_length"),
-        "prompt_order": config.get(ORDER_KEY, "image_first"),
+        "prompt_order": config.get(ORDER_KEY, UNRECORDED_ORDER),
     }
     build = path / "digiq_build.json"
     if build.is_file():
@@ -126,13 +126,13 @@ def model_info(path: str | Path) -> dict[str, Any]:
 def check_prompt_order(path: str | Path, expected: str) -> None:
     """The checkpoint at ``path`` must be prompted in the order params.yaml names (``model.prompt_order``): a
     model is read the way it was built and fine-tuned, so a disagreement is an error, not a silent choice."""
-    from digiq.vlm.prompts import ORDER_KEY
+    from digiq.vlm.prompts import ORDER_KEY, UNRECORDED_ORDER
 
     actual = model_info(path)["prompt_order"]
     if actual != expected:
         raise DigiqError(f"the checkpoint is prompted {actual} but model.prompt_order is {expected}: rebuild the "
                          f"default (`digiq model build`) or set model.prompt_order: {actual} (a checkpoint "
-                         f"without {ORDER_KEY} is image_first, LLaVA's own order)",
+                         f"without {ORDER_KEY} is {UNRECORDED_ORDER}, LLaVA's own order)",
                          file=Path(path) / "config.json", field=ORDER_KEY)
 
 

@@ -253,7 +253,7 @@ class VLM:
         return idx
 
     def _prompt_order(self) -> P.PromptOrder:
-        order = getattr(self.config, P.ORDER_KEY, "image_first")
+        order = getattr(self.config, P.ORDER_KEY, P.UNRECORDED_ORDER)
         if order not in P.PROMPT_ORDERS:
             raise DigiqError(P.unknown_order(order), file=self.path / "config.json" if self.path else None,
                              field=P.ORDER_KEY)

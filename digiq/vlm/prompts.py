@@ -44,6 +44,7 @@ TEMPLATES: dict[str, str] = {
 }
 PROMPT_ORDERS: tuple[str, ...] = tuple(TEMPLATES)
 ORDER_KEY = "digiq_prompt_order"  # the config.json attribute naming a checkpoint's prompt order
+UNRECORDED_ORDER: PromptOrder = "image_first"  # the order of a checkpoint without ORDER_KEY (LLaVA's own)
 
 QUESTIONS = {
     "tap": "Will tapping there change the screen? Answer Yes or No.",
