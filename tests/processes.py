@@ -58,15 +58,18 @@ def run_stage(argv: list[str], log: Path, env: dict[str, str] | None = None, tim
 
 def kill_at(proc: multiprocessing.Process, progress: Callable[[], int], events: int, delay: float,
             timeout: float = 300) -> int:
-    """SIGKILL ``proc`` ``delay`` s after ``progress()`` reaches ``events``; fail if it ends first. Returns progress()."""
+    """SIGKILL ``proc`` ``delay`` s after ``progress()`` reaches ``events``, or at event ``events + 1`` if that comes
+    first; fail if the stage ends before. Returns progress().
+
+    Cutting the delay short at the next event keeps the kill inside the work still to do however fast the machine
+    runs the stage: a kill point is "after event k, before event k + 2", never "k events plus a wall-clock time"."""
     deadline = time.monotonic() + timeout
     while progress() < events:
         assert proc.is_alive(), f"the stage ended (exit {proc.exitcode}) before {events} progress events"
         assert time.monotonic() < deadline, f"no {events} progress events in {timeout} s"
         time.sleep(0.003)
     end = time.monotonic() + delay
-    while time.monotonic() < end:
-        progress()  # keep counting replacements while waiting
+    while time.monotonic() < end and progress() <= events:
         time.sleep(0.003)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
