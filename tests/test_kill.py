@@ -3,8 +3,8 @@
 For finetune, embed, critic and evaluate (collect: tests/test_collect.py) the real `digiq <stage>` runs in its
 own process on a small configuration. One uninterrupted run is the reference; another is killed at two
 points — once a seeded-random number of progress events (checkpoints, chunks, shards) has been seen, plus a
-seeded-random delay cut short by the next event — re-run after each kill, then run to completion. Each kill must land before the stage's
-final output exists. Afterwards: the outputs equal the reference (file hashes for data, metrics without
+seeded-random delay cut short by the next event — re-run after each kill, then run to completion. Each kill must
+land before the stage's final output exists. Afterwards: the outputs equal the reference (file hashes for data, metrics without
 timings for training), no temporary file of an atomic write is left, and no digiq browser survives.
 """
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
-from digiq.vlm.prompts import ORDER_KEY, PROMPT_ORDERS, unknown_order
+from digiq.vlm.prompts import ORDER_KEY, checked_order
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -117,8 +117,7 @@ def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, 
     if cfg.image_size % PATCH_SIZE or cfg.image_size <= 0:
         raise DigiqError(f"image size {cfg.image_size} must be a positive multiple of {PATCH_SIZE}",
                          field="image_size")
-    if cfg.prompt_order not in PROMPT_ORDERS:
-        raise DigiqError(unknown_order(cfg.prompt_order), field="prompt_order")
+    checked_order(cfg.prompt_order, field="prompt_order")
     vision = dinov2_config(cfg.image_size)
     vision.tie_last_hidden_states = True  # hidden_states[-1] = the backbone's normalised output
     text = LlamaConfig(

@@ -253,11 +253,8 @@ class VLM:
         return idx
 
     def _prompt_order(self) -> P.PromptOrder:
-        order = getattr(self.config, P.ORDER_KEY, P.UNRECORDED_ORDER)
-        if order not in P.PROMPT_ORDERS:
-            raise DigiqError(P.unknown_order(order), file=self.path / "config.json" if self.path else None,
-                             field=P.ORDER_KEY)
-        return order
+        return P.checked_order(getattr(self.config, P.ORDER_KEY, P.UNRECORDED_ORDER),
+                               file=self.path / "config.json" if self.path else None)
 
     def _answer_token_ids(self) -> tuple[int, int]:
         """Token ids of the first token of " Yes"/" No" right after "ASSISTANT:" (tokenizer-independent)."""

@@ -24,9 +24,11 @@ A prompt is one string in the LLaVA-1.5 conversation form::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from digiq.actions import describe_action
+from digiq.errors import DigiqError
 
 if TYPE_CHECKING:
     from digiq.schema import Action
@@ -85,6 +87,13 @@ def action_text(action: Action, target: str | None = None, marker: Marker = "pat
 def unknown_order(order: str) -> str:
     """The message for a prompt order that is not one of :data:`PROMPT_ORDERS`."""
     return f"unknown prompt order {order!r} (expected one of {', '.join(PROMPT_ORDERS)})"
+
+
+def checked_order(order: str, *, file: str | Path | None = None, field: str = ORDER_KEY) -> PromptOrder:
+    """``order`` itself when it is one of :data:`PROMPT_ORDERS`; otherwise a DigiqError naming ``file`` and ``field``."""
+    if order not in PROMPT_ORDERS:
+        raise DigiqError(unknown_order(order), file=file, field=field)
+    return order  # type: ignore[return-value]
 
 
 def template(order: PromptOrder) -> str:
