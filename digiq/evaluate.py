@@ -12,6 +12,9 @@ Each live step of every evaluated method is built the same way, so methods diffe
          random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
          <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)]) + log n_k   (a trained CandidatePolicy;
                     + log n_k only with its behavior prior, as in training)
+         critic-greedy  argmax_k A(s, a_k) = max(Q1, Q2)(s, a_k) − max(V1, V2)(s)   (the trained critic alone, no
+                    policy and no prior: what Best-of-N extraction would pick with N = K. A diagnostic of the
+                    critic's ranking: it separates a critic that ranks badly from an actor that imitates badly)
     3. f(s) and f(s, a_k) come from the frozen VLM; the screenshot is encoded once per step and every
        candidate reuses the encoding (DESIGN §6).
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:  # kept out of the import path of params loading (`digiq --hel
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 BASELINES = ("behavior", "behavior-mode", "random")  # evaluated without a trained model
+CRITIC_GREEDY = "critic-greedy"  # chooses with the trained critic (evaluate.critic) instead of a policy
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -65,8 +69,10 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "behavior-mode", "random"],
-                               description="trained policies (models/actor/<method>) plus the baselines behavior, behavior-mode and random")
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "critic-greedy", "behavior",
+                                                        "behavior-mode", "random"],
+                               description="trained policies (models/actor/<method>), critic-greedy (argmax A of the critic) "
+                                           "and the baselines behavior, behavior-mode and random")
     tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
     episodes_per_task: int = Field(10, ge=1, description="episodes per (method, task); 50 for the paper-style comparison (5x the episodes)")
     seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
@@ -77,6 +83,7 @@ class EvaluateParams(BaseModel):
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
+    critic: str = Field("models/critic", description="trained critic folder that critic-greedy chooses with")
     shards: str = Field("data/eval", description="per-(method, task, episode block) result shards (resume)")
     out: str = Field("metrics/eval.json", description="evaluation metrics")
     plots: str = Field("plots/eval.csv", description="DVC plot data: method, task, success, CI")
@@ -163,7 +170,7 @@ class EvalPolicy:
     k: int
     noise: float
     featurizer: Any = None  # LiveFeaturizer for trained policies
-    actor: Any = None  # CandidatePolicy for trained policies
+    actor: Any = None  # CandidatePolicy for trained policies, CriticGreedy for critic-greedy
     behavior_scores: dict[str, float] = field(default_factory=dict)  # π_β's changed heuristic weights (collect.behavior)
     behavior: Any = field(init=False)
     rng: np.random.Generator = field(init=False)
@@ -196,6 +203,19 @@ class EvalPolicy:
         return int(self.actor.act(s, cand_sa, mask, count, mode="argmax")[0])
 
 
+class CriticGreedy:
+    """Chooses argmax_k A(s, a_k) of a trained :class:`~digiq.critic.DoubleCritic` (ties: the first-drawn),
+    with :meth:`CandidatePolicy.act`'s signature so that :class:`EvalPolicy` serves both."""
+
+    def __init__(self, critic: Any):
+        self.critic, self.d_s, self.d_sa = critic, critic.d_s, critic.d_sa
+
+    def act(self, s: Any, cand_sa: Any, mask: Any, count: Any, mode: str = "argmax") -> Any:
+        from digiq.critic import advantage, first_argmax
+
+        return first_argmax(advantage(self.critic, s, cand_sa).masked_fill(~mask, math.nan))
+
+
 def _behavior(noise: float, scores: dict[str, float]) -> Any:
     from digiq.envs.behavior import BehaviorPolicy
 
@@ -205,7 +225,8 @@ def _behavior(noise: float, scores: dict[str, float]) -> Any:
 def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None = None,
                       features: dict[str, Any] | None = None, threads: int = 1,
                       behavior: dict[str, float] | None = None) -> EvalPolicy:
-    """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``)."""
+    """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``); ``actor_dir`` is
+    the trained policy's folder, or the critic's for critic-greedy."""
     behavior = dict(behavior or {})
     if method in BASELINES:
         return EvalPolicy(method, k, noise, behavior_scores=behavior)
@@ -213,10 +234,8 @@ def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None =
         raise DigiqError(f"method {method!r} needs a trained policy folder", field="actor_dir")
     import torch
 
-    from digiq.actor import CandidatePolicy
-
     torch.set_num_threads(threads)
-    actor = CandidatePolicy.from_pretrained(actor_dir)
+    actor = _load_chooser(method, actor_dir)
     featurizer = LiveFeaturizer(FeatureParams(**(features or {})))
     dims = (featurizer.extractor.dim_state, featurizer.extractor.dim_candidate)
     if (actor.d_s, actor.d_sa) != dims:
@@ -224,3 +243,13 @@ def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None =
                          f"{featurizer.spec.variant!r} of {featurizer.spec.model} gives {dims}: evaluate with the "
                          f"features the policy was trained on", file=actor_dir, field="features.variant")
     return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor, behavior_scores=behavior)
+
+
+def _load_chooser(method: str, folder: str) -> Any:
+    if method == CRITIC_GREEDY:
+        from digiq.critic import DoubleCritic
+
+        return CriticGreedy(DoubleCritic.from_pretrained(folder))
+    from digiq.actor import CandidatePolicy
+
+    return CandidatePolicy.from_pretrained(folder)

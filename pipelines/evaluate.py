@@ -31,7 +31,7 @@ from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed
 from digiq.envs.workers import RunConfig, Unit, run_units
 from digiq.errors import DigiqError
-from digiq.evaluate import BASELINES, EvaluateParams, FeatureParams, summarise_method
+from digiq.evaluate import BASELINES, CRITIC_GREEDY, EvaluateParams, FeatureParams, summarise_method
 
 FACTORY = "digiq.evaluate:build_eval_policy"
 
@@ -56,6 +56,7 @@ class EvaluateConfig:
     time_limit_s: float = 120.0
     episodes_per_unit: int = 10
     actors: str = "models/actor"
+    critic: str = "models/critic"
     features: FeatureParams = field(default_factory=FeatureParams)
     shards: str = "data/eval"
     out: str = "metrics/eval.json"
@@ -71,7 +72,7 @@ class EvaluateConfig:
             collect_seed=col.seed, collect_tasks=list(col.tasks), collect_episodes=col.episodes_per_task, k=ev.k,
             noise=col.noise if ev.noise is None else ev.noise, max_steps=ev.max_steps or col.max_steps,
             behavior=dict(col.behavior), history=col.history,
-            workers=ev.workers, time_limit_s=ev.time_limit_s, episodes_per_unit=ev.episodes_per_unit, actors=ev.actors,
+            workers=ev.workers, time_limit_s=ev.time_limit_s, episodes_per_unit=ev.episodes_per_unit, actors=ev.actors, critic=ev.critic,
             features=live_features(params), shards=ev.shards, out=ev.out, plots=ev.plots,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -89,10 +90,15 @@ class EvaluateConfig:
             if getattr(self, name) < 1:
                 raise DigiqError(f"must be at least 1, got {getattr(self, name)}", field=f"evaluate.{name}")
         for method in self.methods:
-            if method not in BASELINES and not (Path(self.actors) / method).is_dir():
-                raise DigiqError(f"no trained policy for method {method!r} (run the actor stage, or drop it from evaluate.methods)",
-                                 file=Path(self.actors) / method, field="evaluate.methods")
+            if method not in BASELINES and not self.model_dir(method).is_dir():
+                stage = "critic" if method == CRITIC_GREEDY else "actor"
+                raise DigiqError(f"no trained {stage} for method {method!r} (run the {stage} stage, or drop it from evaluate.methods)",
+                                 file=self.model_dir(method), field="evaluate.methods")
         check_disjoint_seeds(self)
+
+    def model_dir(self, method: str) -> Path:
+        """The trained folder that ``method`` chooses with: the critic for critic-greedy, else its policy."""
+        return Path(self.critic) if method == CRITIC_GREEDY else Path(self.actors) / method
 
 
 def live_features(params: Any) -> FeatureParams:
@@ -141,7 +147,7 @@ def fingerprint(config: EvaluateConfig, method: str) -> str:
                              "history": config.history, "time_limit_s": config.time_limit_s, "method": method,
                              "candidate_rule": CANDIDATE_RULE}
     if method not in BASELINES:
-        parts["actor"] = file_digest(Path(config.actors) / method)
+        parts["actor"] = file_digest(config.model_dir(method))
         parts["features"] = config.features.model_dump()
         parts["model"] = model_hash(config.features.model)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
@@ -192,7 +198,7 @@ class _ShardWriter:
 def policy_spec(config: EvaluateConfig, method: str) -> PolicySpec:
     kwargs: dict[str, Any] = {"method": method, "k": config.k, "noise": config.noise, "behavior": dict(config.behavior)}
     if method not in BASELINES:
-        kwargs.update(actor_dir=str(Path(config.actors) / method), features=config.features.model_dump(), threads=1)
+        kwargs.update(actor_dir=str(config.model_dir(method)), features=config.features.model_dump(), threads=1)
     return PolicySpec(FACTORY, kwargs)
 
 

@@ -31,7 +31,7 @@ SMALL = {
     "embed": {"chunk_states": 16},
     "critic": {"updates": 40, "batch_size": 16, "log_every": 10},
     "actor": {"methods": ["digiq", "bc"], "n": 4, "updates": 20, "batch_size": 16},
-    "evaluate": {"methods": ["digiq", "bc", "behavior", "random"], "tasks": ["click-button"], "episodes_per_task": 2,
+    "evaluate": {"methods": ["digiq", "bc", "critic-greedy", "behavior", "random"], "tasks": ["click-button"], "episodes_per_task": 2,
                  "episodes_per_unit": 2, "k": 4},
     "report": {"experiments": False},
 }
@@ -74,7 +74,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     critic = json.loads((root / "metrics/critic.json").read_text())
     assert critic["variant"] == "finetuned"
     evaluation = json.loads((root / "metrics/eval.json").read_text())
-    assert set(evaluation["methods"]) == {"digiq", "bc", "behavior", "random"}
+    assert set(evaluation["methods"]) == {"digiq", "bc", "critic-greedy", "behavior", "random"}
     assert all(m["episodes"] == 2 for m in evaluation["methods"].values())
     assert "Digi-Q" in (root / "reports/report.md").read_text()
     page = (root / "reports/report.html").read_text()

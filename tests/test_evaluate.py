@@ -73,6 +73,25 @@ def test_candidates_are_distinct_and_choices_reproducible():
     assert mode.choose(view, cands, [1, 3, 2]) == 1 and mode.choose(view, cands, [2, 1, 2]) == 0
 
 
+def test_critic_greedy_picks_the_highest_advantage_among_valid_candidates():
+    import torch
+
+    from digiq.critic import CriticConfig, DoubleCritic, advantage
+    from digiq.evaluate import CriticGreedy
+
+    torch.manual_seed(0)
+    critic = DoubleCritic(3, 4, CriticConfig(hidden=(8,)))
+    s, cand_sa = torch.randn(1, 3), torch.randn(1, 5, 4)
+    order = advantage(critic, s, cand_sa)[0].argsort(descending=True).tolist()
+    greedy = CriticGreedy(critic)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert greedy.act(s, cand_sa, mask, None).tolist() == [order[0]]
+    mask[0, order[0]] = False  # an invalid candidate is never chosen, however high its score
+    assert greedy.act(s, cand_sa, mask, None).tolist() == [order[1]]
+    same = cand_sa[:, :1].expand(1, 5, 4)  # equal advantages: the first-drawn candidate
+    assert greedy.act(s, same, torch.ones(1, 5, dtype=torch.bool), None).tolist() == [0]
+
+
 # ---------------------------------------------------------------------------------------------- config, seeds, shards
 
 
@@ -94,9 +113,12 @@ def test_evaluation_seeds_must_be_disjoint_from_collection(tmp_path):
 
 
 def test_missing_trained_policy_is_one_clear_error(tmp_path):
-    with pytest.raises(DigiqError, match="no trained policy for method 'digiq'") as err:
+    with pytest.raises(DigiqError, match="no trained actor for method 'digiq'") as err:
         _config(tmp_path, methods=["digiq", "behavior"]).validate()
     assert "actors/digiq" in str(err.value)
+    with pytest.raises(DigiqError, match="no trained critic for method 'critic-greedy'") as err:
+        _config(tmp_path, methods=["critic-greedy"], critic=str(tmp_path / "critic")).validate()
+    assert str(tmp_path / "critic") in str(err.value)
 
 
 def test_from_params_uses_collect_defaults():
@@ -202,6 +224,7 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     import torch
 
     from digiq.actor import ActorConfig, CandidatePolicy
+    from digiq.critic import DoubleCritic
     from digiq.evaluate import FeatureParams, build_eval_policy
     from digiq.pipelines.build_model import run as build_model
 
@@ -216,6 +239,12 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     m = metrics["methods"]["digiq"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
     assert metrics["timing"]["this_run"]["digiq"]["steps"] == 2 * m["mean_steps"]
+    # critic-greedy: the same live path, choosing with a saved critic
+    DoubleCritic(width, width).save_pretrained(tmp_path / "critic")
+    cfg = _config(tmp_path, methods=["critic-greedy"], workers=1, episodes_per_unit=2, critic=str(tmp_path / "critic"),
+                  features=FeatureParams(variant="off_the_shelf", model=str(base)))
+    m = stage.run(cfg)["methods"]["critic-greedy"]
+    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
     # a policy trained on other features is refused with one clear message
     CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
     with pytest.raises(DigiqError, match="features.variant"):
