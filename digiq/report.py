@@ -233,12 +233,33 @@ def label_section(label: dict[str, Any] | None, source: str) -> list[Block]:
                      table(["action kind", "labelled", "Yes", "gate band"], rows)]
 
 
-def critic_section(critic: dict[str, Any] | None, source: str) -> list[Block]:
-    blocks = [h(2, "Critic diagnostics")]
+def critic_section(critic: dict[str, Any] | None, source: str, methods: dict[str, Any] | None = None) -> list[Block]:
+    blocks = [h(2, "Critic diagnostics"), *critic_live_check(methods or {})]
     if critic is None:
         return blocks + [note(f"{source} is missing: run `digiq critic`.")]
     flat = [[k, v] for k, v in flatten(critic).items() if not k.startswith("diagnostics.")]
     return blocks + [table(["metric", "value"], flat)]
+
+
+def critic_live_check(methods: dict[str, Any]) -> list[Block]:
+    """The critic alone as a live policy (critic-greedy) against π_β's sample and its most-drawn candidate."""
+    greedy = methods.get("critic-greedy")
+    if greedy is None:
+        return []
+    sample, mode = methods.get("behavior"), methods.get("behavior-mode")
+    if sample is not None and greedy["success"] < sample["success"]:
+        verdict = ("below π_β's own sample: the critic ranks candidates worse than π_β's draw, so the critic, not the "
+                   "extraction, limits every policy extracted from it")
+    elif mode is not None and greedy["success"] < mode["success"]:
+        verdict = "above π_β's sample but below its most-drawn candidate"
+    elif sample is not None or mode is not None:
+        verdict = "at or above π_β's " + ("most-drawn candidate" if mode is not None else "sample")
+    else:
+        verdict = "not compared: evaluate behavior or behavior-mode alongside it"
+    rows = [[name, pct(m["success"]), ci(m.get("ci95"))] for name, m in
+            (("critic-greedy", greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
+    return [p(f"The critic alone as a live policy (critic-greedy: argmax_k A(s, a_k) over the same K candidates of "
+              f"π_β) is {verdict} (point estimates; the intervals are below)."), table(["chooser", "success", "95 % CI"], rows)]
 
 
 def checks_section(results: dict[str, dict[str, Any]], folder: str) -> list[Block]:

@@ -24,7 +24,8 @@ def _summary(wins: int, n: int, steps: float) -> dict:
 def _eval() -> dict:
     tasks = ["click-button", "login-user"]
     methods = {}
-    for name, (a, b) in {"digiq": (45, 30), "bc": (40, 12), "behavior": (30, 5), "random": (20, 1)}.items():
+    scores = {"digiq": (45, 30), "bc": (40, 12), "critic-greedy": (25, 3), "behavior": (30, 5), "random": (20, 1)}
+    for name, (a, b) in scores.items():
         per_task = {"click-button": _summary(a, 50, 2.0), "login-user": _summary(b, 50, 6.5)}
         methods[name] = {**_summary(a + b, 100, 4.25), "per_task": per_task}
     return {"methods": methods, "tasks": tasks, "episodes_per_task": 50, "seed": 1000, "k": 16}
@@ -71,6 +72,8 @@ def test_report_with_every_input(tmp_path):
         assert "71.2" in text and "58" in text and "different benchmark" in text  # paper numbers, marked
         assert "41.5 %" in text  # label balance
         assert "0.6789" in text and "0.0123" in text  # critic diagnostics
+        critic = text[text.index("Critic diagnostics"):]  # the critic alone (28 of 100) against π_β's sample (35 of 100)
+        assert "below π_β" in critic and "28.0 %" in critic and "35.0 %" in critic
         assert "FAILED" in text and "Yes fraction in band" in text  # the failed data check
         assert "sha256:" in text and "gamma: 0.95" in text  # hashes computed (no dvc.lock) and params
         assert "No ablation results" in text
