@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from digiq.errors import DigiqError
+from digiq.evaluate import CRITIC_GREEDY
 
 # DESIGN.md §1: AitW test success (General, WebShop) and WebShop ablations, in %.
 PAPER_MAIN = {  # our method -> (paper row, General, WebShop)
@@ -243,21 +244,22 @@ def critic_section(critic: dict[str, Any] | None, source: str, methods: dict[str
 
 def critic_live_check(methods: dict[str, Any]) -> list[Block]:
     """The critic alone as a live policy (critic-greedy) against π_β's sample and its most-drawn candidate."""
-    greedy = methods.get("critic-greedy")
+    greedy = methods.get(CRITIC_GREEDY)
     if greedy is None:
         return []
     sample, mode = methods.get("behavior"), methods.get("behavior-mode")
-    if sample is not None and greedy["success"] < sample["success"]:
+    compared = [(what, m) for what, m in (("sample", sample), ("most-drawn candidate", mode)) if m is not None]
+    if not compared:
+        verdict = "not compared: evaluate behavior or behavior-mode alongside it"
+    elif sample is not None and greedy["success"] < sample["success"]:
         verdict = ("below π_β's own sample: the critic ranks candidates worse than π_β's draw, so the critic, not the "
                    "extraction, limits every policy extracted from it")
-    elif mode is not None and greedy["success"] < mode["success"]:
-        verdict = "above π_β's sample but below its most-drawn candidate"
-    elif sample is not None or mode is not None:
-        verdict = "at or above π_β's " + ("most-drawn candidate" if mode is not None else "sample")
     else:
-        verdict = "not compared: evaluate behavior or behavior-mode alongside it"
+        strongest_beaten = [what for what, m in compared if greedy["success"] >= m["success"]][-1:]
+        not_beaten = [what for what, m in compared if greedy["success"] < m["success"]]  # at most the mode here
+        verdict = " but ".join([f"at or above π_β's {what}" for what in strongest_beaten] + [f"below π_β's {what}" for what in not_beaten])
     rows = [[name, pct(m["success"]), ci(m.get("ci95"))] for name, m in
-            (("critic-greedy", greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
+            ((CRITIC_GREEDY, greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
     return [p(f"The critic alone as a live policy (critic-greedy: argmax_k A(s, a_k) over the same K candidates of "
               f"π_β) is {verdict} (point estimates; the intervals are below)."), table(["chooser", "success", "95 % CI"], rows)]
 

@@ -82,6 +82,21 @@ def test_report_with_every_input(tmp_path):
     assert page.count("<figure>") >= 1
 
 
+def test_critic_live_check_compares_only_what_was_evaluated():
+    from digiq.report import critic_live_check, render_markdown
+
+    def verdict(**successes):
+        methods = {name.replace("_", "-"): {"success": x, "ci95": [x, x]} for name, x in successes.items()}
+        return render_markdown("t", critic_live_check(methods))
+
+    assert "below π_β's own sample" in verdict(critic_greedy=0.3, behavior=0.4, behavior_mode=0.6)
+    assert "at or above π_β's sample but below π_β's most-drawn candidate" in verdict(critic_greedy=0.5, behavior=0.4, behavior_mode=0.6)
+    assert "at or above π_β's most-drawn candidate (" in verdict(critic_greedy=0.7, behavior=0.4, behavior_mode=0.6)
+    only_mode = verdict(critic_greedy=0.5, behavior_mode=0.6)  # no sample evaluated: no claim about it
+    assert "below π_β's most-drawn candidate" in only_mode and "sample" not in only_mode
+    assert "not compared" in verdict(critic_greedy=0.5) and verdict(behavior=0.4) == render_markdown("t", [])
+
+
 def test_missing_optional_inputs_become_notes(tmp_path):
     params = _write(tmp_path, with_optional=False)
     _, html_path = stage.run(params, tmp_path / "params.yaml")
