@@ -13,7 +13,14 @@ with wrong = any other tap, or only taps on another element of the right one's t
 choice that needs the goal to be read). It is measured for the critic's Q (its own training and held-out
 trajectories) and for a logistic-regression probe on f(s, a) trained on the labels directly, per embedding folder,
 on a trajectory split (80/20) the probe never trained on. The no_vlm variant cannot see the goal, so its probe is
-a goal-blind control. Results and their reading: docs/results.md.
+a goal-blind control.
+
+    python docs/analysis/tap_probe.py --dom-text models/finetuned
+
+recomputes f(s, a) of the same candidates with that checkpoint (params' layer 2, last token), once with the
+prompt as the embed stage writes it and once with the tapped element's DOM text in the action
+(``tap (y=…, x=…) on "Submit"``), and probes both: does naming the element let the features match it to the goal?
+Results and their reading: docs/results.md.
 """
 
 from __future__ import annotations
@@ -82,12 +89,53 @@ def print_rows(name: str, labels: dict[Key, dict[str, Any]], score: dict[Key, fl
         print(f"{name:45s} {task:13s} " + " | ".join(cells))
 
 
-def linear_probe(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any]], folder: str) -> dict[Key, float]:
+def stored_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any]], folder: str) -> dict[Key, np.ndarray]:
+    rows = con.sql(f"select traj_id, step_id, cand_idx, embedding from '{folder}/candidates.parquet'").fetchall()
+    return {tuple(r[:3]): np.asarray(r[3], np.float32) for r in rows if tuple(r[:3]) in labels}
+
+
+def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any]], model: str,
+                        dom_text: bool) -> dict[Key, np.ndarray]:
+    """f(s, a) of the labelled candidates from ``model`` (layer 2, last token), the tapped element's text in the
+    action prompt when ``dom_text``."""
+    import torch
+
+    from digiq.embed import build_extractor
+    from digiq.store import Dataset
+    from digiq.vlm.prompts import build_prompts
+
+    extractor, _, _ = build_extractor("finetuned", model, layer=2, pooling="last")
+    vlm, dataset = extractor.vlm, Dataset("data/raw")
+    actions = {tuple(r[:3]): r[3] for r in con.sql("select traj_id, step_id, cand_idx, action from 'data/candidates.parquet'").fetchall()}
+    by_state: dict[tuple[str, int], list[Key]] = defaultdict(list)
+    for key in labels:
+        by_state[key[:2]].append(key)
+    steps = con.sql("select traj_id, step_id, goal, observation, screenshot, screenshot_sha256, elements "
+                    f"from 'data/raw/steps/**/*.parquet' where task in {TASKS}").fetchall()
+    out = {}
+    for traj_id, step_id, goal, observation, screenshot, sha, elements in steps:
+        if not (keys := by_state.get((traj_id, step_id))):
+            continue
+        image = dataset.load_image(screenshot, sha)
+        taps = [parse_action(actions[k]) for k in keys]
+        targets = [element_text(a, json.loads(elements)) if dom_text else None for a in taps]
+        prompts = build_prompts(goal, observation, taps, targets, marker="patch", order=vlm.prompt_order)
+        with torch.inference_mode():
+            f = vlm.forward_features(vlm.encode_images([image]), prompts, taps, layer=2, pooling="last",
+                                     image_sizes=[image.size])
+        out.update(zip(keys, f.float().cpu().numpy()))
+    return out
+
+
+def element_text(tap: Any, elements: list[dict[str, Any]]) -> str | None:
+    hit = tapped_element(tap.touch_point, elements)
+    return ((hit or {}).get("text") or "").strip()[:40] or None
+
+
+def linear_probe(labels: dict[Key, dict[str, Any]], features: dict[Key, np.ndarray]) -> dict[Key, float]:
     """Held-out probabilities of a logistic regression on standardised f(s, a), trained on the other trajectories."""
-    rows = [(tuple(r[:3]), r[3]) for r in con.sql(f"select traj_id, step_id, cand_idx, embedding from '{folder}/candidates.parquet'").fetchall()
-            if tuple(r[:3]) in labels]
-    keys = [k for k, _ in rows]
-    x = np.asarray([e for _, e in rows], dtype=np.float32)
+    keys = list(features)
+    x = np.stack([features[k] for k in keys])
     y = np.asarray([labels[k]["right"] for k in keys])
     held = np.asarray([probe_holdout(k[0]) for k in keys])
     mean, std = x[~held].mean(0), x[~held].std(0) + 1e-6
@@ -96,15 +144,21 @@ def linear_probe(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any
     return {k: float(v) for k, v in zip([k for k, h in zip(keys, held) if h], p)}
 
 
-def main(folders: list[str]) -> None:
+def main(args: list[str]) -> None:
     con = duckdb.connect()
     labels = tap_labels(con)
+    if args[:1] == ["--dom-text"]:
+        for dom_text in (False, True):
+            features = recomputed_features(con, labels, args[1], dom_text)
+            name = f"probe on {args[1]}, {'DOM text in the action' if dom_text else 'action as embedded'}"
+            print_rows(name, labels, linear_probe(labels, features))
+        return
     critic_val = {t for (t,) in con.sql("select distinct traj_id from 'models/critic/step_scores.parquet' where split = 'val'").fetchall()}
     q = {k: v["q"] for k, v in labels.items()}
     print_rows("critic Q, its training trajectories", labels, {k: s for k, s in q.items() if k[0] not in critic_val})
     print_rows("critic Q, its held-out trajectories", labels, {k: s for k, s in q.items() if k[0] in critic_val})
-    for folder in folders:
-        print_rows(f"probe on {folder}, held out", labels, linear_probe(con, labels, folder))
+    for folder in args:
+        print_rows(f"probe on {folder}, held out", labels, linear_probe(labels, stored_features(con, labels, folder)))
 
 
 if __name__ == "__main__":
