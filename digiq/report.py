@@ -254,10 +254,12 @@ def critic_live_check(methods: dict[str, Any]) -> list[Block]:
     elif sample is not None and greedy["success"] < sample["success"]:
         verdict = ("below π_β's own sample: the critic ranks candidates worse than π_β's draw, so the critic, not the "
                    "extraction, limits every policy extracted from it")
-    else:
-        strongest_beaten = [what for what, m in compared if greedy["success"] >= m["success"]][-1:]
-        not_beaten = [what for what, m in compared if greedy["success"] < m["success"]]  # at most the mode here
-        verdict = " but ".join([f"at or above π_β's {what}" for what in strongest_beaten] + [f"below π_β's {what}" for what in not_beaten])
+    else:  # at or above the sample where it was evaluated: only the mode can still be above critic-greedy
+        beaten = [what for what, m in compared if greedy["success"] >= m["success"]]
+        parts = [f"at or above π_β's {beaten[-1]}"] if beaten else []
+        if mode is not None and greedy["success"] < mode["success"]:
+            parts.append("below π_β's most-drawn candidate")
+        verdict = " but ".join(parts)
     rows = [[name, pct(m["success"]), ci(m.get("ci95"))] for name, m in
             ((CRITIC_GREEDY, greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
     return [p(f"The critic alone as a live policy (critic-greedy: argmax_k A(s, a_k) over the same K candidates of "

@@ -17,7 +17,7 @@ a goal-blind control.
 
     python docs/analysis/tap_probe.py --dom-text models/finetuned
 
-recomputes f(s, a) of the same candidates with that checkpoint (params' layer 2, last token), once with the
+recomputes f(s, a) of the same candidates with that checkpoint (params.yaml's embed layer and pooling), once with the
 prompt as the embed stage writes it and once with the tapped element's DOM text in the action
 (``tap (y=…, x=…) on "Submit"``), and probes both: does naming the element let the features match it to the goal?
 Results and their reading: docs/results.md.
@@ -96,16 +96,16 @@ def stored_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, 
 
 def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any]], model: str,
                         dom_text: bool) -> dict[Key, np.ndarray]:
-    """f(s, a) of the labelled candidates from ``model`` (layer 2, last token), the tapped element's text in the
-    action prompt when ``dom_text``."""
+    """f(s, a) of the labelled candidates from ``model`` at params.yaml's embed layer and pooling, the tapped
+    element's text in the action prompt when ``dom_text``."""
     import torch
+    import yaml
 
-    from digiq.embed import build_extractor
     from digiq.store import Dataset
-    from digiq.vlm.prompts import build_prompts
+    from digiq.vlm import load_vlm
 
-    extractor, _, _ = build_extractor("finetuned", model, layer=2, pooling="last")
-    vlm, dataset = extractor.vlm, Dataset("data/raw")
+    embed = yaml.safe_load(open("params.yaml"))["embed"]
+    vlm, dataset = load_vlm(model), Dataset("data/raw")
     actions = {tuple(r[:3]): r[3] for r in con.sql("select traj_id, step_id, cand_idx, action from 'data/candidates.parquet'").fetchall()}
     by_state: dict[tuple[str, int], list[Key]] = defaultdict(list)
     for key in labels:
@@ -116,14 +116,12 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
     for traj_id, step_id, goal, observation, screenshot, sha, elements in steps:
         if not (keys := by_state.get((traj_id, step_id))):
             continue
-        image = dataset.load_image(screenshot, sha)
         taps = [parse_action(actions[k]) for k in keys]
         targets = [element_text(a, json.loads(elements)) if dom_text else None for a in taps]
-        prompts = build_prompts(goal, observation, taps, targets, marker="patch", order=vlm.prompt_order)
         with torch.inference_mode():
-            f = vlm.forward_features(vlm.encode_images([image]), prompts, taps, layer=2, pooling="last",
-                                     image_sizes=[image.size])
-        out.update(zip(keys, f.float().cpu().numpy()))
+            f = vlm.candidate_features(dataset.load_image(screenshot, sha), goal, observation, taps, targets,
+                                       layers=[embed["layer"]], pooling=embed["pooling"])
+        out.update(zip(keys, next(iter(f.features.values())).float().cpu().numpy()))
     return out
 
 
