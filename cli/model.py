@@ -22,9 +22,12 @@ def build(
     image_size: int | None = typer.Option(None, "--image-size", help="working resolution in px, a multiple of 14 (112 → 64 image tokens) [params: model.image_size]"),
     seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector) [params: model.seed]"),
     prompt_order: str | None = typer.Option(None, "--prompt-order", help="image_first | state_first: screenshot before or after the state text, recorded in config.json [params: model.prompt_order]"),
+    text_model: str | None = typer.Option(None, "--text-model", help="llama (seeded random layers) | minilm (all-MiniLM-L6-v2's pretrained layers, run as a decoder) [params: model.text_model]"),
+    tap_target: bool | None = typer.Option(None, "--tap-target/--no-tap-target", help="tap prompts name the element under the tap (its DOM text), recorded in config.json [params: model.tap_target]"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings, seeded Llama layers)."""
+    """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings; seeded Llama layers or
+    MiniLM's own)."""
     from digiq.pipelines.build_model import run
 
     cfg = load(params).model
@@ -32,8 +35,12 @@ def build(
     image_size = pick(image_size, cfg.image_size)
     seed = pick(seed, cfg.seed)
     prompt_order = pick(prompt_order, cfg.prompt_order)
-    record = run(out, image_size=image_size, seed=seed, prompt_order=prompt_order)
-    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}, prompt order {prompt_order}")
+    text_model = pick(text_model, cfg.text_model)
+    tap_target = pick(tap_target, cfg.tap_target)
+    record = run(out, image_size=image_size, seed=seed, prompt_order=prompt_order, text_model=text_model,
+                 tap_target=tap_target)
+    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}, prompt order "
+               f"{prompt_order}, {text_model} layers{', taps name their target' if tap_target else ''}")
 
 
 @app.command("info")
@@ -55,7 +62,7 @@ def info(
         typer.echo(f"  {part}: " + ", ".join(f"{k}={v}" for k, v in summary[part].items()))
     typer.echo(f"  image tokens: {summary['image_seq_length']} (feature layer {summary['vision_feature_layer']}, "
                f"strategy {summary['vision_feature_select_strategy']}, token id {summary['image_token_id']})")
-    typer.echo(f"  prompt order: {summary['prompt_order']}")
+    typer.echo(f"  prompt order: {summary['prompt_order']}" + (", taps name their target" if summary["tap_target"] else ""))
     build = summary.get("digiq_build")
     if build:
         typer.echo(f"  digiq build: seed {build['config']['seed']}, pretrained: "

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from digiq.store import Dataset
     from digiq.vlm.model import VLM
 
+Elements = list[dict[str, Any]] | None  # the DOM elements of a state (what a tap lands on), when known
+
 # Deterministic event timestamps: EMBED_EPOCH + step_id seconds (EMBED_EPOCH = pipelines.features.FEATURE_EPOCH).
 EMBED_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
 STATES_FILE = "states.parquet"
@@ -107,7 +109,7 @@ class Extractor(Protocol):
     def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str]) -> np.ndarray: ...
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action]) -> np.ndarray: ...
+                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray: ...
 
 
 class VLMExtractor:
@@ -132,12 +134,13 @@ class VLMExtractor:
         return out.float().cpu().numpy()
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action]) -> np.ndarray:
+                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray:
         from digiq.vlm.prompts import build_prompts
 
         import torch
 
-        prompts = build_prompts(goal, observation, actions, marker="patch", order=self.vlm.prompt_order)
+        prompts = build_prompts(goal, observation, actions, self.vlm.tap_targets(actions, elements), marker="patch",
+                                order=self.vlm.prompt_order)
         with torch.inference_mode():
             out = self.vlm.forward_features(tokens, prompts, actions, layer=self.layer, pooling=self.pooling,
                                             image_sizes=[size], batch_size=self.batch_size)
@@ -165,7 +168,7 @@ class VisionOnlyExtractor:
         return self._patches(tokens).mean(1).cpu().numpy()
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action]) -> np.ndarray:
+                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray:
         from digiq.vlm.inputs import action_points, patch_grid, patch_index, square_point
 
         patches = self._patches(tokens)[0].cpu().numpy()  # [n, dv]
@@ -198,11 +201,11 @@ def build_extractor(variant: str, model_path: str | Path, *, layer: int, pooling
 
 
 def featurize(extractor: Extractor, image: Image.Image, goal: str, observation: str,
-              actions: Sequence[Action]) -> tuple[np.ndarray, np.ndarray]:
+              actions: Sequence[Action], elements: Elements = None) -> tuple[np.ndarray, np.ndarray]:
     """f(s) [d_s] and f(s, a_k) [K, d_sa] of one state, its screenshot encoded once (as :func:`embed_chunk` does)."""
     tokens = extractor.encode([image])
     f_s = extractor.states(tokens, [goal], [observation])[0]
-    return f_s, extractor.candidates(tokens, image.size, goal, observation, actions)
+    return f_s, extractor.candidates(tokens, image.size, goal, observation, actions, elements)
 
 
 def action_encoding(action: Action) -> np.ndarray:
@@ -232,7 +235,7 @@ class ChunkResult:
 
 def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple[str, int], list[tuple[int, str]]],
                 extractor: Extractor, model_hash: str, layer: int) -> ChunkResult:
-    """f(s) and f(s, a) for the ``steps`` rows (traj_id, step_id, goal, observation, screenshot, sha) and their
+    """f(s) and f(s, a) for the ``steps`` rows (traj_id, step_id, goal, observation, screenshot, sha, elements) and their
     candidates ``cands[(traj_id, step_id)] = [(cand_idx, action string), ...]``."""
     shas = list(dict.fromkeys(r["screenshot_sha256"] for r in steps))
     first = {r["screenshot_sha256"]: r for r in reversed(steps)}
@@ -248,6 +251,9 @@ def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple
     f_s_of = dict(zip(unique_states, f_s, strict=True))
 
     # f(s, a): once per distinct (state, canonical action)
+    from digiq.envs.policy import parse_elements
+
+    elements_of = {state_of[(r["traj_id"], r["step_id"])]: parse_elements(r.get("elements")) for r in reversed(steps)}
     wanted_of: dict[Any, dict[str, Action]] = {key: {} for key in unique_states}
     for step_key, key in state_of.items():
         for _, text in cands.get(step_key, []):
@@ -259,7 +265,8 @@ def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple
         if not wanted:
             continue
         row = image_row[sha]
-        feats = extractor.candidates(tokens[row:row + 1], images[sha].size, goal, obs, list(wanted.values()))
+        feats = extractor.candidates(tokens[row:row + 1], images[sha].size, goal, obs, list(wanted.values()),
+                                     elements_of.get(key))
         f_sa.update({(key, c): v for c, v in zip(wanted, feats, strict=True)})
 
     states = _states_table(steps, state_of, f_s_of, extractor.dim_state, model_hash, layer)
@@ -436,7 +443,7 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
 
     if chunk_states < 1:
         raise DigiqError(f"must be ≥ 1, got {chunk_states}", field="chunk_states")
-    columns = ["traj_id", "step_id", "goal", "observation", "screenshot", "screenshot_sha256", "action"]
+    columns = ["traj_id", "step_id", "goal", "observation", "screenshot", "screenshot_sha256", "action", "elements"]
     steps = dataset.table().select(columns).to_pylist()
     cands = candidate_lists(candidates)
     check_candidate_coverage(steps, cands, candidates_file)

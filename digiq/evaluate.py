@@ -158,7 +158,8 @@ class LiveFeaturizer:
 
         if view.screenshot is None:
             raise DigiqError("a live step has no screenshot", field="screenshot")
-        f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions)
+        f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions,
+                              view.elements)
         return torch.from_numpy(f_s).unsqueeze(0), torch.from_numpy(f_sa).unsqueeze(0)
 
 

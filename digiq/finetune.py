@@ -70,10 +70,13 @@ class Examples:
 
 
 def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker: str = "patch",
-                  order: str = "image_first") -> Examples:
-    """Join the label table to the dataset's steps and build one prompt per transition.
+                  order: str = "image_first", name_targets: bool = False) -> Examples:
+    """Join the label table to the dataset's steps and build one prompt per transition (a tap's prompt naming the
+    control under it when ``name_targets``: :data:`digiq.vlm.prompts.TARGET_KEY`).
 
     A label row naming a step that the dataset does not hold is a :class:`DigiqError` on the label file."""
+    from digiq.envs.behavior import tap_target
+    from digiq.envs.policy import parse_elements
     from digiq.vlm.prompts import build_prompt
 
     steps = dataset.steps_df().set_index(["traj_id", "step_id"], drop=False)
@@ -90,7 +93,8 @@ def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker
         index.append(image_of[sha])
         action = dataset.action(row._asdict())
         actions.append(action)
-        prompts.append(build_prompt(row.goal, row.observation, action, None,  # type: ignore[arg-type]
+        target = tap_target(action, parse_elements(row.elements)) if name_targets else None
+        prompts.append(build_prompt(row.goal, row.observation, action, target,  # type: ignore[arg-type]
                                     marker=marker, order=order))  # type: ignore[arg-type]
     from PIL import Image
 
@@ -209,7 +213,13 @@ def make_trainable(vlm: VLM, spec: TrainSpec) -> Any:
         config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                             target_modules=spec.target_modules, modules_to_save=["multi_modal_projector"])
         torch.manual_seed(spec.seed)  # LoRA A matrices are random
-        model = get_peft_model(vlm.model, config)
+        try:
+            model = get_peft_model(vlm.model, config)
+        except ValueError as exc:
+            if "target modules" not in str(exc).lower():
+                raise
+            raise DigiqError(f"{spec.target_modules!r} matches no module; the language model's linear layers are "
+                             f"named {', '.join(language_linear_names(vlm.model))}", field="target_modules") from None
     elif spec.mode == "full":
         model = vlm.model
         for name, p in model.named_parameters():
@@ -222,6 +232,14 @@ def make_trainable(vlm: VLM, spec: TrainSpec) -> Any:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def language_linear_names(model: Any) -> list[str]:
+    """The distinct last names of the language model's linear layers (what a LoRA target regex can match)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if "language_model" in name and isinstance(module, torch.nn.Linear)})
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -62,7 +62,8 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     data = Dataset(dataset)
     table = read_labels(labels)
     vlm = load_vlm(base, dtype=p.base_dtype, device=device)  # trained weights stay fp32; bf16 compute via autocast
-    examples = F.load_examples(data, table, labels, marker=p.marker, order=vlm.prompt_order)
+    examples = F.load_examples(data, table, labels, marker=p.marker, order=vlm.prompt_order,
+                               name_targets=vlm.names_targets)
     train_idx, val_idx = F.split_by_trajectory(examples.traj_ids, p.val_fraction, p.seed)
     say(f"{len(examples)} transitions ({len(train_idx)} train / {len(val_idx)} val, by trajectory), "
         f"{len(examples.images)} distinct screenshots, on {device}, compute dtype {str(dtype).removeprefix('torch.')}")

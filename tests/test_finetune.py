@@ -21,6 +21,7 @@ from digiq.vlm.load import load_vlm
 from digiq.vlm.prompts import ORDER_KEY
 
 N_TRAJ, N_STEPS = 8, 4
+ELEMENTS = json.dumps([{"ref": 1, "tag": "button", "text": "Top", "bbox": [0.0, 0.0, 0.5, 1.0]}])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
             action = Action.tap(float(rng.uniform(0.05, 0.95)), 0.5) if i % 2 == 0 else Action.type_text("abc")
             steps.append(Step(traj_id=traj_id, step_id=i, task="synthetic", goal="press the top button",
                               observation="", screenshot=shot, screenshot_sha256=sha, next_screenshot=nxt,
-                              next_screenshot_sha256=nsha, action=action, reward=0.0, done=False))
+                              next_screenshot_sha256=nsha, action=action, reward=0.0, done=False,
+                              elements=ELEMENTS))
             yes = action.kind == "tap" and action.touch_point[0] < 0.5
             labels.append({"traj_id": traj_id, "step_id": i, "action_kind": action.kind, "mse": 50.0 if yes else 0.0,
                            "label": "Yes" if yes else "No", "epsilon": 30.0, "scale": 0.25})
@@ -70,6 +72,24 @@ def params(tmp: Path, **kw) -> FinetuneParams:
 def finished(tmp_path_factory, base, data) -> tuple[FinetuneParams, dict]:
     p = params(tmp_path_factory.mktemp("run"))
     return p, run(*data, base, p)
+
+
+def test_examples_name_the_tapped_control_when_asked(data):
+    ds = Dataset(data[0])
+    labels = pd.read_parquet(data[1])
+    plain = F.load_examples(ds, labels, data[1])
+    named = F.load_examples(ds, labels, data[1], name_targets=True)
+    for action, label, before, after in zip(named.actions, labels["label"], plain.prompts, named.prompts, strict=True):
+        on_top = action.kind == "tap" and action.touch_point[0] <= 0.5  # the "Top" button's half of the page
+        assert (') on "Top" (the spot' in after) == on_top and 'on "' not in before
+        assert (after == before) == (not on_top)
+
+
+def test_lora_targets_that_match_nothing_name_the_real_layers(base):
+    spec = F.TrainSpec(target_modules=r".*language_model\.encoder\..*\.(query|value)")
+    with pytest.raises(DigiqError, match=r"matches no module; .* named .*q_proj") as err:
+        F.make_trainable(load_vlm(base, dtype="float32", device="cpu"), spec)
+    assert err.value.field == "target_modules"
 
 
 def test_split_by_trajectory_is_disjoint_and_seeded():

@@ -67,6 +67,28 @@ def tokens(vlm):
     return vlm.encode_images([screenshot()])
 
 
+@pytest.fixture(scope="module")
+def minilm_path(cache, tmp_path_factory):
+    """The embedded default with all-MiniLM-L6-v2's pretrained layers as its language model, taps named."""
+    from digiq.pipelines.build_model import run
+
+    out = tmp_path_factory.mktemp("models") / "base-minilm"
+    record = run(out, image_size=112, seed=0, text_model="minilm", tap_target=True)
+    assert record["random"] == ["multi_modal_projector"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_vlm(minilm_path):
+    return load_vlm(minilm_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(params=["llama", "minilm"])
+def any_vlm(request):
+    """The default VLM with either language model (the fast paths must hold for both)."""
+    return request.getfixturevalue("vlm" if request.param == "llama" else "minilm_vlm")
+
+
 # ---------------------------------------------------------------- build / load
 def test_default_build_is_deterministic_and_round_trips(base_path, vlm, tmp_path):
     from safetensors.torch import load_file
@@ -134,8 +156,9 @@ def test_cli_info(base_path):
 
 
 # ---------------------------------------------------------------- fast paths
-def test_cached_path_equals_full_model_path(vlm, tokens):
-    img = screenshot()
+def test_cached_path_equals_full_model_path(any_vlm):
+    vlm, img = any_vlm, screenshot()
+    tokens = vlm.encode_images([img])
     for action in ACTIONS[:3]:
         prompt = P.build_prompt(GOAL, OBS, action, marker="none")
         with torch.no_grad():
@@ -157,7 +180,9 @@ def test_identical_inputs_identical_outputs(vlm, tokens):
 
 
 @pytest.mark.parametrize(("marker", "pooling"), [("patch", "last"), ("none", "mean")])
-def test_prefix_cache_batching_and_truncation_agree(vlm, tokens, marker, pooling):
+def test_prefix_cache_batching_and_truncation_agree(any_vlm, marker, pooling):
+    vlm = any_vlm
+    tokens = vlm.encode_images([screenshot()])
     prompts = P.build_prompts(GOAL, OBS, ACTIONS, marker=marker)
     kw = dict(layers=[0, 2, vlm.num_layers], pooling=pooling, image_sizes=[screenshot().size])
     with torch.no_grad():
@@ -219,14 +244,17 @@ def test_bf16_runs(base_path):
     assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
 
 
-def test_gradients_reach_lora_and_projector(base_path):
+@pytest.mark.parametrize(("text_model", "targets"), [("llama", r".*language_model.*\.(q_proj|v_proj)"),
+                                                     ("minilm", r".*language_model\.encoder\..*\.(query|value)")])
+def test_gradients_reach_lora_and_projector(request, text_model, targets):
     """Fine-tuning path: Yes/No logits through the prefix cache are differentiable (LoRA + projector)."""
     from peft import LoraConfig, get_peft_model
 
     from digiq.vlm.model import VLM
 
-    plain = load_vlm(base_path, dtype="float32", device="cpu")
-    peft_model = get_peft_model(plain.model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+    path = request.getfixturevalue("base_path" if text_model == "llama" else "minilm_path")
+    plain = load_vlm(path, dtype="float32", device="cpu")
+    peft_model = get_peft_model(plain.model, LoraConfig(r=4, target_modules=targets,
                                                         modules_to_save=["multi_modal_projector"]))
     vlm = VLM(peft_model, plain.processor)
     vision = vlm.vision_features([screenshot()])
@@ -279,6 +307,73 @@ def test_prompt_order_travels_with_the_checkpoint(base_path, vlm, tokens, tmp_pa
     with pytest.raises(DigiqError, match=P.ORDER_KEY) as err:
         load_vlm(state_first, dtype="float32", device="cpu")
     assert "config.json" in str(err.value)
+
+
+# ---------------------------------------------------------------- pretrained MiniLM layers, named tap targets
+def test_minilm_build_carries_the_pretrained_layers(minilm_path, minilm_vlm, tmp_path):
+    from safetensors.torch import load_file
+
+    from digiq.vlm.build import DefaultVLMConfig, build_default_model, minilm_dir
+
+    model, _, record = build_default_model(DefaultVLMConfig(image_size=112, seed=0, text_model="minilm",
+                                                            tap_target=True))
+    model.save_pretrained(tmp_path)
+    assert _sha256(tmp_path / "model.safetensors") == _sha256(minilm_path / "model.safetensors")
+    assert record["config"]["text_model"] == "minilm"
+    minilm = load_file(str(minilm_dir() / "model.safetensors"))
+    lm = minilm_vlm.model.model.language_model
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight",
+                 "embeddings.position_embeddings.weight", "embeddings.LayerNorm.weight"):
+        assert torch.equal(lm.state_dict()[name], minilm[name]), name
+    words = minilm["embeddings.word_embeddings.weight"]
+    assert torch.equal(minilm_vlm.model.get_output_embeddings().weight[: words.shape[0]], words)
+    assert minilm_vlm.num_layers == 6 and minilm_vlm.names_targets and lm.config.is_decoder
+    minilm_vlm.model.save_pretrained(tmp_path / "again")  # as finetune saves its merged model: nothing goes missing
+    assert load_file(str(tmp_path / "again" / "model.safetensors")).keys() == \
+        load_file(str(minilm_path / "model.safetensors")).keys()
+    assert json.loads((minilm_path / "config.json").read_text())[P.TARGET_KEY] is True
+
+
+def test_default_build_records_no_later_options(base_path, vlm):
+    """The default checkpoint stays byte-identical to earlier builds: no new keys in its config or build record."""
+    assert P.TARGET_KEY not in json.loads((base_path / "config.json").read_text()) and not vlm.names_targets
+    assert not {"text_model", "tap_target"} & json.loads((base_path / "digiq_build.json").read_text())["config"].keys()
+
+
+def test_unknown_text_model_is_one_clear_error():
+    from digiq.vlm.build import DefaultVLMConfig, default_config
+
+    with pytest.raises(DigiqError, match="unknown text model 'gpt'") as err:
+        default_config(DefaultVLMConfig(text_model="gpt"), 100, 99, {"pad": 0, "bos": 1, "eos": 2})
+    assert err.value.field == "text_model"
+
+
+def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minilm_vlm):
+    from digiq.envs.behavior import tap_target
+
+    elements = [{"ref": 1, "tag": "button", "text": "Submit", "bbox": [0.4, 0.2, 0.6, 0.4]},
+                {"ref": 2, "tag": "input_text", "text": "", "id": "user", "bbox": [0.1, 0.1, 0.2, 0.9]}]
+    actions = [Action.tap(0.5, 0.3), Action.tap(0.15, 0.5), Action.tap(0.9, 0.9), Action.type_text("Submit")]
+    assert [tap_target(a, elements) for a in actions] == ["Submit", "input_text#user", None, None]
+    assert tap_target(actions[0], None) is None
+    assert vlm.tap_targets(actions, elements) is None
+    assert minilm_vlm.tap_targets(actions, elements) == ["Submit", "input_text#user", None, None]
+
+    from digiq.embed import VLMExtractor
+
+    img = screenshot()
+    extractor = VLMExtractor(minilm_vlm, layer=2)
+    tokens = extractor.encode([img])
+    named = extractor.candidates(tokens, img.size, GOAL, OBS, actions, elements)
+    blind = extractor.candidates(tokens, img.size, GOAL, OBS, actions, None)
+    prompts = P.build_prompts(GOAL, OBS, actions, minilm_vlm.tap_targets(actions, elements),
+                              order=minilm_vlm.prompt_order)
+    with torch.no_grad():
+        direct = minilm_vlm.forward_features(tokens, prompts, actions, layer=2, image_sizes=[img.size])
+    assert 'Action: tap (y=0.50, x=0.30) on "Submit"' in prompts[0] and 'on "' not in prompts[2].split("Action:")[1]
+    np.testing.assert_allclose(named, direct.numpy(), rtol=0, atol=1e-5)
+    assert not np.allclose(named[0], blind[0], atol=1e-3)  # naming the control changes f(s, a) of a tap on it
+    np.testing.assert_allclose(named[2:], blind[2:], rtol=0, atol=1e-5)  # nothing to name: the same
 
 
 # ---------------------------------------------------------------- any LLaVA-style checkpoint

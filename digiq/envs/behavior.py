@@ -308,6 +308,24 @@ def tapped_element(point: tuple[float, float], elements: list[dict[str, Any]]) -
     return min(hits, key=lambda e: (e["bbox"][2] - e["bbox"][0]) * (e["bbox"][3] - e["bbox"][1]), default=None)
 
 
+def element_name(element: dict[str, Any]) -> str:
+    """Its text, else its tag and id (inputs have no text)."""
+    text = " ".join(str(element.get("text") or "").split())
+    if text:
+        return text if len(text) <= 40 else text[:39] + "…"
+    ident = element.get("id") or ""
+    return f"{element.get('tag', '?')}#{ident}" if ident else str(element.get("tag", "?"))
+
+
+def tap_target(action: Action, elements: list[dict[str, Any]] | None) -> str | None:
+    """The name of the control under a tap (:func:`element_name`); None for other actions, off every control or
+    without elements."""
+    if action.kind != "tap" or not elements:
+        return None
+    hit = tapped_element(action.touch_point, elements)
+    return element_name(hit) if hit is not None else None
+
+
 def _to_action(c: Candidate, jitter: np.ndarray, anywhere: np.ndarray) -> Action:
     if c.kind == "tap":
         y0, x0, y1, x1 = c.bbox  # type: ignore[misc]

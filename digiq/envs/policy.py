@@ -77,7 +77,7 @@ class StepView:
             task=step.task,
             goal=step.goal,
             observation=step.observation,
-            elements=_parse_elements(step.elements),
+            elements=parse_elements(step.elements),
             previous_actions=list(_parse_previous(step.observation, step.goal)),
         )
 
@@ -88,7 +88,7 @@ class StepView:
             task=row["task"],
             goal=row["goal"],
             observation=row["observation"],
-            elements=_parse_elements(row.get("elements")),
+            elements=parse_elements(row.get("elements")),
             previous_actions=list(_parse_previous(row["observation"], row["goal"])),
         )
 
@@ -98,7 +98,7 @@ def _parse_previous(observation: str, goal: str) -> tuple[Action, ...]:
     return tuple(previous_actions(observation, goal))
 
 
-def _parse_elements(text: str | None) -> list[dict[str, Any]]:
+def parse_elements(text: str | None) -> list[dict[str, Any]]:
     if not text:
         return []
     try:

