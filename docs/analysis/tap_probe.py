@@ -20,7 +20,12 @@ a goal-blind control.
 recomputes f(s, a) of the same candidates with that checkpoint (params.yaml's embed layer and pooling), once with the
 prompt as the embed stage writes it and once with the tapped element's DOM text in the action
 (``tap (y=…, x=…) on "Submit"``), and probes both: does naming the element let the features match it to the goal?
-Results and their reading: docs/results.md.
+
+    python docs/analysis/tap_probe.py --layers models/finetuned
+
+recomputes them with the checkpoint's own prompts (naming the tapped control when its config says so) at each of its
+layers ≥ 1, with last-token and mean pooling, and probes each: where to read f(s, a) (``embed.layer``,
+``embed.pooling``). Results and their reading: docs/results.md.
 """
 
 from __future__ import annotations
@@ -95,9 +100,11 @@ def stored_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, 
 
 
 def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[str, Any]], model: str,
-                        dom_text: bool) -> dict[Key, np.ndarray]:
-    """f(s, a) of the labelled candidates from ``model`` at params.yaml's embed layer and pooling, the tapped
-    element's text in the action prompt when ``dom_text``."""
+                        dom_text: bool | None, layers: list[int] | None = None,
+                        poolings: tuple[str, ...] = ()) -> dict[tuple[int, str], dict[Key, np.ndarray]]:
+    """f(s, a) of the labelled candidates from ``model``, {(layer, pooling): features}: at params.yaml's embed layer
+    and pooling unless ``layers``/``poolings`` are given. The tapped element's text is in the action prompt when
+    ``dom_text``; ``dom_text=None`` leaves it to the checkpoint (:meth:`VLM.tap_targets`)."""
     import torch
     import yaml
 
@@ -105,6 +112,7 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
     from digiq.vlm import load_vlm
 
     embed = yaml.safe_load(open("params.yaml"))["embed"]
+    layers, poolings = layers or [embed["layer"]], poolings or (embed["pooling"],)
     vlm, dataset = load_vlm(model), Dataset("data/raw")
     actions = {tuple(r[:3]): r[3] for r in con.sql("select traj_id, step_id, cand_idx, action from 'data/candidates.parquet'").fetchall()}
     by_state: dict[tuple[str, int], list[Key]] = defaultdict(list)
@@ -112,16 +120,22 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
         by_state[key[:2]].append(key)
     steps = con.sql("select traj_id, step_id, goal, observation, screenshot, screenshot_sha256, elements "
                     f"from 'data/raw/steps/**/*.parquet' where task in {TASKS}").fetchall()
-    out = {}
+    out: dict[tuple[int, str], dict[Key, np.ndarray]] = defaultdict(dict)
     for traj_id, step_id, goal, observation, screenshot, sha, elements in steps:
         if not (keys := by_state.get((traj_id, step_id))):
             continue
         taps = [parse_action(actions[k]) for k in keys]
-        targets = [element_text(a, json.loads(elements)) if dom_text else None for a in taps]
-        with torch.inference_mode():
-            f = vlm.candidate_features(dataset.load_image(screenshot, sha), goal, observation, taps, targets,
-                                       layers=[embed["layer"]], pooling=embed["pooling"])
-        out.update(zip(keys, next(iter(f.features.values())).float().cpu().numpy()))
+        page = json.loads(elements)
+        targets = vlm.tap_targets(taps, page) if dom_text is None else [
+            element_text(a, page) if dom_text else None for a in taps]
+        image = dataset.load_image(screenshot, sha)
+        tokens = vlm.encode_images([image])
+        for pooling in poolings:
+            with torch.inference_mode():
+                f = vlm.candidate_features(image, goal, observation, taps, targets, layers=layers, pooling=pooling,
+                                           image_tokens=tokens)
+            for layer, values in f.features.items():
+                out[(layer, pooling)].update(zip(keys, values.float().cpu().numpy()))
     return out
 
 
@@ -147,9 +161,17 @@ def main(args: list[str]) -> None:
     labels = tap_labels(con)
     if args[:1] == ["--dom-text"]:
         for dom_text in (False, True):
-            features = recomputed_features(con, labels, args[1], dom_text)
+            features = next(iter(recomputed_features(con, labels, args[1], dom_text).values()))
             name = f"probe on {args[1]}, {'DOM text in the action' if dom_text else 'action as embedded'}"
             print_rows(name, labels, linear_probe(labels, features))
+        return
+    if args[:1] == ["--layers"]:
+        from digiq.vlm.load import model_info
+
+        depth = model_info(args[1])["text"]["num_hidden_layers"]
+        features = recomputed_features(con, labels, args[1], None, list(range(1, depth + 1)), ("last", "mean"))
+        for (layer, pooling), values in sorted(features.items(), key=lambda item: (item[0][1], item[0][0])):
+            print_rows(f"probe on {args[1]}, layer {layer}, {pooling}", labels, linear_probe(labels, values))
         return
     critic_val = {t for (t,) in con.sql("select distinct traj_id from 'models/critic/step_scores.parquet' where split = 'val'").fetchall()}
     q = {k: v["q"] for k, v in labels.items()}
