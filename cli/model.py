@@ -24,6 +24,7 @@ def build(
     prompt_order: str | None = typer.Option(None, "--prompt-order", help="image_first | state_first: screenshot before or after the state text, recorded in config.json [params: model.prompt_order]"),
     text_model: str | None = typer.Option(None, "--text-model", help="llama (seeded random layers) | minilm (all-MiniLM-L6-v2's pretrained layers, run as a decoder) [params: model.text_model]"),
     tap_target: bool | None = typer.Option(None, "--tap-target/--no-tap-target", help="tap prompts name the element under the tap (its DOM text), recorded in config.json [params: model.tap_target]"),
+    field_values: bool | None = typer.Option(None, "--field-values/--no-field-values", help="the state text says what the page's text fields hold (their DOM values), recorded in config.json [params: model.field_values]"),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings; seeded Llama layers or
@@ -37,10 +38,15 @@ def build(
     prompt_order = pick(prompt_order, cfg.prompt_order)
     text_model = pick(text_model, cfg.text_model)
     tap_target = pick(tap_target, cfg.tap_target)
+    field_values = pick(field_values, cfg.field_values)
     record = run(out, image_size=image_size, seed=seed, prompt_order=prompt_order, text_model=text_model,
-                 tap_target=tap_target)
+                 tap_target=tap_target, field_values=field_values)
     typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}, prompt order "
-               f"{prompt_order}, {text_model} layers{', taps name their target' if tap_target else ''}")
+               f"{prompt_order}, {text_model} layers{_reading_words(tap_target, field_values)}")
+
+
+def _reading_words(tap_target: bool, field_values: bool) -> str:
+    return (", taps name their target" if tap_target else "") + (", the state quotes the text fields" if field_values else "")
 
 
 @app.command("info")
@@ -62,7 +68,7 @@ def info(
         typer.echo(f"  {part}: " + ", ".join(f"{k}={v}" for k, v in summary[part].items()))
     typer.echo(f"  image tokens: {summary['image_seq_length']} (feature layer {summary['vision_feature_layer']}, "
                f"strategy {summary['vision_feature_select_strategy']}, token id {summary['image_token_id']})")
-    typer.echo(f"  prompt order: {summary['prompt_order']}" + (", taps name their target" if summary["tap_target"] else ""))
+    typer.echo(f"  prompt order: {summary['prompt_order']}" + _reading_words(summary["tap_target"], summary["field_values"]))
     build = summary.get("digiq_build")
     if build:
         typer.echo(f"  digiq build: seed {build['config']['seed']}, pretrained: "

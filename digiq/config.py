@@ -111,6 +111,7 @@ class ModelParams(Section):
     prompt_order: Literal["image_first", "state_first"] = Field("state_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow (state_first fine-tunes faster on the default data: docs/results.md)")
     text_model: Literal["llama", "minilm"] = Field("llama", description="language model of the embedded default: llama (seeded random layers) or minilm (all-MiniLM-L6-v2's pretrained layers run as a decoder; set finetune.target_modules to its names: docs/experiments.md)")
     tap_target: bool = Field(False, description="tap prompts name the control under the tap (its DOM text): our vision tower cannot read it off the screenshot; recorded in the built model's config.json, which finetune, embed and evaluate follow")
+    field_values: bool = Field(False, description="the state text says what the page's text fields hold (their DOM values): at collect.history 1 the previous actions alone do not show what was typed; recorded like tap_target")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
 
 

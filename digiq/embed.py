@@ -103,10 +103,12 @@ class Extractor(Protocol):
 
     dim_state: int
     dim_candidate: int
+    reads_elements: bool  # whether states() and candidates() use the DOM elements (else they may be None)
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor: ...  # one row per screenshot
 
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str]) -> np.ndarray: ...
+    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
+               elements: Sequence[Elements] | None = None) -> np.ndarray: ...
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
                    actions: Sequence[Action], elements: Elements = None) -> np.ndarray: ...
@@ -118,16 +120,20 @@ class VLMExtractor:
     def __init__(self, vlm: VLM, layer: int = 2, pooling: str = "last", batch_size: int = 64):
         self.vlm, self.layer, self.pooling, self.batch_size = vlm, layer, pooling, batch_size
         self.dim_state = self.dim_candidate = int(vlm.hidden_size)
+        self.reads_elements = vlm.reading.reads_elements
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.vlm.encode_images(list(images), batch_size=self.batch_size)
 
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str]) -> np.ndarray:
+    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
+               elements: Sequence[Elements] | None = None) -> np.ndarray:
         from digiq.vlm.prompts import state_prompt
 
         import torch
 
-        prompts = [state_prompt(g, o, self.vlm.prompt_order) for g, o in zip(goals, observations, strict=True)]
+        pages = elements if elements is not None else [None] * len(goals)
+        prompts = [state_prompt(g, self.vlm.reading.observation(o, e), self.vlm.prompt_order)
+                   for g, o, e in zip(goals, observations, pages, strict=True)]
         with torch.inference_mode():
             out = self.vlm.forward_features(tokens, prompts, layer=self.layer, pooling=self.pooling,
                                             batch_size=self.batch_size)
@@ -139,8 +145,8 @@ class VLMExtractor:
 
         import torch
 
-        prompts = build_prompts(goal, observation, actions, self.vlm.tap_targets(actions, elements), marker="patch",
-                                order=self.vlm.prompt_order)
+        prompts = build_prompts(goal, self.vlm.reading.observation(observation, elements), actions,
+                                self.vlm.reading.targets(actions, elements), marker="patch", order=self.vlm.prompt_order)
         with torch.inference_mode():
             out = self.vlm.forward_features(tokens, prompts, actions, layer=self.layer, pooling=self.pooling,
                                             image_sizes=[size], batch_size=self.batch_size)
@@ -156,6 +162,7 @@ class VisionOnlyExtractor:
             1 if isinstance(vlm.feature_layer, int) else len(vlm.feature_layer))
         self.dim_state = self.dim_vision
         self.dim_candidate = 2 * self.dim_vision + len(ACTION_KINDS) + 4 + TEXT_BUCKETS
+        self.reads_elements = False
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         import torch
@@ -164,7 +171,8 @@ class VisionOnlyExtractor:
                  for i in range(0, len(images), self.batch_size)]
         return torch.cat(parts).float()
 
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str]) -> np.ndarray:
+    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
+               elements: Sequence[Elements] | None = None) -> np.ndarray:
         return self._patches(tokens).mean(1).cpu().numpy()
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
@@ -204,7 +212,7 @@ def featurize(extractor: Extractor, image: Image.Image, goal: str, observation: 
               actions: Sequence[Action], elements: Elements = None) -> tuple[np.ndarray, np.ndarray]:
     """f(s) [d_s] and f(s, a_k) [K, d_sa] of one state, its screenshot encoded once (as :func:`embed_chunk` does)."""
     tokens = extractor.encode([image])
-    f_s = extractor.states(tokens, [goal], [observation])[0]
+    f_s = extractor.states(tokens, [goal], [observation], [elements])[0]
     return f_s, extractor.candidates(tokens, image.size, goal, observation, actions, elements)
 
 
@@ -246,14 +254,13 @@ def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple
     # f(s): once per distinct (screenshot, goal, observation)
     state_of = {(r["traj_id"], r["step_id"]): (r["screenshot_sha256"], r["goal"], r["observation"]) for r in steps}
     unique_states = list(dict.fromkeys(state_of.values()))
+    elements_of = _elements_of(steps, state_of) if extractor.reads_elements else {}
     index = [image_row[sha] for sha, _, _ in unique_states]
-    f_s = extractor.states(tokens[index], [g for _, g, _ in unique_states], [o for _, _, o in unique_states])
+    f_s = extractor.states(tokens[index], [g for _, g, _ in unique_states], [o for _, _, o in unique_states],
+                           [elements_of.get(key) for key in unique_states])
     f_s_of = dict(zip(unique_states, f_s, strict=True))
 
     # f(s, a): once per distinct (state, canonical action)
-    from digiq.envs.policy import parse_elements
-
-    elements_of = {state_of[(r["traj_id"], r["step_id"])]: parse_elements(r.get("elements")) for r in reversed(steps)}
     wanted_of: dict[Any, dict[str, Action]] = {key: {} for key in unique_states}
     for step_key, key in state_of.items():
         for _, text in cands.get(step_key, []):
@@ -272,6 +279,13 @@ def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple
     states = _states_table(steps, state_of, f_s_of, extractor.dim_state, model_hash, layer)
     candidates = _candidates_table(steps, cands, state_of, f_sa, extractor.dim_candidate, model_hash, layer)
     return ChunkResult(states, candidates, computed=len(unique_states) + len(f_sa), images=len(shas))
+
+
+def _elements_of(steps: list[dict[str, Any]], state_of: dict[tuple[str, int], Any]) -> dict[Any, Elements]:
+    """The DOM elements of each distinct state (its first step's)."""
+    from digiq.envs.policy import parse_elements
+
+    return {state_of[(r["traj_id"], r["step_id"])]: parse_elements(r.get("elements")) for r in reversed(steps)}
 
 
 def _canonical(action: Action) -> str:

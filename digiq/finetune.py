@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from digiq.store import Dataset
     from digiq.vlm.model import VLM
+    from digiq.vlm.prompts import PageReading
 
 YES, NO = 0, 1  # class index = position in VLM.yes_no_logits (ANSWERS = ("Yes", "No"))
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -70,15 +71,15 @@ class Examples:
 
 
 def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker: str = "patch",
-                  order: str = "image_first", name_targets: bool = False) -> Examples:
-    """Join the label table to the dataset's steps and build one prompt per transition (a tap's prompt naming the
-    control under it when ``name_targets``: :data:`digiq.vlm.prompts.TARGET_KEY`).
+                  order: str = "image_first", reading: PageReading | None = None) -> Examples:
+    """Join the label table to the dataset's steps and build one prompt per transition, reading the page's DOM as
+    the checkpoint asks (``reading``: the control under a tap, the text fields' contents; default nothing).
 
     A label row naming a step that the dataset does not hold is a :class:`DigiqError` on the label file."""
-    from digiq.envs.behavior import tap_target
     from digiq.envs.policy import parse_elements
-    from digiq.vlm.prompts import build_prompt
+    from digiq.vlm.prompts import PageReading, build_prompt
 
+    reading = reading or PageReading()
     steps = dataset.steps_df().set_index(["traj_id", "step_id"], drop=False)
     _check_labels(labels, steps, labels_path)
     rows = steps.loc[list(zip(labels["traj_id"], labels["step_id"].astype(int), strict=True))]
@@ -93,8 +94,9 @@ def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker
         index.append(image_of[sha])
         action = dataset.action(row._asdict())
         actions.append(action)
-        target = tap_target(action, parse_elements(row.elements)) if name_targets else None
-        prompts.append(build_prompt(row.goal, row.observation, action, target,  # type: ignore[arg-type]
+        elements = parse_elements(row.elements) if reading.reads_elements else None
+        prompts.append(build_prompt(row.goal, reading.observation(row.observation, elements),  # type: ignore[arg-type]
+                                    action, reading.target(action, elements),
                                     marker=marker, order=order))  # type: ignore[arg-type]
     from PIL import Image
 

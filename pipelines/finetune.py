@@ -62,8 +62,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
     data = Dataset(dataset)
     table = read_labels(labels)
     vlm = load_vlm(base, dtype=p.base_dtype, device=device)  # trained weights stay fp32; bf16 compute via autocast
-    examples = F.load_examples(data, table, labels, marker=p.marker, order=vlm.prompt_order,
-                               name_targets=vlm.names_targets)
+    examples = F.load_examples(data, table, labels, marker=p.marker, order=vlm.prompt_order, reading=vlm.reading)
     train_idx, val_idx = F.split_by_trajectory(examples.traj_ids, p.val_fraction, p.seed)
     say(f"{len(examples)} transitions ({len(train_idx)} train / {len(val_idx)} val, by trajectory), "
         f"{len(examples.images)} distinct screenshots, on {device}, compute dtype {str(dtype).removeprefix('torch.')}")
@@ -85,7 +84,7 @@ def run(dataset: str | Path, labels: str | Path, base: str | Path, p: FinetunePa
                        batch_size=p.batch_size, seed=p.seed, checkpoint_every=p.checkpoint_every,
                        max_train_seconds=p.max_train_seconds)
     data_hash = data_fingerprint(data, labels)
-    fingerprint = _run_fingerprint(p, data_hash, base, vlm.prompt_order)
+    fingerprint = _run_fingerprint(p, data_hash, base)
     model = F.make_trainable(vlm, spec)
     from digiq.vlm.model import VLM
 
@@ -167,14 +166,17 @@ def final_validation(trainer: Any, finished: bool, val_idx: Any) -> dict[str, fl
     return trainer.evaluate(val_idx)
 
 
-def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path, prompt_order: str) -> str:
-    """A checkpoint resumes only a run with the same data, base model, prompt order and training params."""
+def _run_fingerprint(p: FinetuneParams, data_hash: str, base: str | Path) -> str:
+    """A checkpoint resumes only a run with the same data, base model and training params. The base model is its
+    path and its config.json, which records how it is prompted (order, what it reads off the page)."""
     import hashlib
+
+    from digiq.finetune import file_digest
 
     keys = {k: v for k, v in p.model_dump().items() if k not in ("max_train_seconds", "out", "metrics", "live_dir",
                                                                  "checkpoint_dir", "device")}
     blob = json.dumps({"params": keys, "data": data_hash, "base": str(Path(base).resolve()),
-                       "prompt_order": prompt_order}, sort_keys=True)
+                       "base_config": file_digest([Path(base) / "config.json"])}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from digiq.pipelines.finetune import FinetuneParams, run
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 from digiq.vlm.load import load_vlm
-from digiq.vlm.prompts import ORDER_KEY
+from digiq.vlm.prompts import ORDER_KEY, TARGET_KEY, PageReading
 
 N_TRAJ, N_STEPS = 8, 4
 ELEMENTS = json.dumps([{"ref": 1, "tag": "button", "text": "Top", "bbox": [0.0, 0.0, 0.5, 1.0]}])
@@ -78,11 +79,24 @@ def test_examples_name_the_tapped_control_when_asked(data):
     ds = Dataset(data[0])
     labels = pd.read_parquet(data[1])
     plain = F.load_examples(ds, labels, data[1])
-    named = F.load_examples(ds, labels, data[1], name_targets=True)
+    named = F.load_examples(ds, labels, data[1], reading=PageReading(tap_target=True))
     for action, label, before, after in zip(named.actions, labels["label"], plain.prompts, named.prompts, strict=True):
         on_top = action.kind == "tap" and action.touch_point[0] <= 0.5  # the "Top" button's half of the page
         assert (') on "Top" (the spot' in after) == on_top and 'on "' not in before
         assert (after == before) == (not on_top)
+
+
+def test_a_checkpoint_resumes_only_on_the_base_config_it_was_trained_from(base, tmp_path):
+    """The base's config.json records how it is prompted (order, what it reads off the page): a base rebuilt in place
+    with another reading must not resume the old run's checkpoint."""
+    from digiq.pipelines.finetune import _run_fingerprint
+
+    copy = shutil.copytree(base, tmp_path / "base")
+    p = params(tmp_path)
+    before = _run_fingerprint(p, "data", copy)
+    assert _run_fingerprint(p, "data", copy) == before
+    set_config(copy, **{TARGET_KEY: True})
+    assert _run_fingerprint(p, "data", copy) != before
 
 
 def test_lora_targets_that_match_nothing_name_the_real_layers(base):

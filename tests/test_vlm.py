@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tiny_llava import save_tiny_llava, set_config
 
 from digiq.errors import DigiqError
-from digiq.schema import Action
+from digiq.schema import Action, ActionType
 from digiq.vlm import prompts as P
 from digiq.vlm.inputs import draw_tap_marker, pad_to_square, patch_index, square_point
 from digiq.vlm.load import load_vlm
@@ -69,11 +69,12 @@ def tokens(vlm):
 
 @pytest.fixture(scope="module")
 def minilm_path(cache, tmp_path_factory):
-    """The embedded default with all-MiniLM-L6-v2's pretrained layers as its language model, taps named."""
+    """The embedded default with all-MiniLM-L6-v2's pretrained layers as its language model, reading the page (taps
+    named, text fields quoted)."""
     from digiq.pipelines.build_model import run
 
     out = tmp_path_factory.mktemp("models") / "base-minilm"
-    record = run(out, image_size=112, seed=0, text_model="minilm", tap_target=True)
+    record = run(out, image_size=112, seed=0, text_model="minilm", tap_target=True, field_values=True)
     assert record["random"] == ["multi_modal_projector"]
     return out
 
@@ -316,7 +317,7 @@ def test_minilm_build_carries_the_pretrained_layers(minilm_path, minilm_vlm, tmp
     from digiq.vlm.build import DefaultVLMConfig, build_default_model, minilm_dir
 
     model, _, record = build_default_model(DefaultVLMConfig(image_size=112, seed=0, text_model="minilm",
-                                                            tap_target=True))
+                                                            tap_target=True, field_values=True))
     model.save_pretrained(tmp_path)
     assert _sha256(tmp_path / "model.safetensors") == _sha256(minilm_path / "model.safetensors")
     assert record["config"]["text_model"] == "minilm"
@@ -327,17 +328,21 @@ def test_minilm_build_carries_the_pretrained_layers(minilm_path, minilm_vlm, tmp
         assert torch.equal(lm.state_dict()[name], minilm[name]), name
     words = minilm["embeddings.word_embeddings.weight"]
     assert torch.equal(minilm_vlm.model.get_output_embeddings().weight[: words.shape[0]], words)
-    assert minilm_vlm.num_layers == 6 and minilm_vlm.names_targets and lm.config.is_decoder
+    assert minilm_vlm.num_layers == 6 and lm.config.is_decoder
+    assert minilm_vlm.reading == P.PageReading(tap_target=True, field_values=True)
     minilm_vlm.model.save_pretrained(tmp_path / "again")  # as finetune saves its merged model: nothing goes missing
     assert load_file(str(tmp_path / "again" / "model.safetensors")).keys() == \
         load_file(str(minilm_path / "model.safetensors")).keys()
-    assert json.loads((minilm_path / "config.json").read_text())[P.TARGET_KEY] is True
+    config = json.loads((minilm_path / "config.json").read_text())
+    assert config[P.TARGET_KEY] is True and config[P.FIELDS_KEY] is True
 
 
 def test_default_build_records_no_later_options(base_path, vlm):
     """The default checkpoint stays byte-identical to earlier builds: no new keys in its config or build record."""
-    assert P.TARGET_KEY not in json.loads((base_path / "config.json").read_text()) and not vlm.names_targets
-    assert not {"text_model", "tap_target"} & json.loads((base_path / "digiq_build.json").read_text())["config"].keys()
+    assert not {P.TARGET_KEY, P.FIELDS_KEY} & json.loads((base_path / "config.json").read_text()).keys()
+    assert vlm.reading == P.PageReading()
+    assert not {"text_model", "tap_target", "field_values"} & \
+        json.loads((base_path / "digiq_build.json").read_text())["config"].keys()
 
 
 def test_unknown_text_model_is_one_clear_error():
@@ -365,15 +370,49 @@ def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minil
     extractor = VLMExtractor(minilm_vlm, layer=2)
     tokens = extractor.encode([img])
     named = extractor.candidates(tokens, img.size, GOAL, OBS, actions, elements)
-    blind = extractor.candidates(tokens, img.size, GOAL, OBS, actions, None)
-    prompts = P.build_prompts(GOAL, OBS, actions, minilm_vlm.tap_targets(actions, elements),
-                              order=minilm_vlm.prompt_order)
+    observed = minilm_vlm.reading.observation(OBS, elements)  # this checkpoint also quotes the (empty) text field
+    direct = {}
+    for kind, targets in (("named", minilm_vlm.tap_targets(actions, elements)), ("unnamed", None)):
+        prompts = P.build_prompts(GOAL, observed, actions, targets, order=minilm_vlm.prompt_order)
+        with torch.no_grad():
+            direct[kind] = minilm_vlm.forward_features(tokens, prompts, actions, layer=2, image_sizes=[img.size]).numpy()
+        if targets:
+            assert 'Action: tap (y=0.50, x=0.30) on "Submit"' in prompts[0]
+            assert 'on "' not in prompts[2].split("Action:")[1]
+    np.testing.assert_allclose(named, direct["named"], rtol=0, atol=1e-5)
+    assert not np.allclose(named[0], direct["unnamed"][0], atol=1e-3)  # naming the control changes f(s, a) of a tap on it
+    np.testing.assert_allclose(named[2:], direct["unnamed"][2:], rtol=0, atol=1e-5)  # nothing to name: the same
+
+
+def test_field_values_enter_the_state_text_only_when_the_checkpoint_asks(vlm, minilm_vlm):
+    from digiq.embed import VLMExtractor
+    from digiq.envs.behavior import field_values
+
+    filled = [{"ref": 1, "tag": "input_text", "text": "", "id": "user", "value": "bob", "bbox": [0.1, 0.1, 0.2, 0.9]},
+              {"ref": 2, "tag": "input_password", "text": "", "id": "pw", "value": "", "bbox": [0.3, 0.1, 0.4, 0.9]},
+              {"ref": 3, "tag": "button", "text": "Login", "bbox": [0.5, 0.1, 0.6, 0.4]}]
+    emptied = [{**e, "value": ""} for e in filled]
+    line = 'Text fields: input_text#user holds "bob", input_password#pw is empty.'
+    assert field_values(filled) == line and field_values(filled[2:]) is None and field_values(None) is None
+    reading = P.PageReading(field_values=True)
+    assert reading.observation(OBS, filled) == f"{OBS}\n{line}" and reading.observation(OBS, filled[2:]) == OBS
+    assert P.PageReading().observation(OBS, filled) == OBS
+
+    img = screenshot()
+    reads, blind = VLMExtractor(minilm_vlm, layer=2), VLMExtractor(vlm, layer=2)
+    tokens = reads.encode([img])
+    f_s = reads.states(tokens.repeat(2, 1, 1), [GOAL] * 2, [OBS] * 2, [filled, emptied])
     with torch.no_grad():
-        direct = minilm_vlm.forward_features(tokens, prompts, actions, layer=2, image_sizes=[img.size])
-    assert 'Action: tap (y=0.50, x=0.30) on "Submit"' in prompts[0] and 'on "' not in prompts[2].split("Action:")[1]
-    np.testing.assert_allclose(named, direct.numpy(), rtol=0, atol=1e-5)
-    assert not np.allclose(named[0], blind[0], atol=1e-3)  # naming the control changes f(s, a) of a tap on it
-    np.testing.assert_allclose(named[2:], blind[2:], rtol=0, atol=1e-5)  # nothing to name: the same
+        direct = minilm_vlm.forward_features(tokens, [P.state_prompt(GOAL, f"{OBS}\n{line}", minilm_vlm.prompt_order)],
+                                             layer=2)
+    np.testing.assert_allclose(f_s[:1], direct.numpy(), rtol=0, atol=1e-5)
+    assert not np.allclose(f_s[0], f_s[1], atol=1e-3)  # what was typed changes f(s)
+    action = [Action.simple(ActionType.PRESS_ENTER)]
+    assert not np.allclose(reads.candidates(tokens, img.size, GOAL, OBS, action, filled),
+                           reads.candidates(tokens, img.size, GOAL, OBS, action, emptied), atol=1e-3)
+    tokens = blind.encode([img])
+    both = blind.states(tokens.repeat(2, 1, 1), [GOAL] * 2, [OBS] * 2, [filled, emptied])
+    np.testing.assert_allclose(both, blind.states(tokens, [GOAL], [OBS]).repeat(2, 0), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- any LLaVA-style checkpoint

@@ -326,6 +326,22 @@ def tap_target(action: Action, elements: list[dict[str, Any]] | None) -> str | N
     return element_name(hit) if hit is not None else None
 
 
+def field_values(elements: list[dict[str, Any]] | None) -> str | None:
+    """What the page's text fields hold, as one line of state text (``Text fields: input_text#tt holds "Karrie",
+    input_password#password is empty.``); None when the page has no text field."""
+    text_fields = [e for e in elements or () if e.get("tag") in TEXT_ENTRY_TAGS]
+    if not text_fields:
+        return None
+    return "Text fields: " + ", ".join(_field_state(e) for e in text_fields) + "."
+
+
+def _field_state(element: dict[str, Any]) -> str:
+    value = " ".join(str(element.get("value") or "").split())
+    if len(value) > 40:
+        value = value[:39] + "…"
+    return f'{element_name(element)} holds "{value}"' if value else f"{element_name(element)} is empty"
+
+
 def _to_action(c: Candidate, jitter: np.ndarray, anywhere: np.ndarray) -> Action:
     if c.kind == "tap":
         y0, x0, y1, x1 = c.bbox  # type: ignore[misc]

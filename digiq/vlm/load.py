@@ -91,7 +91,9 @@ def model_info(path: str | Path) -> dict[str, Any]:
     headers), architecture and the main config values."""
     import json
 
-    from digiq.vlm.prompts import ORDER_KEY, TARGET_KEY, UNRECORDED_ORDER
+    from dataclasses import asdict
+
+    from digiq.vlm.prompts import ORDER_KEY, UNRECORDED_ORDER, PageReading
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -116,7 +118,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "image_token_id": config.get("image_token_id", config.get("image_token_index")),
         "image_seq_length": config.get("image_seq_length"),
         "prompt_order": config.get(ORDER_KEY, UNRECORDED_ORDER),
-        "tap_target": bool(config.get(TARGET_KEY, False)),
+        **asdict(PageReading.of_config(config)),
     }
     build = path / "digiq_build.json"
     if build.is_file():

@@ -104,7 +104,7 @@ class VLM:
         self.pad_fill = tuple(int(round(255 * m)) for m in mean)
         self.answer_ids = self._answer_token_ids()
         self.prompt_order: P.PromptOrder = self._prompt_order()
-        self.names_targets = bool(getattr(self.config, P.TARGET_KEY, False))
+        self.reading = P.PageReading.of_config(self.config)
         self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ images
@@ -219,11 +219,7 @@ class VLM:
     def tap_targets(self, actions: Sequence[Action], elements: list[dict[str, Any]] | None) -> list[str | None] | None:
         """What the prompts name as each action's target: the control under a tap (DOM ``elements`` of the state)
         when this checkpoint's config asks for it (:data:`~digiq.vlm.prompts.TARGET_KEY`), else None."""
-        if not self.names_targets:
-            return None
-        from digiq.envs.behavior import tap_target
-
-        return [tap_target(a, elements) for a in actions]
+        return self.reading.targets(actions, elements)
 
     # ------------------------------------------------------------------ convenience for one state
     def candidate_features(self, image: Image.Image, goal: str, observation: str, actions: Sequence[Action],

@@ -18,14 +18,17 @@ A prompt is one string in the LLaVA-1.5 conversation form::
   and the official form, above) or after it (``state_first``: ``USER: <state text>\n<image>\n<action>``). A
   checkpoint records its order in its config (:data:`ORDER_KEY`), so that it is always read the way it was
   built and fine-tuned; a checkpoint without the key is ``image_first``.
+- A checkpoint may also read the page's DOM where the paper's VLM reads the screenshot (our vision tower cannot
+  read): :class:`PageReading`, recorded in its config like the order.
 - The answer the model is asked for is the next token after "ASSISTANT:": :data:`ANSWERS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from digiq.actions import describe_action
 from digiq.errors import DigiqError
@@ -47,6 +50,7 @@ TEMPLATES: dict[str, str] = {
 PROMPT_ORDERS: tuple[str, ...] = tuple(TEMPLATES)
 ORDER_KEY = "digiq_prompt_order"  # the config.json attribute naming a checkpoint's prompt order
 TARGET_KEY = "digiq_tap_target"  # config.json: true when tap prompts name the element under the tap
+FIELDS_KEY = "digiq_field_values"  # config.json: true when the state text says what the page's text fields hold
 UNRECORDED_ORDER: PromptOrder = "image_first"  # the order of a checkpoint without ORDER_KEY (LLaVA's own)
 
 QUESTIONS = {
@@ -83,6 +87,51 @@ def action_text(action: Action, target: str | None = None, marker: Marker = "pat
     elif marker == "patch" and kind == "swipe":
         text += f" (from {TAP_SLOT} to {TAP_SLOT})"
     return f"{text}. {QUESTIONS[kind]}"
+
+
+@dataclass(frozen=True)
+class PageReading:
+    """What a checkpoint's prompts read off the page's DOM elements, standing in for reading the screenshot:
+
+    - ``tap_target`` (:data:`TARGET_KEY`): a tap's action text names the control under it, ``tap (…) on "Submit"``;
+    - ``field_values`` (:data:`FIELDS_KEY`): the state text ends with what the text fields hold,
+      ``Text fields: input_text#tt holds "Karrie".`` At ``collect.history: 1`` the previous-action text alone does
+      not tell "typed, then tapped the field again" from "tapped the field" (docs/results.md).
+
+    The build records both in config.json; finetune, embed and evaluate follow them."""
+
+    tap_target: bool = False
+    field_values: bool = False
+
+    @classmethod
+    def of_config(cls, config: Any) -> PageReading:
+        """The reading a checkpoint's config (a transformers config or its config.json dict) records."""
+        get = config.get if isinstance(config, dict) else (lambda key, default: getattr(config, key, default))
+        return cls(tap_target=bool(get(TARGET_KEY, False)), field_values=bool(get(FIELDS_KEY, False)))
+
+    def config_keys(self) -> dict[str, bool]:
+        """The config.json entries that record this reading (none for the default, which reads nothing)."""
+        return {**({TARGET_KEY: True} if self.tap_target else {}), **({FIELDS_KEY: True} if self.field_values else {})}
+
+    @property
+    def reads_elements(self) -> bool:
+        return self.tap_target or self.field_values
+
+    def target(self, action: Action, elements: list[dict[str, Any]] | None) -> str | None:
+        """What the action's prompt names as its target (None when taps are not named)."""
+        from digiq.envs.behavior import tap_target
+
+        return tap_target(action, elements) if self.tap_target else None
+
+    def targets(self, actions: Sequence[Action], elements: list[dict[str, Any]] | None) -> list[str | None] | None:
+        return [self.target(a, elements) for a in actions] if self.tap_target else None
+
+    def observation(self, observation: str, elements: list[dict[str, Any]] | None) -> str:
+        """The observation text the state part is built from: with the text fields' contents when asked."""
+        from digiq.envs.behavior import field_values
+
+        line = field_values(elements) if self.field_values else None
+        return f"{observation}\n{line}" if line else observation
 
 
 def unknown_order(order: str) -> str:

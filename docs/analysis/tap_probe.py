@@ -104,7 +104,7 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
                         poolings: tuple[str, ...] = ()) -> dict[tuple[int, str], dict[Key, np.ndarray]]:
     """f(s, a) of the labelled candidates from ``model``, {(layer, pooling): features}: at params.yaml's embed layer
     and pooling unless ``layers``/``poolings`` are given. The tapped element's text is in the action prompt when
-    ``dom_text``; ``dom_text=None`` leaves it to the checkpoint (:meth:`VLM.tap_targets`)."""
+    ``dom_text``; ``dom_text=None`` leaves what the prompts read off the page to the checkpoint (``VLM.reading``)."""
     import torch
     import yaml
 
@@ -128,11 +128,12 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
         page = json.loads(elements)
         targets = vlm.tap_targets(taps, page) if dom_text is None else [
             element_text(a, page) if dom_text else None for a in taps]
+        observed = vlm.reading.observation(observation, page) if dom_text is None else observation
         image = dataset.load_image(screenshot, sha)
         tokens = vlm.encode_images([image])
         for pooling in poolings:
             with torch.inference_mode():
-                f = vlm.candidate_features(image, goal, observation, taps, targets, layers=layers, pooling=pooling,
+                f = vlm.candidate_features(image, goal, observed, taps, targets, layers=layers, pooling=pooling,
                                            image_tokens=tokens)
             for layer, values in f.features.items():
                 out[(layer, pooling)].update(zip(keys, values.float().cpu().numpy()))
