@@ -197,3 +197,16 @@ def test_policies_plug_in_by_name_or_import_path():
         PolicySpec("greedy").build()
     with pytest.raises(DigiqError, match="did not build a policy"):
         PolicySpec("digiq.envs.behavior:goal_phrases", {"goal": "x"}).build()
+
+
+def test_element_names_and_field_values_are_one_line_of_at_most_forty_characters():
+    from digiq.envs.behavior import element_name, field_values
+
+    long_text = "Lorem  ipsum\n dolor sit amet, consectetur adipiscing elit"
+    assert element_name({"tag": "button", "text": " Log\n  in "}) == "Log in"
+    assert element_name({"tag": "span", "text": long_text}) == "Lorem ipsum dolor sit amet, consectetur…"
+    assert element_name({"tag": "input_text", "text": "", "id": "user"}) == "input_text#user"
+    assert element_name({"tag": "div"}) == "div"
+    line = field_values([{"tag": "input_text", "id": "tt", "value": long_text}])
+    assert line == 'Text fields: input_text#tt holds "Lorem ipsum dolor sit amet, consectetur…".'
+    assert len("Lorem ipsum dolor sit amet, consectetur…") == 40

@@ -361,8 +361,8 @@ def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minil
     actions = [Action.tap(0.5, 0.3), Action.tap(0.15, 0.5), Action.tap(0.9, 0.9), Action.type_text("Submit")]
     assert [tap_target(a, elements) for a in actions] == ["Submit", "input_text#user", None, None]
     assert tap_target(actions[0], None) is None
-    assert vlm.tap_targets(actions, elements) is None
-    assert minilm_vlm.tap_targets(actions, elements) == ["Submit", "input_text#user", None, None]
+    assert vlm.reading.targets(actions, elements) is None
+    assert minilm_vlm.reading.targets(actions, elements) == ["Submit", "input_text#user", None, None]
 
     from digiq.embed import VLMExtractor
 
@@ -372,7 +372,7 @@ def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minil
     named = extractor.candidates(tokens, img.size, GOAL, OBS, actions, elements)
     observed = minilm_vlm.reading.observation(OBS, elements)  # this checkpoint also quotes the (empty) text field
     direct = {}
-    for kind, targets in (("named", minilm_vlm.tap_targets(actions, elements)), ("unnamed", None)):
+    for kind, targets in (("named", minilm_vlm.reading.targets(actions, elements)), ("unnamed", None)):
         prompts = P.build_prompts(GOAL, observed, actions, targets, order=minilm_vlm.prompt_order)
         with torch.no_grad():
             direct[kind] = minilm_vlm.forward_features(tokens, prompts, actions, layer=2, image_sizes=[img.size]).numpy()

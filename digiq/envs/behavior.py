@@ -308,11 +308,16 @@ def tapped_element(point: tuple[float, float], elements: list[dict[str, Any]]) -
     return min(hits, key=lambda e: (e["bbox"][2] - e["bbox"][0]) * (e["bbox"][3] - e["bbox"][1]), default=None)
 
 
+def _shortened(text: Any, limit: int = 40) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with an ellipsis."""
+    line = " ".join(str(text or "").split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def element_name(element: dict[str, Any]) -> str:
     """Its text, else its tag and id (inputs have no text)."""
-    text = " ".join(str(element.get("text") or "").split())
-    if text:
-        return text if len(text) <= 40 else text[:39] + "…"
+    if text := _shortened(element.get("text")):
+        return text
     ident = element.get("id") or ""
     return f"{element.get('tag', '?')}#{ident}" if ident else str(element.get("tag", "?"))
 
@@ -336,9 +341,7 @@ def field_values(elements: list[dict[str, Any]] | None) -> str | None:
 
 
 def _field_state(element: dict[str, Any]) -> str:
-    value = " ".join(str(element.get("value") or "").split())
-    if len(value) > 40:
-        value = value[:39] + "…"
+    value = _shortened(element.get("value"))
     return f'{element_name(element)} holds "{value}"' if value else f"{element_name(element)} is empty"
 
 

@@ -216,11 +216,6 @@ class VLM:
         assert logits is not None
         return logits
 
-    def tap_targets(self, actions: Sequence[Action], elements: list[dict[str, Any]] | None) -> list[str | None] | None:
-        """What the prompts name as each action's target: the control under a tap (DOM ``elements`` of the state)
-        when this checkpoint's config asks for it (:data:`~digiq.vlm.prompts.TARGET_KEY`), else None."""
-        return self.reading.targets(actions, elements)
-
     # ------------------------------------------------------------------ convenience for one state
     def candidate_features(self, image: Image.Image, goal: str, observation: str, actions: Sequence[Action],
                            targets: Sequence[str | None] | None = None, *, layers: Sequence[int] = (-1,),

@@ -126,7 +126,7 @@ def recomputed_features(con: duckdb.DuckDBPyConnection, labels: dict[Key, dict[s
             continue
         taps = [parse_action(actions[k]) for k in keys]
         page = json.loads(elements)
-        targets = vlm.tap_targets(taps, page) if dom_text is None else [
+        targets = vlm.reading.targets(taps, page) if dom_text is None else [
             element_text(a, page) if dom_text else None for a in taps]
         observed = vlm.reading.observation(observation, page) if dom_text is None else observation
         image = dataset.load_image(screenshot, sha)
