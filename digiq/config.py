@@ -224,7 +224,6 @@ class CriticParams(Section):
     out: str = Field("models/critic", description="critic folder")
     checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (<out>.ckpt: a killed run resumes from it)")
     cql_alpha: float = Field(0.0, ge=0.0, description="weight of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
-    heads: Literal["max", "min"] = Field("max", description="how the two heads combine when the critic scores: max (official) or min (pessimistic)")
     standardize: bool = Field(True, description="standardise the heads' input features with the training set's mean and std (false: raw, as the official code)")
 
 

@@ -18,9 +18,7 @@ Equations (DESIGN §1; arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s],
     Q is trained only at dataset actions; this pushes down the candidates the data never shows, whose
     extrapolated values otherwise win Best-of-N's argmax (docs/results.md measures what it changes).
 
-    A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (``heads: max``, the official code)
-    A(s, a) = min(Q1(s, a), Q2(s, a)) − min(V1(s), V2(s))     (``heads: min``: where the heads disagree, on actions
-                                                              the data rarely takes, the lower estimate counts)
+    A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
 Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); we follow DESIGN §1 and
 use the clipped minimum of both target heads, the usual guard against over-estimation.
@@ -73,7 +71,6 @@ class CriticConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed for weight init and batch sampling")
     device: str = Field("auto", description="'auto' (cuda when visible), 'cpu', 'cuda', 'cuda:1', …")
     cql_alpha: float = Field(0.0, ge=0.0, description="weight α of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
-    heads: Literal["max", "min"] = Field("max", description="how the two heads combine when the critic scores (advantages, candidate scores, diagnostics): 'max' as the official code; 'min': the pessimistic estimate")
     standardize: bool = Field(True, description="standardise each head's input features with the training set's mean and std (saved with the weights); False: raw features, as the official code")
 
 
@@ -210,18 +207,15 @@ class DoubleCritic(nn.Module):
         self.online.fit_standardization(s, sa)
         self.target.fit_standardization(s, sa)
 
-    def _combine(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(first, second) if self.config.heads == "max" else torch.minimum(first, second)
-
     @torch.no_grad()
     def q_value(self, sa: torch.Tensor) -> torch.Tensor:
-        """max(Q1, Q2)(f(s, a)) (min with ``heads: min``), any leading shape."""
-        return self._combine(*self.online.q(sa))
+        """max(Q1, Q2)(f(s, a)), any leading shape."""
+        return torch.maximum(*self.online.q(sa))
 
     @torch.no_grad()
     def v_value(self, s: torch.Tensor) -> torch.Tensor:
-        """max(V1, V2)(f(s)) (min with ``heads: min``)."""
-        return self._combine(*self.online.v(s))
+        """max(V1, V2)(f(s))."""
+        return torch.maximum(*self.online.v(s))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write weights (online + target) and config to ``directory`` (atomic; loadable from any path)."""
@@ -239,8 +233,7 @@ class DoubleCritic(nn.Module):
 def advantage(critic: DoubleCritic, s: torch.Tensor, cand_sa: torch.Tensor) -> torch.Tensor:
     """A(s, a_k) = max(Q1(s, a_k), Q2(s, a_k)) − max(V1(s), V2(s))  for s [B, d_s], cand_sa [B, K, d_sa] → [B, K].
 
-    "Max over heads" as in the official code (``torch.maximum(q1, q2) − torch.maximum(v1, v2)``); min over
-    both with the critic's ``heads: min``.
+    "Max over heads" as in the official code (``torch.maximum(q1, q2) − torch.maximum(v1, v2)``).
     """
     return map_chunks(lambda s_, sa_: critic.q_value(sa_) - critic.v_value(s_).unsqueeze(-1), s, cand_sa, device=_device_of(critic))
 
@@ -442,7 +435,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def candidate_q(critic: DoubleCritic, data: Transitions) -> torch.Tensor:
-    """Q of every candidate [B, K] (:meth:`DoubleCritic.q_value`; invalid candidates: NaN)."""
+    """max(Q1, Q2) of every candidate [B, K] (invalid candidates: NaN)."""
     data.require("cand_sa", "cand_mask")
     q = map_chunks(critic.q_value, data.cand_sa, device=_device_of(critic))
     return q.masked_fill(~data.cand_mask.cpu(), math.nan)
@@ -527,7 +520,7 @@ def behavior_agreement(critic: DoubleCritic, data: Transitions, q: torch.Tensor 
 
 
 def v_calibration(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
-    """V(s) (:meth:`DoubleCritic.v_value`) against the observed discounted return G(s): Pearson r, mean error, MAE."""
+    """V(s) = max(V1, V2)(s) against the observed discounted return G(s): Pearson r, mean error, MAE."""
     v = map_chunks(critic.v_value, data.s, device=_device_of(critic))
     g = data.mc_return.float().cpu()
     err = v - g

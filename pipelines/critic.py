@@ -23,8 +23,8 @@ Decisions (documented here because the stage, not the library, makes them):
   actor's behavior prior).
 - **Trajectory success** = some step of the trajectory has reward > 0 (``Trajectory.success``), from
   the rewards served by the feature store.
-- **Reported scores** use the critic's policy-extraction convention: V = max(V1, V2), Q = max(Q1, Q2)
-  (min of the heads with ``heads: min``), advantage = Q − V; ``td_error`` = (the stage's Q target) − Q, i.e. r + γ(1−done)·min V̄(s') − Q for
+- **Reported scores** use the critic's policy-extraction convention: V = max(V1, V2), Q = max(Q1, Q2),
+  advantage = Q − V; ``td_error`` = (the stage's Q target) − Q, i.e. r + γ(1−done)·min V̄(s') − Q for
   ``td`` and G(s) − Q for ``mc``.
 
 Everything is written atomically; a fixed seed gives identical weights, scores and metrics (except

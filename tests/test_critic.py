@@ -153,16 +153,14 @@ def test_trainer_moves_targets_by_tau_after_each_update():
         torch.testing.assert_close(new, 0.1 * online + 0.9 * old)
 
 
-@pytest.mark.parametrize("heads, expected", [("max", [[-1.0, -4.0]]),   # max Q [2, −1] − max V 3
-                                             ("min", [[4.0, 1.0]])])     # min Q [1, −2] − min V −3
-def test_advantage_combines_the_q_heads_and_the_v_heads_by_config(heads, expected):
-    critic = linear_critic(d_s=1, d_sa=1, heads=heads)
+def test_advantage_is_max_q_heads_minus_max_v_heads():
+    critic = linear_critic(d_s=1, d_sa=1)
     set_linear(critic.online.q1, [1.0])  # candidates sa = [1, −1] → Q1 = [1, −1]
-    set_linear(critic.online.q2, [2.0])  # Q2 = [2, −2]
+    set_linear(critic.online.q2, [2.0])  # Q2 = [2, −2] → max = [2, −1]
     set_linear(critic.online.v1, [1.0])  # s = 3 → V1 = 3
-    set_linear(critic.online.v2, [-1.0])  # V2 = −3
+    set_linear(critic.online.v2, [-1.0])  # V2 = −3 → max = 3
     adv = advantage(critic, torch.tensor([[3.0]]), torch.tensor([[[1.0], [-1.0]]]))
-    torch.testing.assert_close(adv, torch.tensor(expected))
+    torch.testing.assert_close(adv, torch.tensor([[-1.0, -4.0]]))  # [2 − 3, −1 − 3]
 
 
 def diagnostics_data() -> tuple[DoubleCritic, Transitions]:
