@@ -69,12 +69,11 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "critic-greedy", "behavior",
-                                                        "behavior-mode", "random"],
-                               description="trained policies (models/actor/<method>), critic-greedy (argmax A of the critic) "
-                                           "and the baselines behavior, behavior-mode and random")
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
+                               description="trained policies (models/actor/<method>) and the baselines behavior and random; "
+                                           "also available: critic-greedy (argmax A of the critic) and behavior-mode")
     tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
-    episodes_per_task: int = Field(10, ge=1, description="episodes per (method, task); 50 for the paper-style comparison (5x the episodes)")
+    episodes_per_task: int = Field(50, ge=1, description="episodes per (method, task)")
     seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
     k: int = Field(16, ge=1, description="candidates drawn from π_β per live step")
     noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")

@@ -151,7 +151,7 @@ class StepResult:
     observation: Observation | None  # None once the episode is over
     raw_reward: float  # MiniWoB's raw reward (no time penalty); 0 until the episode ends
     done: bool
-    final_screenshot: np.ndarray | None = None  # the page as the final action left it (terminal steps)
+    final_screenshot: np.ndarray | None = None  # the page as the final action left it (terminal steps of an env that takes it)
     timed_out: bool = False
     reason: str | None = None  # MiniWoB's reward reason, or why the step failed
     failed: bool = False  # the action could not be performed (e.g. a point off the page)
@@ -388,12 +388,15 @@ def check_tasks(tasks: list[str], field_name: str = "tasks") -> None:
 class MiniWoBEnv:
     """One MiniWoB task in one browser. Always close it (it is a context manager)."""
 
-    def __init__(self, task: str, browser: BrowserConfig | None = None):
+    def __init__(self, task: str, browser: BrowserConfig | None = None, final_screenshot: bool = True):
+        """``final_screenshot=False`` skips the screenshot of the page an episode ended on (``StepResult.
+        final_screenshot`` is then None): only stored trajectories need it, and it costs a browser round trip."""
         import gymnasium
         from gymnasium.envs.registration import load_env_creator
 
         check_tasks([task], "task")
         self.task = task
+        self.final_screenshot = final_screenshot
         self.browser = browser or BrowserConfig()
         self.browser.check()
         spec = gymnasium.spec(env_id(task))
@@ -443,7 +446,7 @@ class MiniWoBEnv:
         env_action = to_env_action(action, self.width, self.height)
         if env_action.kind == "COMPLETE":
             self._done = True
-            return StepResult(None, 0.0, True, final_screenshot=self.screenshot(), reason="task complete declared")
+            return StepResult(None, 0.0, True, final_screenshot=self._final_screenshot(), reason="task complete declared")
         return self._step(env_action)
 
     def step_env_action(self, env_action: EnvAction) -> StepResult:
@@ -458,6 +461,9 @@ class MiniWoBEnv:
             lambda: get_screenshot(inst.driver, inst.inner_width, inst.inner_height, inst.task_width, inst.task_height)
         )
         return pil_to_numpy_array(image)
+
+    def _final_screenshot(self) -> np.ndarray | None:
+        return self.screenshot() if self.final_screenshot else None
 
     def _step(self, env_action: EnvAction) -> StepResult:
         from selenium.common.exceptions import MoveTargetOutOfBoundsException
@@ -476,7 +482,7 @@ class MiniWoBEnv:
                 None,
                 raw_reward,
                 True,
-                final_screenshot=self.screenshot(),
+                final_screenshot=self._final_screenshot(),
                 timed_out=reason == "timed out",
                 reason=reason,
                 failed=failed,

@@ -335,7 +335,7 @@ class _Worker:
         if self.env is not None and self.env.task != task:
             self.close()
         if self.env is None:
-            self.env = MiniWoBEnv(task, self.config.browser)
+            self.env = MiniWoBEnv(task, self.config.browser, final_screenshot=self.writer is not None)
         return self.env
 
     def _step_event(self) -> None:
