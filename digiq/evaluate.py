@@ -78,7 +78,7 @@ class EvaluateParams(BaseModel):
     k: int = Field(16, ge=1, description="candidates drawn from π_β per live step")
     noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")
     max_steps: int | None = Field(None, ge=1, description="episode step cap; null: collect.max_steps")
-    workers: int = Field(2, ge=1, description="parallel browser processes")
+    workers: int = Field(3, ge=1, description="parallel browser processes")
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
