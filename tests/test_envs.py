@@ -185,8 +185,6 @@ def test_task_complete_ends_the_episode_and_time_outs_are_reported():
 
 
 @pytest.mark.browser
-
-@pytest.mark.browser
 def test_an_env_told_not_to_keep_the_final_page_ends_episodes_without_a_screenshot():
     with MiniWoBEnv("click-button", final_screenshot=False) as env:
         env.reset(seed=1)
@@ -194,11 +192,12 @@ def test_an_env_told_not_to_keep_the_final_page_ends_episodes_without_a_screensh
         assert declared.done and declared.final_screenshot is None
 
         obs = env.reset(seed=1)
-        goal_word = obs.goal.split('"')[1] if '"' in obs.goal else obs.goal.split()[-1]
-        button = next(e for e in obs.elements if e["tag"] == "button" and e["text"] == goal_word)
+        button = _one(obs.elements, tag="button", text=obs.goal.split('"')[1])
         pressed = env.step(Action.tap(*_centre(button)))
         assert pressed.done and pressed.raw_reward == 1.0 and pressed.final_screenshot is None
 
+
+@pytest.mark.browser
 def test_behavior_rollout_reports_success_per_task():
     from digiq.envs.policy import PolicySpec
     from digiq.pipelines.rollout import RolloutConfig, run
