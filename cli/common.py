@@ -14,18 +14,27 @@ from digiq.errors import DigiqError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read defaults from")
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file: every setting's default")
+SET_OPTION = typer.Option(None, "-S", "--set", metavar="SECTION.KEY=VALUE",
+                          help="override one setting, as `dvc exp run -S` does (repeatable), e.g. -S critic.updates=500")
 
 
-def load(params_path: Path):
-    """The validated params (defaults where the file is absent)."""
+def load(params_path: Path, overrides: list[str] | None = None, flags: dict[str, Any] | None = None):
+    """The validated params: the file (defaults where it is absent), then ``-S`` overrides, then the command's
+    everyday flags given as ``{"section.key": value}`` (a flag left out is None and changes nothing)."""
     from digiq.config import load_params
 
-    return load_params(params_path)
+    given = [f"{key}={_override_value(value)}" for key, value in (flags or {}).items() if value is not None]
+    return load_params(params_path, [*(overrides or []), *given])
 
 
-def pick(value: Any, default: Any) -> Any:
-    """A CLI option wins over params.yaml when it is given."""
+def _override_value(value: Any) -> str:
+    from digiq.config import hydra_value
+
+    return hydra_value(str(value) if isinstance(value, Path) else value)
+
+
+def pick(value: Any, default: Any) -> Any:  # removed once every command takes -S overrides
     return default if value is None else value
 
 

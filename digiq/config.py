@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -261,12 +262,53 @@ class Params(Section):
     view: ViewParams = Field(default_factory=ViewParams)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; a missing file gives the defaults."""
+def load_params(path: str | Path = PARAMS_FILE, overrides: Sequence[str] = ()) -> Params:
+    """Read and validate params.yaml (the defaults where the file is absent), then apply ``-S section.key=value``
+    overrides in DVC's (Hydra's) grammar, each validated on its own so that an error names the one at fault."""
     path = Path(path)
-    if not path.exists():
-        return Params()
-    return validate_params(read_sections(path), path)
+    raw = read_sections(path) if path.exists() else {}
+    params = validate_params(raw, path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+        params = validate_params(raw, f"-S {text}")
+    return params
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``critic.updates=500`` → ("critic.updates", 500), parsed by Hydra's override parser as ``dvc exp run -S`` is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from digiq.errors import first_line
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([text])
+    except HydraException as exc:
+        raise DigiqError(f"not a section.key=value override ({first_line(exc)})", field=f"-S {text}") from None
+    if override.is_delete() or override.is_add() or override.is_force_add() or override.is_sweep_override():
+        raise DigiqError("only plain section.key=value overrides are supported", field=f"-S {text}")
+    return override.key_or_group, _plain(override.value())
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's parsed value as plain Python (its lists and dicts are their own types)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key`` "a.b.c", creating the sections on the way."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
 
 
 def read_sections(path: str | Path) -> dict[str, Any]:
@@ -292,13 +334,7 @@ def preset_overrides(preset: str | Path, params_path: str | Path = PARAMS_FILE) 
     overrides = _dotted(read_sections(preset))
     merged = read_sections(params_path) if Path(params_path).exists() else {}
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = merged
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
+        _set_dotted(merged, key, value)
     validate_params(merged, preset)
     return overrides
 
@@ -306,14 +342,15 @@ def preset_overrides(preset: str | Path, params_path: str | Path = PARAMS_FILE) 
 def dvc_set_flags(overrides: dict[str, Any]) -> list[str]:
     """``dvc exp run`` arguments setting ``overrides``: ["-S", "key=value", …] in Hydra's override grammar, which
     DVC parses (strings quoted: a regex's parentheses would otherwise not parse)."""
-    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={_hydra_value(value)}")]
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={hydra_value(value)}")]
 
 
-def _hydra_value(value: Any) -> str:
+def hydra_value(value: Any) -> str:
+    """``value`` as the right-hand side of a ``-S key=value`` override."""
     if isinstance(value, str):
         return "'" + value.replace("'", "\\'") + "'"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_hydra_value(v) for v in value) + "]"
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
     return _yaml_flow(value)  # numbers, booleans, null
 
 

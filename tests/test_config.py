@@ -112,3 +112,41 @@ def test_the_documented_patient_behaviour_override_gives_the_patient_policy(tmp_
     apply_overrides(params_path, ["collect.behavior.submit_partial=-2.5"])
     assert scores_with(load_params(params_path).collect.behavior) == Scores()
 
+
+
+def test_overrides_in_dvcs_grammar_set_typed_values(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("critic:\n  updates: 3000\n")
+    params = load_params(path, ["critic.updates=500", "critic.hidden=[64,64]", "collect.tasks=[click-button,enter-text]",
+                                "finetune.target_modules='.*(q_proj|v_proj)'", "collect.behavior={}", "gamma=0.9"])
+    assert params.critic.updates == 500 and params.critic.hidden == [64, 64] and params.gamma == 0.9
+    assert params.collect.tasks == ["click-button", "enter-text"] and params.collect.behavior == {}
+    assert params.finetune.target_modules == ".*(q_proj|v_proj)"
+    assert load_params(path).critic.updates == 3000, "the file is not changed"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("critic.updatess=5", "-S critic.updatess=5: critic.updatess: unknown key; did you mean 'updates'?"),
+    ("critc.updates=5", "-S critc.updates=5: critc: unknown key; did you mean 'critic'?"),
+    ("critic.updates=abc", "-S critic.updates=abc: critic.updates: Input should be a valid integer"),
+    ("label.epsilon=-1", "-S label.epsilon=-1: label.epsilon: Input should be greater than 0 (got -1)"),
+    ("critic.updates", "-S critic.updates: not a section.key=value override"),
+    ("~critic.updates", "-S ~critic.updates: only plain section.key=value overrides are supported"),
+])
+def test_a_bad_override_gets_one_line_naming_it(override, message):
+    with pytest.raises(DigiqError) as err:
+        load_params(REPO / "params.yaml", [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_every_override_dvc_accepts_digiq_reads_the_same(tmp_path):
+    """What `dvc exp run -S` writes into params.yaml and what `digiq <stage> -S` applies in memory agree."""
+    from dvc.utils.hydra import apply_overrides
+
+    overrides = ["critic.hidden=[32,16]", "collect.behavior={submit_partial: 2.0}", "actor.threshold=0.25",
+                 "finetune.target_modules='.*(q_proj)'", "evaluate.episodes_per_task=3"]
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    in_memory = load_params(path, overrides)
+    apply_overrides(path, overrides)
+    assert load_params(path) == in_memory
