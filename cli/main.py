@@ -22,6 +22,7 @@ from digiq.cli import features as features_cli
 from digiq.cli import finetune as finetune_cli
 from digiq.cli import label as label_cli
 from digiq.cli import model as model_cli
+from digiq.cli import params as params_cli
 from digiq.cli import report as report_cli
 from digiq.cli import view as view_cli
 
@@ -30,7 +31,7 @@ app = typer.Typer(
     help="Digi-Q, reproducible: collect → label → finetune → candidates → embed → features → critic → actor → evaluate → report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode=None,  # help texts quote "[params: …]"; rich markup would swallow the brackets
 )
 
@@ -63,6 +64,7 @@ evaluate_cli.register(app)
 report_cli.register(app)
 view_cli.register(app)
 doctor_cli.register(app)
+params_cli.register(app)
 bench_cli.register(app)
 
 if __name__ == "__main__":

@@ -150,3 +150,8 @@ def test_every_override_dvc_accepts_digiq_reads_the_same(tmp_path):
     in_memory = load_params(path, overrides)
     apply_overrides(path, overrides)
     assert load_params(path) == in_memory
+
+
+def test_params_yaml_is_generated_from_the_configs():
+    """Each setting is declared once, in digiq/config.py; params.yaml is its output (`digiq params --defaults`)."""
+    assert (REPO / "params.yaml").read_text() == params_yaml(), "regenerate: digiq params --defaults > params.yaml"
