@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 from pydantic import ValidationError
 
 from digiq.errors import ActionParseError
-from digiq.schema import MAX_DECIMALS, NO_POINT, PLAN_END, Action, ActionType
+from digiq.schema import MAX_DECIMALS, NO_POINT, NO_POINT_TEXT, PLAN_END, PLAN_PREFIX, Action, ActionType
 
-PLAN_PREFIX = "Action Plan: ["
 DECISION_SEPARATOR = PLAN_END  # "] ; Action Decision: "
 DECISION_PREFIX = "Action Decision: "
 _DECISION = re.compile(
@@ -30,7 +28,6 @@ _DECISION = re.compile(
 # A coordinate as the official code writes it: ASCII digits, no leading zeros, no sign but "-", nothing around
 # it (a looser pattern read "0.5\n", "00.5" or Arabic-Indic digits, which do not format back to themselves).
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
-_NO_POINT_TEXT = "-1.0, -1.0"
 
 
 def parse_action(text: str) -> Action:
@@ -60,15 +57,8 @@ def parse_action(text: str) -> Action:
 
 
 def format_action(action: Action) -> str:
-    decision = (
-        f'"action_type": "{action.action_type.value}", '
-        f'"touch_point": "[{_format_point(action.touch_point, action.decimals)}]", '
-        f'"lift_point": "[{_format_point(action.lift_point, action.decimals)}]", '
-        f'"typed_text": "{action.typed_text}"'
-    )
-    if action.plan is None:
-        return decision
-    return f"{PLAN_PREFIX}{action.plan}{DECISION_SEPARATOR}{decision}"
+    """The AutoUI string form of ``action`` (:meth:`digiq.schema.Action.__str__`, where the data contract keeps it)."""
+    return str(action)
 
 
 def describe_action(action: Action, target: str | None = None) -> str:
@@ -120,7 +110,7 @@ def _parse_action_type(name: str) -> ActionType:
 
 
 def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int]]:
-    if text == _NO_POINT_TEXT:
+    if text == NO_POINT_TEXT:
         return NO_POINT, []
     parts = text.split(", ")
     matches = [_NUMBER.fullmatch(part) for part in parts]
@@ -128,7 +118,7 @@ def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int]]
         raise ActionParseError(f'{field} "[{text}]" is not two numbers "[y, x]"')
     point = (float(parts[0]), float(parts[1]))
     if point == NO_POINT:  # one spelling per action: "[-1.00, -1]" would format back as "[-1.0, -1.0]"
-        raise ActionParseError(f'{field} "[{text}]" is the no-point value: write it as "[{_NO_POINT_TEXT}]"')
+        raise ActionParseError(f'{field} "[{text}]" is the no-point value: write it as "[{NO_POINT_TEXT}]"')
     decimals = [len(m.group(1)) if m.group(1) is not None else 0 for m in matches if m]
     return point, decimals
 
@@ -136,14 +126,6 @@ def _parse_point(text: str, field: str) -> tuple[tuple[float, float], list[int]]
 def _common_decimals(decimals: list[int]) -> int | None:
     shared = decimals[0] if decimals and all(d == decimals[0] for d in decimals) else None
     return shared if shared is not None and shared <= MAX_DECIMALS else None
-
-
-def _format_point(point: tuple[float, float], decimals: int | None) -> str:
-    if point == NO_POINT:
-        return _NO_POINT_TEXT
-    if decimals is None:  # shortest repr, trimmed as schema._repr_decimals counts (1.0 -> "1"): the parser then reads back None
-        return ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in point)
-    return ", ".join(f"{v:.{decimals}f}" for v in point)
 
 
 def _quote(text: str, limit: int = 160) -> str:

@@ -18,7 +18,10 @@ SWIPE_DISTANCE_THRESHOLD = 0.04
 SCHEMA_VERSION = 1
 DEFAULT_DECIMALS = 4  # AutoUI writes coordinates with 4 decimals
 MAX_DECIMALS = 12
+# the AutoUI string form: [PLAN_PREFIX plan PLAN_END] decision (digiq.actions parses it)
+PLAN_PREFIX = "Action Plan: ["
 PLAN_END = "] ; Action Decision: "  # ends the plan in the string form, so a plan cannot contain it
+NO_POINT_TEXT = "-1.0, -1.0"
 
 
 class ActionType(str, Enum):
@@ -135,9 +138,16 @@ class Action(BaseModel):
         }[self.action_type]
 
     def __str__(self) -> str:
-        from digiq.actions import format_action
-
-        return format_action(self)
+        """The AutoUI string form, one line: ``format_action(parse_action(s)) == s`` (:mod:`digiq.actions`)."""
+        decision = (
+            f'"action_type": "{self.action_type.value}", '
+            f'"touch_point": "[{_format_point(self.touch_point, self.decimals)}]", '
+            f'"lift_point": "[{_format_point(self.lift_point, self.decimals)}]", '
+            f'"typed_text": "{self.typed_text}"'
+        )
+        if self.plan is None:
+            return decision
+        return f"{PLAN_PREFIX}{self.plan}{PLAN_END}{decision}"
 
 
 class Step(BaseModel):
@@ -202,6 +212,16 @@ class Trajectory(BaseModel):
     @property
     def total_reward(self) -> float:
         return float(sum(step.reward for step in self.steps))
+
+
+def _format_point(point: tuple[float, float], decimals: int | None) -> str:
+    if point == NO_POINT:
+        return NO_POINT_TEXT
+    if decimals is None:  # shortest repr, trimmed as _repr_decimals counts (1.0 -> "1"): the parser then reads back None
+        import numpy as np
+
+        return ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in point)
+    return ", ".join(f"{v:.{decimals}f}" for v in point)
 
 
 def _repr_decimals(value: float) -> int:

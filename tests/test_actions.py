@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from digiq.actions import DECISION_SEPARATOR, PLAN_PREFIX, describe_action, format_action, parse_action
+from digiq.actions import DECISION_SEPARATOR, describe_action, format_action, parse_action
 from digiq.errors import ActionParseError
-from digiq.schema import NO_POINT, Action, ActionType
+from digiq.schema import NO_POINT, PLAN_PREFIX, Action, ActionType
 
 MANY = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)

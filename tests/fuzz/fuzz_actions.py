@@ -31,9 +31,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["digiq"]):
-    from digiq.actions import _DECISION, _NO_POINT_TEXT, DECISION_SEPARATOR, _split_plan, format_action, parse_action
+    from digiq.actions import _DECISION, DECISION_SEPARATOR, _split_plan, format_action, parse_action
     from digiq.errors import ActionParseError
-    from digiq.schema import MAX_DECIMALS, Action, ActionType
+    from digiq.schema import MAX_DECIMALS, NO_POINT_TEXT, Action, ActionType
 
 from pydantic import ValidationError
 
@@ -60,7 +60,7 @@ def _fixed_precision(text: str) -> bool:
     """True when every coordinate of an accepted string is written with the same number of decimals."""
     match = _DECISION.fullmatch(_split_plan(text)[1])
     assert match is not None
-    points = [match[name] for name in ("touch_point", "lift_point") if match[name] != _NO_POINT_TEXT]
+    points = [match[name] for name in ("touch_point", "lift_point") if match[name] != NO_POINT_TEXT]
     return len({len(number.partition(".")[2]) for point in points for number in point.split(", ")}) <= 1
 
 
