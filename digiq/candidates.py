@@ -101,7 +101,7 @@ def duplicate_flags(actions: Iterable[str]) -> list[bool]:
 
 def sample_state(policy: BehaviorPolicy, row: dict[str, Any], k: int, seed: int) -> list[str]:
     """K candidate action strings for one step-table row: [dataset action] + K − 1 draws from π_β."""
-    from digiq.envs.policy import StepView
+    from digiq.envs.view import StepView
 
     if k < 1:
         raise DigiqError(f"must be ≥ 1, got {k}", field="k")

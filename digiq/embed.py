@@ -283,7 +283,7 @@ def embed_chunk(dataset: Dataset, steps: list[dict[str, Any]], cands: dict[tuple
 
 def _elements_of(steps: list[dict[str, Any]], state_of: dict[tuple[str, int], Any]) -> dict[Any, Elements]:
     """The DOM elements of each distinct state (its first step's)."""
-    from digiq.envs.policy import parse_elements
+    from digiq.envs.view import parse_elements
 
     return {state_of[(r["traj_id"], r["step_id"])]: parse_elements(r.get("elements")) for r in reversed(steps)}
 

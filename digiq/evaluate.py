@@ -39,7 +39,7 @@ from digiq.errors import DigiqError
 if TYPE_CHECKING:  # kept out of the import path of params loading (`digiq --help` stays fast)
     import numpy as np
 
-    from digiq.envs.policy import StepView
+    from digiq.envs.view import StepView
     from digiq.schema import Action
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile

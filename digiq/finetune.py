@@ -76,7 +76,7 @@ def load_examples(dataset: Dataset, labels: Any, labels_path: str | Path, marker
     the checkpoint asks (``reading``: the control under a tap, the text fields' contents; default nothing).
 
     A label row naming a step that the dataset does not hold is a :class:`DigiqError` on the label file."""
-    from digiq.envs.policy import parse_elements
+    from digiq.envs.view import parse_elements
     from digiq.vlm.prompts import PageReading, build_prompt
 
     reading = reading or PageReading()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, goal_phrases, scores_with
-from digiq.envs.policy import Policy, PolicySpec, StepView
+from digiq.envs.policy import Policy, PolicySpec
+from digiq.envs.view import StepView
 from digiq.envs.rollout import elements_json
 from digiq.errors import DigiqError
 from digiq.schema import Action, Step

@@ -19,7 +19,7 @@ from digiq.envs.miniwob import (
     to_pixels,
     wait_for_exit,
 )
-from digiq.envs.policy import StepView, observation_text, previous_actions
+from digiq.envs.view import StepView, observation_text, previous_actions
 from digiq.errors import DigiqError
 from digiq.schema import Action
 

@@ -12,7 +12,7 @@ import pytest
 
 from digiq.config import Params
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, scores_with
-from digiq.envs.policy import StepView
+from digiq.envs.view import StepView
 from digiq.errors import DigiqError
 from digiq.evaluate import EvalPolicy, candidate_set, success_summary, wilson_interval
 from digiq.pipelines import evaluate as stage

@@ -1,7 +1,8 @@
 """Environments and policies that act in them.
 
     miniwob    MiniWoB++ in headless Chromium, speaking the AitW action language (MiniWoBEnv)
-    policy     StepView (what a policy sees, live or from a stored step), the Policy protocol, PolicySpec
+    view       StepView (what a policy sees, live or from a stored step) and the observation text
+    policy     the Policy protocol, the registry of named policies, PolicySpec
     behavior   π_β, the stochastic DOM-grounded behaviour policy (BehaviorPolicy)
     rollout    one episode (run_episode) and its conversion to a stored Trajectory
     workers    parallel browser workers with restart, hang detection and resumable shards (run_units)

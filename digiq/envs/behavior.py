@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from digiq.envs.policy import StepView
+from digiq.envs.view import StepView
 from digiq.errors import DigiqError
 from digiq.schema import Action, ActionType, Step
 

@@ -21,7 +21,8 @@ import numpy as np
 from digiq.actions import describe_action
 from digiq.envs.behavior import tap_target
 from digiq.envs.miniwob import MiniWoBEnv
-from digiq.envs.policy import Policy, StepView
+from digiq.envs.policy import Policy
+from digiq.envs.view import StepView
 from digiq.schema import Action, Step, Trajectory
 
 _SEED_SPACE = 2**31 - 1
