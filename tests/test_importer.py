@@ -16,14 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from digiq.errors import DigiqError
-from digiq.importer import (
-    CANDIDATES_FILE,
-    OFFICIAL_FILE,
-    PRECOMPUTED_FILE,
-    ImportOptions,
-    import_official,
-    load_official,
-)
+from digiq.importer import ImportOptions, import_official
+from digiq.official_load import load_official
+from digiq.official_writer import CANDIDATES_FILE, OFFICIAL_FILE, PRECOMPUTED_FILE
 from digiq.schema import discounted_returns
 from digiq.store import Dataset
 from fixtures_official import (
