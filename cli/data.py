@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -58,33 +58,29 @@ def import_digiq(
     images: Path = typer.Option(
         ..., "--images", help="Folder holding the screenshots; the file's absolute image paths are matched by file name.", show_default=False
     ),
-    out: Path = typer.Option(None, "--out", help="Dataset folder to write [default: params.yaml collect.out]."),
-    gamma: float = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount γ for the stored mc_return [default: params.yaml gamma]."),
+    out: Path | None = typer.Option(None, "--out", help="Dataset folder to write."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad trajectories (and report how many) instead of stopping at the first."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT when it exists and is not empty."),
     params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Import an official Digi-Q / DigiRL .pt file (safely: no code from the file runs) as a digiq dataset.
 
     Writes the step table and screenshots, plus candidates.parquet (action_list), precomputed.parquet
     (image_features, q_rep_out) and official.parquet (source fields) when the file has them.
-    The output appears only when the whole import succeeded.
+    The returns use the params' discount γ (`-S gamma=0.95`). The output appears only when the whole import succeeded.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from digiq.importer import ImportOptions, import_official
+    from digiq.progress import progress_bar
 
-    settings = load(params)
-    options = ImportOptions(gamma=pick(gamma, settings.gamma), skip_bad=skip_bad, overwrite=overwrite)
-    target = Path(pick(out, settings.collect.out))
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(f"loading {file.name}", total=None)
+    settings = load(params, overrides, {"collect.out": out})
+    options = ImportOptions(gamma=settings.gamma, skip_bad=skip_bad, overwrite=overwrite)
+    with progress_bar(f"loading {file.name}", None) as bar:
 
         def advance(done: int, total: int) -> None:
-            bar.update(task, description="importing trajectories", completed=done, total=total)
+            bar.update(description="importing trajectories", completed=done, total=total)
 
-        report = import_official(file, images, target, options, progress=advance)
+        report = import_official(file, images, Path(settings.collect.out), options, progress=advance)
     for message in report.skipped:
         typer.secho(f"skipped: {message}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
@@ -108,56 +104,53 @@ def register(root: typer.Typer) -> None:
 
 
 def _print_stats(summary) -> None:  # DatasetStats
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    console = Console()
-    console.print(
-        f"[bold]{escape(summary.path)}[/bold]  source={escape(str(summary.source))}  γ={summary.gamma}\n"
-        f"trajectories {summary.trajectories}   steps {summary.steps}   "
-        f"success rate {_percent(summary.success_rate)}   mean length {_number(summary.mean_length)}"
-    )
-    kinds = Table(title="actions by kind")
-    kinds.add_column("kind")
-    kinds.add_column("steps", justify="right")
-    kinds.add_column("share", justify="right")
+    header = (f"[bold]{escape(summary.path)}[/bold]  source={escape(str(summary.source))}  γ={summary.gamma}\n"
+              f"trajectories {summary.trajectories}   steps {summary.steps}   "
+              f"success rate {_percent(summary.success_rate)}   mean length {_number(summary.mean_length)}")
+    kinds = _table(("kind", "steps", "share"), left=("kind",), title="actions by kind")
     for kind, n in summary.action_kinds.items():
         kinds.add_row(kind, str(n), _percent(n / summary.steps))
-    console.print(kinds)
-    per_task = Table(title="per task")
-    for name in ("task", "trajectories", "steps", "success", "mean length", "actions"):
-        per_task.add_column(name, justify="left" if name in ("task", "actions") else "right")
+    per_task = _table(("task", "trajectories", "steps", "success", "mean length", "actions"), left=("task", "actions"),
+                      title="per task")
     for task in summary.tasks:
         actions = ", ".join(f"{kind} {n}" for kind, n in task.action_kinds.items())
         per_task.add_row(escape(task.task), str(task.trajectories), str(task.steps), _percent(task.success_rate), _number(task.mean_length), actions)
-    console.print(per_task)
-    if summary.tables:
-        console.print("tables: " + ", ".join(f"{name} ({rows} rows)" for name, rows in summary.tables.items()))
+    tables = ["tables: " + ", ".join(f"{name} ({rows} rows)" for name, rows in summary.tables.items())] if summary.tables else []
+    _show(header, kinds, per_task, *tables)
 
 
 def _print_trajectory(view) -> None:  # TrajectoryView
-    from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
-    console = Console()
-    console.print(
-        f"[bold]trajectory {escape(view.traj_id)}[/bold]  task: {escape(view.task)}\n"
-        f"goal: {escape(view.goal)}\n{len(view.steps)} steps, total reward {view.total_reward:g}, "
-        f"{'success' if view.success else 'failure'}"
-    )
-    table = Table(show_lines=True)
     with_candidates = any(step.candidates is not None for step in view.steps)
-    for name in ("step", "action", "reward", "done", "return", "screenshot"):
-        table.add_column(name, justify="right" if name in ("step", "reward", "return") else "left", overflow="fold")
-    if with_candidates:
-        table.add_column("cands", justify="right")
+    columns = ("step", "action", "reward", "done", "return", "screenshot") + (("cands",) if with_candidates else ())
+    table = _table(columns, left=("action", "done", "screenshot"), overflow="fold", show_lines=True)
     for step in view.steps:
         shots = escape(step.screenshot + (f"\n→ {step.next_screenshot}" if step.next_screenshot else ""))
         row = [str(step.step_id), f"{escape(step.description)}\n[dim]{escape(step.action)}[/dim]", f"{step.reward:g}", "yes" if step.done else "no", f"{step.mc_return:.4f}", shots]
         table.add_row(*row, *([str(step.candidates)] if with_candidates else []))
-    console.print(table)
+    _show(f"[bold]trajectory {escape(view.traj_id)}[/bold]  task: {escape(view.task)}\ngoal: {escape(view.goal)}\n"
+          f"{len(view.steps)} steps, total reward {view.total_reward:g}, {'success' if view.success else 'failure'}", table)
+
+
+def _table(columns: tuple[str, ...], left: tuple[str, ...], *, overflow: str = "ellipsis", **options):  # -> rich Table
+    """A rich table whose ``left`` columns are left-aligned and the others (numbers) right-aligned."""
+    from rich.table import Table
+
+    table = Table(**options)
+    for name in columns:
+        table.add_column(name, justify="left" if name in left else "right", overflow=overflow)
+    return table
+
+
+def _show(*renderables) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for renderable in renderables:
+        console.print(renderable)
 
 
 def _percent(value: float | None) -> str:

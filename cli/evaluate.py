@@ -7,41 +7,34 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, comma_list, handle_errors, load
 
 
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 @handle_errors
 def evaluate(
-    methods: str | None = typer.Option(None, "--methods", help="comma-separated methods [params: evaluate.methods]"),
-    tasks: str | None = typer.Option(None, "--tasks", help="comma-separated MiniWoB tasks [params: evaluate.tasks or collect.tasks]"),
-    episodes: int | None = typer.Option(None, "--episodes", help="episodes per (method, task) [params: evaluate.episodes_per_task]"),
-    seed: int | None = typer.Option(None, "--seed", help="base seed of evaluation episodes [params: evaluate.seed]"),
-    k: int | None = typer.Option(None, "--k", help="π_β candidates per live step [params: evaluate.k]"),
-    workers: int | None = typer.Option(None, "--workers", help="parallel browsers [params: evaluate.workers]"),
-    time_limit: float | None = typer.Option(None, "--time-limit", help="MiniWoB episode clock, seconds [params: evaluate.time_limit_s]"),
-    shards: str | None = typer.Option(None, "--shards", help="result shard folder (resume) [params: evaluate.shards]"),
-    out: str | None = typer.Option(None, "--out", help="metrics JSON [params: evaluate.out]"),
-    plots: str | None = typer.Option(None, "--plots", help="plot CSV [params: evaluate.plots]"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    methods: str | None = typer.Option(None, "--methods", help="comma-separated methods"),
+    tasks: str | None = typer.Option(None, "--tasks", help="comma-separated MiniWoB tasks"),
+    episodes: int | None = typer.Option(None, "--episodes", help="episodes per (method, task)"),
+    seed: int | None = typer.Option(None, "--seed", help="base seed of evaluation episodes"),
+    workers: int | None = typer.Option(None, "--workers", help="parallel browsers"),
+    out: Path | None = typer.Option(None, "--out", help="metrics JSON"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
 ) -> None:
     """Success rate (95 % Wilson CI), mean episode length and episodes, per method and task → metrics/eval.json."""
     from digiq.pipelines import evaluate as stage
 
-    config = stage.EvaluateConfig.from_params(
-        load(params), methods=_split(methods), tasks=_split(tasks), episodes=episodes, seed=seed, k=k, workers=workers,
-        time_limit_s=time_limit, shards=shards, out=out, plots=plots)
-    metrics = stage.run(config, progress=progress)
+    settings = load(params, overrides, {"evaluate.methods": comma_list(methods), "evaluate.tasks": comma_list(tasks),
+                                        "evaluate.episodes_per_task": episodes, "evaluate.seed": seed,
+                                        "evaluate.workers": workers, "evaluate.out": out})
+    metrics = stage.run(settings, progress=progress)
     _print(metrics)
-    typer.echo(f"wrote {config.out}, {config.plots}")
+    typer.echo(f"wrote {settings.evaluate.out}, {settings.evaluate.plots}")
 
 
 def _print(metrics: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 
 def register(root: typer.Typer) -> None:
@@ -16,33 +16,25 @@ def register(root: typer.Typer) -> None:
 @handle_errors
 def view(
     dataset: Path = typer.Argument(..., help="dataset folder (digiq.store layout)"),
+    params_path: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    out: Path | None = typer.Option(None, "--out", "-o", help="site folder, replaced as a whole"),
     critic: Path | None = typer.Option(None, "--critic", help="critic output folder: step_scores.parquet [+ candidate_scores.parquet]"),
     policy: Path | None = typer.Option(None, "--policy", help="policy output folder: policy_scores.parquet"),
-    labels: Path | None = typer.Option(None, "--labels", help="ε-label table [default: params label.out, when it exists]"),
+    labels: Path | None = typer.Option(None, "--labels", help="ε-label table [default: the label stage's table, when it exists]"),
     no_labels: bool = typer.Option(False, "--no-labels", help="do not show ε-labels even if the default table exists"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="site folder, replaced as a whole [default: params view.out]"),
-    top_k: int | None = typer.Option(None, "--top-k", min=1, help="candidates shown per step [default: params view.top_k]"),
     open_site: bool = typer.Option(False, "--open", help="open the site in the default web browser"),
-    serve: bool = typer.Option(False, "--serve", help="serve the site on 127.0.0.1 until Ctrl-C"),
-    port: int | None = typer.Option(None, "--port", min=0, max=65535, help="port for --serve (0: any free) [default: params view.port]"),
-    params_path: Path = PARAMS_OPTION,
+    serve: bool = typer.Option(False, "--serve", help="serve the site on 127.0.0.1 (view.port) until Ctrl-C"),
 ) -> None:
+    from digiq.progress import progress_bar
     from digiq.viewer.site import build_site
 
-    params = load(params_path)
-    settings = view_settings(params)
-    summary = _with_progress(
-        lambda progress: build_site(
-            dataset,
-            pick(out, Path(settings.out)),
-            labels=None if no_labels else labels_path(labels, Path(params.label.out)),
-            critic=pick(critic, settings.critic),
-            policy=pick(policy, settings.policy),
-            top_k=pick(top_k, settings.top_k),
-            page_size=settings.page_size,
-            progress=progress,
-        )
-    )
+    params = load(params_path, overrides, {"view.out": out, "view.critic": critic, "view.policy": policy})
+    settings = params.view
+    with progress_bar("pages", None, stderr=True) as bar:
+        summary = build_site(dataset, settings.out, labels=None if no_labels else labels_path(labels, Path(params.label.out)),
+                             critic=settings.critic, policy=settings.policy, top_k=settings.top_k,
+                             page_size=settings.page_size, progress=lambda done, total: bar.update(completed=done, total=total))
     for warning in summary.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
@@ -50,18 +42,11 @@ def view(
         f"{summary.images} screenshots) in {summary.seconds:.1f} s"
     )
     if serve:
-        _serve(summary.out, pick(port, settings.port), open_site)
+        _serve(summary.out, settings.port, open_site)
     elif open_site:
         import webbrowser
 
         webbrowser.open(summary.index.resolve().as_uri())
-
-
-def view_settings(params):  # -> digiq.viewer.options.ViewParams
-    """The ``view:`` section of params.yaml (its defaults until digiq.config carries the section)."""
-    from digiq.viewer.options import ViewParams
-
-    return getattr(params, "view", None) or ViewParams()
 
 
 def labels_path(given: Path | None, default: Path) -> Path | None:
@@ -69,20 +54,6 @@ def labels_path(given: Path | None, default: Path) -> Path | None:
     if given is not None:
         return given
     return default if default.is_file() else None
-
-
-def _with_progress(build):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("pages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("pages", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        return build(progress)
 
 
 def _serve(site: Path, port: int, open_site: bool) -> None:

@@ -36,7 +36,7 @@ class Bench:
 
 
 def compute_dtypes() -> str:
-    """float32, plus bfloat16 where the CPU has bf16 instructions (elsewhere one bf16 step takes minutes: DESIGN §6)."""
+    """float32, plus bfloat16 where the CPU has bf16 instructions (elsewhere bf16 is emulated: docs/benchmarks.md)."""
     from digiq.runtime import cpu_flags
 
     return "float32,bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"

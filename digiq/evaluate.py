@@ -16,7 +16,7 @@ Each live step of every evaluated method is built the same way, so methods diffe
                     policy and no prior: what Best-of-N extraction would pick with N = K. A diagnostic of the
                     critic's ranking: it separates a critic that ranks badly from an actor that imitates badly)
     3. f(s) and f(s, a_k) come from the frozen VLM; the screenshot is encoded once per step and every
-       candidate reuses the encoding (DESIGN §6).
+       candidate reuses the encoding.
 
 Success rates carry a 95 % Wilson score interval (it stays inside [0, 1] and behaves at 0 and n):
 
@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from digiq.errors import DigiqError
 
@@ -48,20 +48,6 @@ CRITIC_GREEDY = "critic-greedy"  # chooses with the trained critic (evaluate.cri
 
 
 # ----------------------------------------------------------------------------------------------- params
-
-
-class FeatureParams(BaseModel):
-    """How live f(s) / f(s, a) are computed: the embed stage's recipe for the served variant (see
-    :meth:`pipelines.evaluate.EvaluateConfig.from_params`), so that live features equal training features."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    variant: str = Field("off_the_shelf", description="embedding variant: finetuned | off_the_shelf | no_vlm")
-    model: str = Field("models/base", description="VLM checkpoint folder of that variant")
-    layer: int = Field(2, description="hidden_states layer read as the feature (0 = embeddings, -1 = last)")
-    pooling: str = Field("last", description="last | mean token pooling")
-    dtype: str = Field("auto", description="VLM dtype in the workers (auto | float32 | bfloat16)")
-    device: str = Field("auto", description="where the workers run the VLM (auto: cuda when visible | cpu | cuda)")
 
 
 class EvaluateParams(BaseModel):
@@ -87,21 +73,29 @@ class EvaluateParams(BaseModel):
     out: str = Field("metrics/eval.json", description="evaluation metrics")
     plots: str = Field("plots/eval.csv", description="DVC plot data: method, task, success, CI")
 
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, methods: list[str]) -> list[str]:
+        from digiq.config import distinct  # here: digiq.config imports this module
+
+        return distinct(methods, "methods")
+
 
 # ----------------------------------------------------------------------------------------------- statistics
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (``(0, 1)`` when n = 0)."""
+    """The Wilson score interval (formula above) of a binomial proportion at the two-sided normal quantile ``z``, by
+    scipy (``(0, 1)`` when n = 0); clipped to [0, 1] against rounding."""
+    from scipy.special import ndtr
+    from scipy.stats import binomtest
+
     if n < 0 or not 0 <= successes <= n:
         raise DigiqError(f"need 0 <= successes <= n, got {successes} of {n}", field="successes")
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = binomtest(successes, n).proportion_ci(confidence_level=1 - 2 * ndtr(-z), method="wilson")
+    return max(0.0, float(interval.low)), min(1.0, float(interval.high))
 
 
 def success_summary(episodes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,9 +124,9 @@ def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[s
 
 
 def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> tuple[list[Action], list[int]]:
-    """K draws from π_β(· | view), duplicates (same :func:`~digiq.candidates.semantic_key`) dropped, first-draw
+    """K draws from π_β(· | view), duplicates (same :func:`~digiq.feature_contract.semantic_key`) dropped, first-draw
     order kept; returns (the distinct actions, how many of the K draws each stands for)."""
-    from digiq.candidates import key_classes, semantic_key
+    from digiq.feature_contract import key_classes, semantic_key
 
     draws = behavior.sample(view, k, rng)
     classes = key_classes(semantic_key(action, view.elements) for action in draws).values()
@@ -140,20 +134,21 @@ def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generato
 
 
 class LiveFeaturizer:
-    """f(s) [1, d_s] and f(s, a_k) [1, K, d_sa] of a live state, by the embed stage's own extractor."""
+    """f(s) [1, d_s] and f(s, a_k) [1, K, d_sa] of a live state, by the embed stage's own extractor and recipe
+    (``variant``, ``model``: its checkpoint folder, and embed's ``layer``, ``pooling``, ``dtype``, ``device``)."""
 
-    def __init__(self, spec: FeatureParams):
-        from digiq.embed import build_extractor
+    def __init__(self, variant: str, model: str, layer: int, pooling: str, dtype: str, device: str):
+        from digiq.extractor import build_extractor
 
-        self.spec = spec
-        self.extractor, self.model_hash, _ = build_extractor(spec.variant, spec.model, layer=spec.layer,
-                                                             pooling=spec.pooling, dtype=spec.dtype, device=spec.device)
+        self.variant, self.model = variant, model
+        self.extractor, self.model_hash, _ = build_extractor(variant, model, layer=layer, pooling=pooling, dtype=dtype,
+                                                             device=device)
 
     def __call__(self, view: StepView, actions: list[Action]) -> tuple[Any, Any]:
         import torch
         from PIL import Image
 
-        from digiq.embed import featurize
+        from digiq.extractor import featurize
 
         if view.screenshot is None:
             raise DigiqError("a live step has no screenshot", field="screenshot")
@@ -226,21 +221,21 @@ def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None =
                       features: dict[str, Any] | None = None, threads: int = 1,
                       behavior: dict[str, float] | None = None) -> EvalPolicy:
     """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``); ``actor_dir`` is
-    the trained policy's folder, or the critic's for critic-greedy."""
+    the trained policy's folder, or the critic's for critic-greedy; ``features`` the :class:`LiveFeaturizer` recipe."""
     behavior = dict(behavior or {})
     if method in BASELINES:
         return EvalPolicy(method, k, noise, behavior_scores=behavior)
-    if actor_dir is None:
-        raise DigiqError(f"method {method!r} needs a trained policy folder", field="actor_dir")
+    if actor_dir is None or features is None:
+        raise DigiqError(f"method {method!r} needs a trained policy folder and its feature recipe", field="actor_dir")
     import torch
 
     torch.set_num_threads(threads)
     actor = _load_chooser(method, actor_dir)
-    featurizer = LiveFeaturizer(FeatureParams(**(features or {})))
+    featurizer = LiveFeaturizer(**features)
     dims = (featurizer.extractor.dim_state, featurizer.extractor.dim_candidate)
     if (actor.d_s, actor.d_sa) != dims:
         raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but variant "
-                         f"{featurizer.spec.variant!r} of {featurizer.spec.model} gives {dims}: evaluate with the "
+                         f"{featurizer.variant!r} of {featurizer.model} gives {dims}: evaluate with the "
                          f"features the policy was trained on", file=actor_dir, field="features.variant")
     return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor, behavior_scores=behavior)
 

@@ -12,11 +12,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from digiq import report as R
 from digiq.atomic import write_text
 from digiq.errors import DigiqError
+
+if TYPE_CHECKING:
+    from digiq.config import Params
 
 TITLE = "Digi-Q on MiniWoB++: results"
 
@@ -109,9 +112,11 @@ def build(params: R.ReportParams, params_path: str | Path = "params.yaml") -> li
     return blocks + R.provenance_section(text, hashes, source)
 
 
-def run(params: R.ReportParams, params_path: str | Path = "params.yaml") -> tuple[Path, Path]:
-    """Write both reports (atomically); nothing is written when eval.json is missing or malformed."""
-    blocks = build(params, params_path)
-    write_text(params.out_md, R.render_markdown(TITLE, blocks))
-    write_text(params.out_html, R.render_html(TITLE, blocks))
-    return Path(params.out_md), Path(params.out_html)
+def run(params: Params, *, progress: bool = False, params_path: str | Path = "params.yaml") -> tuple[Path, Path]:
+    """Write both reports (atomically) from the ``report`` section's inputs, quoting the file ``params_path``;
+    nothing is written when eval.json is missing or malformed. (No loop long enough for a progress bar.)"""
+    settings = params.report
+    blocks = build(settings, params_path)
+    write_text(settings.out_md, R.render_markdown(TITLE, blocks))
+    write_text(settings.out_html, R.render_html(TITLE, blocks))
+    return Path(settings.out_md), Path(settings.out_html)

@@ -142,5 +142,6 @@ def test_import_refuses_a_file_that_would_run_code(tmp_path):
 
 
 def test_import_rejects_gamma_out_of_range(tmp_path):
-    result = runner.invoke(app, ["import-digiq", "x.pt", "--images", str(tmp_path), "--gamma", "1.5"])
-    assert result.exit_code == 2 and "--gamma" in result.output and "less than or equal to 1" in result.output
+    result = runner.invoke(app, ["import-digiq", "x.pt", "--images", str(tmp_path), "-S", "gamma=1.5",
+                                 "--params", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 2 and "-S gamma=1.5: gamma: " in result.output and "less than or equal to 1" in result.output

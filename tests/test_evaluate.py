@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digiq.config import Params
+from digiq.config import Params, load_params
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, scores_with
 from digiq.envs.view import StepView
 from digiq.errors import DigiqError
+from digiq.eval_runner import Evaluation, check, collect_seeds
 from digiq.evaluate import EvalPolicy, candidate_set, success_summary, wilson_interval
 from digiq.pipelines import evaluate as stage
 
@@ -76,11 +77,12 @@ def test_candidates_are_distinct_and_choices_reproducible():
 def test_critic_greedy_picks_the_highest_advantage_among_valid_candidates():
     import torch
 
-    from digiq.critic import CriticConfig, DoubleCritic, advantage
+    from digiq.config import CriticParams
+    from digiq.critic import DoubleCritic, advantage
     from digiq.evaluate import CriticGreedy
 
     torch.manual_seed(0)
-    critic = DoubleCritic(3, 4, CriticConfig(hidden=(8,)))
+    critic = DoubleCritic(3, 4, CriticParams(hidden=[8]))
     s, cand_sa = torch.randn(1, 3), torch.randn(1, 5, 4)
     order = advantage(critic, s, cand_sa)[0].argsort(descending=True).tolist()
     greedy = CriticGreedy(critic)
@@ -95,77 +97,94 @@ def test_critic_greedy_picks_the_highest_advantage_among_valid_candidates():
 # ---------------------------------------------------------------------------------------------- config, seeds, shards
 
 
-def _config(tmp_path: Path, **over) -> stage.EvaluateConfig:
-    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes=2, seed=1000, collect_seed=0,
-                  collect_tasks=["click-button"], collect_episodes=60, k=8, noise=0.3, max_steps=4, workers=2,
+def _params(tmp_path: Path, collect: dict | None = None, base: Path | None = None, **evaluate) -> Params:
+    """Two baselines on click-button, two episodes each, one per shard, beside a 60-episode collection at seed 0;
+    trained methods see the off-the-shelf features of the VLM in ``base``."""
+    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes_per_task=2, seed=1000, k=8, workers=2,
                   episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "metrics/eval.json"),
                   plots=str(tmp_path / "plots/eval.csv"), actors=str(tmp_path / "actors"))
-    values.update(over)
-    return stage.EvaluateConfig(**values)
+    values.update(evaluate)
+    col = {"seed": 0, "tasks": ["click-button"], "episodes_per_task": 60, "noise": 0.3, "max_steps": 4, **(collect or {})}
+    served = {"features": {"variant": "off_the_shelf"}, "embed": {"models": {"off_the_shelf": str(base)}}} if base else {}
+    return Params.model_validate({"collect": col, "evaluate": values, **served})
+
+
+def _evaluation(tmp_path: Path, collect: dict | None = None, **evaluate) -> Evaluation:
+    return Evaluation.of(_params(tmp_path, collect, **evaluate))
 
 
 def test_evaluation_seeds_must_be_disjoint_from_collection(tmp_path):
     with pytest.raises(DigiqError, match="evaluate.seed"):
-        _config(tmp_path, seed=0).validate()
-    cfg = _config(tmp_path)
-    cfg.validate()
-    assert not stage.collect_seeds(0, ["click-button"], 60) & stage.collect_seeds(1000, ["click-button"], 2)
+        check(_evaluation(tmp_path, seed=0))
+    check(_evaluation(tmp_path))
+    assert not collect_seeds(0, ["click-button"], 60) & collect_seeds(1000, ["click-button"], 2)
 
 
 def test_missing_trained_policy_is_one_clear_error(tmp_path):
     with pytest.raises(DigiqError, match="no trained actor for method 'digiq'") as err:
-        _config(tmp_path, methods=["digiq", "behavior"]).validate()
+        check(_evaluation(tmp_path, methods=["digiq", "behavior"]))
     assert "actors/digiq" in str(err.value)
     with pytest.raises(DigiqError, match="no trained critic for method 'critic-greedy'") as err:
-        _config(tmp_path, methods=["critic-greedy"], critic=str(tmp_path / "critic")).validate()
+        check(_evaluation(tmp_path, methods=["critic-greedy"], critic=str(tmp_path / "critic")))
     assert str(tmp_path / "critic") in str(err.value)
 
 
-def test_from_params_uses_collect_defaults():
-    cfg = stage.EvaluateConfig.from_params(Params(), episodes=3)
-    p = Params()
-    assert cfg.tasks == p.collect.tasks and cfg.noise == p.collect.noise and cfg.max_steps == p.collect.max_steps
-    assert cfg.behavior == p.collect.behavior == IMPATIENT  # the π_β that collected the data proposes the candidates
-    spec = stage.policy_spec(cfg, "behavior-mode")
+def test_methods_are_given_once_each(tmp_path):
+    for methods, why in (([], "no methods given"), (["random", "random"], "methods repeat")):
+        with pytest.raises(DigiqError, match=f"evaluate.methods: .*{why}"):
+            load_params(tmp_path / "absent.yaml", [f"evaluate.methods={methods}".replace("'", "")])
+
+
+def test_null_settings_take_the_collect_defaults():
+    evaluation, p = Evaluation.of(Params()), Params()
+    ev = evaluation.settings
+    assert evaluation.tasks == p.collect.tasks and ev.noise == p.collect.noise and ev.max_steps == p.collect.max_steps
+    assert evaluation.collect.behavior == IMPATIENT  # the π_β that collected the data proposes the candidates
+    spec = evaluation.policy_spec("behavior-mode")
     assert spec.build().behavior.scores == scores_with(IMPATIENT) != BehaviorPolicy().scores  # as the workers build it
-    assert cfg.episodes == 3 and cfg.seed != p.collect.seed
+    assert ev.seed != p.collect.seed
     # live features are the embed stage's recipe for the variant the policies were trained on
-    assert cfg.features.variant == p.features.variant and cfg.features.model == p.embed.models[p.features.variant]
-    assert (cfg.features.layer, cfg.features.pooling, cfg.features.dtype) == (p.embed.layer, p.embed.pooling, p.embed.dtype)
+    assert evaluation.features == {"variant": p.features.variant, "model": p.embed.models[p.features.variant],
+                                   "layer": p.embed.layer, "pooling": p.embed.pooling, "dtype": p.embed.dtype,
+                                   "device": p.embed.device}
+    assert evaluation.policy_spec("digiq").kwargs["features"] == evaluation.features
 
 
-
-def test_live_observation_quotes_as_many_actions_as_the_data():
+def test_live_observation_quotes_as_many_actions_as_the_data(tmp_path):
     # the policies were trained on observations with collect.history previous actions: live ones must match
-    p = Params()
-    longer = p.model_copy(update={"collect": p.collect.model_copy(update={"history": 8})})
-    cfg, cfg8 = stage.EvaluateConfig.from_params(p), stage.EvaluateConfig.from_params(longer)
-    assert (cfg.history, cfg8.history) == (p.collect.history, 8)
-    assert stage.fingerprint(cfg, "behavior") != stage.fingerprint(cfg8, "behavior")
+    short, longer = _evaluation(tmp_path), _evaluation(tmp_path, collect={"history": 8})
+    assert (short.run_config("behavior", None).history, longer.run_config("behavior", None).history) == (1, 8)
+    assert short.fingerprint("behavior") != longer.fingerprint("behavior")
 
-def _fake_shards(cfg: stage.EvaluateConfig, successes: dict[str, list[bool]]) -> None:
+
+def _fake_shards(evaluation: Evaluation, successes: dict[str, list[bool]]) -> None:
     """Write finished shards by hand (the format run() writes), so summarising needs no browser."""
     for method, wins in successes.items():
-        fp = stage.fingerprint(cfg, method)
-        for unit in stage.units_of(cfg):
+        fp = evaluation.fingerprint(method)
+        for unit in evaluation.units():
             eps = [{"task": unit.task, "index": i, "seed": 0, "steps": 3, "success": wins[i], "raw_reward": float(wins[i]),
                     "terminated": True, "timed_out": False, "failed_steps": 0, "retries": 0} for i in unit.indices]
-            path = stage.shard_path(cfg, method, unit, fp)
+            path = evaluation.shard_path(method, unit, fp)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"method": method, "task": unit.task, "fingerprint": fp, "episodes": eps}))
 
 
 def test_resume_skips_finished_shards(tmp_path):
-    cfg = _config(tmp_path)
-    _fake_shards(cfg, {"behavior": [True, False], "random": [False, False]})
-    stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.shards).rglob("*.json")}
-    metrics = stage.run(cfg)  # everything is on disk: no browser starts, nothing is rewritten
-    assert {p: p.stat().st_mtime_ns for p in Path(cfg.shards).rglob("*.json")} == stamps
+    params = _params(tmp_path)
+    evaluation = Evaluation.of(params)
+    _fake_shards(evaluation, {"behavior": [True, False], "random": [False, False]})
+    stamps = {p: p.stat().st_mtime_ns for p in Path(params.evaluate.shards).rglob("*.json")}
+    metrics = stage.run(params)  # everything is on disk: no browser starts, nothing is rewritten
+    assert {p: p.stat().st_mtime_ns for p in Path(params.evaluate.shards).rglob("*.json")} == stamps
     assert metrics["timing"]["this_run"] == {}
     assert metrics["methods"]["behavior"]["successes"] == 1 and metrics["methods"]["random"]["successes"] == 0
+    assert Path(params.evaluate.plots).read_text().splitlines() == [
+        "method,task,success,ci_low,ci_high,episodes",
+        "behavior,click-button,0.5,0.0945,0.9055,2", "behavior,all,0.5,0.0945,0.9055,2",
+        "random,click-button,0.0,0.0,0.6576,2", "random,all,0.0,0.0,0.6576,2"]
     # another K, or another π_β, changes the episodes: the old shards no longer count
-    assert stage.fingerprint(_config(tmp_path, k=4), "behavior") != stage.fingerprint(cfg, "behavior")
-    assert stage.fingerprint(_config(tmp_path, behavior={}), "behavior") != stage.fingerprint(cfg, "behavior")
+    assert _evaluation(tmp_path, k=4).fingerprint("behavior") != evaluation.fingerprint("behavior")
+    assert _evaluation(tmp_path, collect={"behavior": {}}).fingerprint("behavior") != evaluation.fingerprint("behavior")
 
 
 # ---------------------------------------------------------------------------------------------- real browser
@@ -173,9 +192,10 @@ def test_resume_skips_finished_shards(tmp_path):
 
 @pytest.mark.browser
 def test_behavior_and_random_in_a_real_browser(tmp_path):
-    cfg = _config(tmp_path)
-    metrics = stage.run(cfg)
-    first = stage.shard_path(cfg, "random", stage.units_of(cfg)[0], stage.fingerprint(cfg, "random"))
+    params = _params(tmp_path)
+    evaluation, cfg = Evaluation.of(params), params.evaluate
+    metrics = stage.run(params)
+    first = evaluation.shard_path("random", evaluation.units()[0], evaluation.fingerprint("random"))
     assert first.exists()
     for episode in json.loads(first.read_text())["episodes"]:  # what each live episode did, readable
         assert "Click" in episode["goal"] and len(episode["actions"]) == episode["steps"]
@@ -187,7 +207,7 @@ def test_behavior_and_random_in_a_real_browser(tmp_path):
         assert m["episodes"] == 2 and m["per_task"]["click-button"]["episodes"] == 2
         low, high = wilson_interval(m["successes"], 2)
         assert m["ci95"] == [round(low, 4), round(high, 4)]
-        assert 1 <= m["mean_steps"] <= cfg.max_steps
+        assert 1 <= m["mean_steps"] <= params.collect.max_steps
         assert m["timed_out"] == 0
     rows = list(csv.DictReader(Path(cfg.plots).open()))
     assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("behavior", "random") for t in ("click-button", "all")}
@@ -195,7 +215,7 @@ def test_behavior_and_random_in_a_real_browser(tmp_path):
     assert set(data["timing"]["this_run"]) == {"behavior", "random"}
     # same seeds, same policies → identical episodes on a re-run from scratch
     first.unlink()
-    again = stage.run(cfg)
+    again = stage.run(params)
     assert again["methods"]["random"] == data["methods"]["random"]
     assert set(again["timing"]["this_run"]) == {"random"}
 
@@ -223,29 +243,49 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     real default VLM: the whole per-step path of a trained method, in a real browser."""
     import torch
 
-    from digiq.actor import ActorConfig, CandidatePolicy
+    from digiq.actor import CandidatePolicy
     from digiq.critic import DoubleCritic
-    from digiq.evaluate import FeatureParams, build_eval_policy
+    from digiq.evaluate import build_eval_policy
     from digiq.pipelines.build_model import run as build_model
 
     monkeypatch.setenv("DIGIQ_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
-    build_model(base, image_size=112, seed=0)
+    build_model(Params(model={"base": str(base), "prompt_order": "image_first"}))
     width = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
     torch.manual_seed(0)
-    CandidatePolicy(width, width, ActorConfig(method="digiq")).save_pretrained(tmp_path / "actors/digiq")
-    cfg = _config(tmp_path, methods=["digiq"], workers=1, episodes_per_unit=2, features=FeatureParams(variant="off_the_shelf", model=str(base)))
-    metrics = stage.run(cfg)
+    CandidatePolicy(width, width, method="digiq").save_pretrained(tmp_path / "actors/digiq")
+    metrics = stage.run(_params(tmp_path, base=base, methods=["digiq"], workers=1, episodes_per_unit=2))
     m = metrics["methods"]["digiq"]
-    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
+    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
     assert metrics["timing"]["this_run"]["digiq"]["steps"] == 2 * m["mean_steps"]
     # critic-greedy: the same live path, choosing with a saved critic
     DoubleCritic(width, width).save_pretrained(tmp_path / "critic")
-    cfg = _config(tmp_path, methods=["critic-greedy"], workers=1, episodes_per_unit=2, critic=str(tmp_path / "critic"),
-                  features=FeatureParams(variant="off_the_shelf", model=str(base)))
-    m = stage.run(cfg)["methods"]["critic-greedy"]
-    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= cfg.max_steps
+    params = _params(tmp_path, base=base, methods=["critic-greedy"], workers=1, episodes_per_unit=2, critic=str(tmp_path / "critic"))
+    m = stage.run(params)["methods"]["critic-greedy"]
+    assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
     # a policy trained on other features is refused with one clear message
     CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
     with pytest.raises(DigiqError, match="features.variant"):
-        build_eval_policy("bc", 4, 0.3, actor_dir=str(tmp_path / "actors/bc"), features={"model": str(base)})
+        build_eval_policy("bc", 4, 0.3, actor_dir=str(tmp_path / "actors/bc"), features=Evaluation.of(params).features)
+
+
+def test_cli_takes_overrides_and_everyday_flags(tmp_path):
+    import typer
+    import yaml
+    from typer.testing import CliRunner
+
+    from digiq.cli import evaluate as cli
+
+    params = _params(tmp_path, k=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(include={"collect", "evaluate"})))
+    _fake_shards(Evaluation.of(params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"k": 8})})),
+                 {"behavior": [True, True]})
+    app = typer.Typer()
+    cli.register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "elsewhere.json"
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml"), "-S", "evaluate.k=8",
+                                      "--methods", "behavior", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["methods"]["behavior"]["successes"] == 2  # the k=8 shards were resumed
+    assert "behavior" in result.output and f"wrote {out}, {params.evaluate.plots}" in result.output

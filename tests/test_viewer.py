@@ -294,7 +294,7 @@ app(sys.argv[1:])
 
 
 def test_cli_serve_until_interrupted(built, tmp_path):
-    command = [sys.executable, "-c", SERVE_SCRIPT, "view", str(built["dataset"]), "--out", str(tmp_path / "site"), "--serve", "--port", "0",
+    command = [sys.executable, "-c", SERVE_SCRIPT, "view", str(built["dataset"]), "--out", str(tmp_path / "site"), "--serve", "-S", "view.port=0",
                "--params", str(tmp_path / "params.yaml")]
     # SIG_DFL in the child: a suite started as a background job of a non-interactive shell inherits SIGINT ignored,
     # and Python then never raises KeyboardInterrupt (Ctrl-C cannot reach such a job anyway)

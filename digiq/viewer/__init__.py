@@ -12,7 +12,7 @@ numbers finite; a table may cover a subset of the dataset's steps — steps with
     mse       float    mean squared pixel difference of (s, s') after downscaling (0–255 pixels)
     label     string   "Yes" (mse > ε: the action changed the screen) or "No"
     epsilon   float    optional: the ε used, shown beside the label
-    key (traj_id, step_id). Terminal transitions may be absent (DESIGN §6).
+    key (traj_id, step_id). Terminal transitions may be absent (digiq.labels labels only non-terminal ones).
 
 Critic output folder (``--critic DIR``, written by the critic stage):
     DIR/step_scores.parquet — one row per scored step, key (traj_id, step_id):
@@ -24,7 +24,7 @@ Critic output folder (``--critic DIR``, written by the critic stage):
                           the index's "critic error" is the mean |td_error| over a trajectory's steps
     DIR/candidate_scores.parquet — optional, one row per candidate, key (traj_id, step_id, cand_idx):
         traj_id, step_id
-        cand_idx   integer  ≥ 0; 0 = the dataset action (DESIGN §4 Candidates)
+        cand_idx   integer  ≥ 0; 0 = the dataset action (as in the candidates stage's table)
         action     string   the candidate in the AutoUI action string form (digiq.actions.format_action)
         q          float    Q(s, candidate)
     The page shows the top ``top_k`` candidates by q (ties: lower cand_idx first), plus cand 0's rank.

@@ -15,10 +15,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from digiq.actions import parse_action
 from digiq.errors import ActionParseError, DigiqError
+from digiq.parquet import read_table
 from digiq.schema import Action
 
 Key = tuple[str, int]  # (traj_id, step_id)
@@ -142,10 +142,7 @@ def read_side_table(path: str | Path, spec: TableSpec) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise DigiqError("file not found", file=path)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DigiqError(f"unreadable Parquet file ({exc})", file=path) from None
+    table = read_table(path)
     present = [(name, kind) for name, kind in spec.optional if name in table.column_names]
     columns = [_checked_column(table, name, kind, path) for name, kind in spec.columns + tuple(present)]
     normalised = pa.table(dict(zip([name for name, _ in spec.columns + tuple(present)], columns)))

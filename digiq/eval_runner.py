@@ -1,0 +1,258 @@
+"""The evaluation run: every method's live episodes in browser workers, kept as resumable shards, then summarised.
+
+Resume: each (method, task, block of ``episodes_per_unit`` episodes) becomes one JSON shard under
+``shards/<method>/`` once all its episodes are in, written atomically; its name carries a fingerprint of
+everything that changes an episode (seeds, K, noise, step cap, clock, the trained policy's files, the
+feature recipe), so a re-run skips finished shards and never reuses stale ones.
+
+Seeds: episode e of task t uses ``episode_seed(seed, t, e)`` as in collect; a run refuses to start when
+any evaluation seed is one of collect's (collect.seed, collect.tasks, collect.episodes_per_task).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from digiq.atomic import write_json
+from digiq.envs.miniwob import BrowserConfig, check_tasks
+from digiq.envs.policy import PolicySpec
+from digiq.envs.rollout import episode_seed
+from digiq.envs.workers import RunConfig, Unit, episode_blocks, run_units
+from digiq.errors import DigiqError
+from digiq.evaluate import BASELINES, CRITIC_GREEDY, EvaluateParams, summarise_method
+from digiq.progress import progress_bar
+
+if TYPE_CHECKING:
+    from digiq.config import CollectParams, Params
+
+FACTORY = "digiq.evaluate:build_eval_policy"
+HANG_TIMEOUT_S = 300.0  # a worker silent this long is killed and its unit redone
+# Bumped whenever the live candidate set changes for the same seed (shards made by another rule are not resumed).
+CANDIDATE_RULE = "semantic_key/v1"  # duplicates by what they do: taps by the element under the point
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation run: ``settings`` is the ``evaluate`` section with collect's tasks, noise and step cap filled
+    in where it leaves them null; ``collect`` gives π_β (behavior, history) and the seeds to avoid; ``features``
+    is the live feature recipe (:func:`live_features`)."""
+
+    settings: EvaluateParams
+    collect: CollectParams
+    features: dict[str, Any]
+
+    @classmethod
+    def of(cls, params: Params) -> Evaluation:
+        ev, col = params.evaluate, params.collect
+        resolved = ev.model_copy(update={"tasks": list(ev.tasks or col.tasks), "max_steps": ev.max_steps or col.max_steps,
+                                         "noise": col.noise if ev.noise is None else ev.noise})
+        return cls(resolved, col, live_features(params))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.settings.tasks or [])
+
+    def model_dir(self, method: str) -> Path:
+        """The trained folder that ``method`` chooses with: the critic for critic-greedy, else its policy."""
+        return Path(self.settings.critic) if method == CRITIC_GREEDY else Path(self.settings.actors) / method
+
+    def units(self) -> list[Unit]:
+        blocks = episode_blocks(self.settings.episodes_per_task, self.settings.episodes_per_unit)
+        return [Unit(task, block) for task in self.tasks for block in blocks]
+
+    def fingerprint(self, method: str) -> str:
+        """Short hash of everything that changes the episodes of ``method``."""
+        ev = self.settings
+        parts: dict[str, Any] = {"seed": ev.seed, "k": ev.k, "noise": ev.noise, "max_steps": ev.max_steps,
+                                 "behavior": self.collect.behavior, "history": self.collect.history,
+                                 "time_limit_s": ev.time_limit_s, "method": method, "candidate_rule": CANDIDATE_RULE}
+        if method not in BASELINES:
+            from digiq.extractor import model_hash
+
+            parts["actor"] = file_digest(self.model_dir(method))
+            parts["features"] = self.features
+            parts["model"] = model_hash(self.features["model"])
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    def shard_path(self, method: str, unit: Unit, fp: str) -> Path:
+        return Path(self.settings.shards) / method / f"{unit.task}.e{unit.indices[0]:05d}-{unit.indices[-1]:05d}.{fp}.json"
+
+    def policy_spec(self, method: str) -> PolicySpec:
+        ev = self.settings
+        kwargs: dict[str, Any] = {"method": method, "k": ev.k, "noise": ev.noise, "behavior": dict(self.collect.behavior)}
+        if method not in BASELINES:
+            kwargs.update(actor_dir=str(self.model_dir(method)), features=dict(self.features), threads=1)
+        return PolicySpec(FACTORY, kwargs)
+
+    def run_config(self, method: str, browser: BrowserConfig) -> RunConfig:
+        return RunConfig(policy=self.policy_spec(method), seed=self.settings.seed, max_steps=self.settings.max_steps,
+                         history=self.collect.history, browser=browser, hang_timeout_s=HANG_TIMEOUT_S)
+
+
+def live_features(params: Params) -> dict[str, Any]:
+    """The embed stage's recipe for the variant the policies were trained on (``features.variant``): the
+    :class:`~digiq.evaluate.LiveFeaturizer` arguments, so that live features equal training features."""
+    variant, embed = params.features.variant, params.embed
+    if variant not in embed.models:
+        raise DigiqError(f"no model path for variant {variant!r} in embed.models", field="features.variant")
+    return {"variant": variant, "model": embed.models[variant], "layer": embed.layer, "pooling": embed.pooling,
+            "dtype": embed.dtype, "device": embed.device}
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check(evaluation: Evaluation) -> None:
+    """Refuse a run that cannot start: no or unknown tasks, a missing trained folder, seeds shared with collect."""
+    if not evaluation.tasks:
+        raise DigiqError("no tasks given", field="evaluate.tasks")
+    check_tasks(evaluation.tasks, "evaluate.tasks")
+    for method in evaluation.settings.methods:
+        if method not in BASELINES and not evaluation.model_dir(method).is_dir():
+            stage = "critic" if method == CRITIC_GREEDY else "actor"
+            raise DigiqError(f"no trained {stage} for method {method!r} (run the {stage} stage, or drop it from evaluate.methods)",
+                             file=evaluation.model_dir(method), field="evaluate.methods")
+    check_disjoint_seeds(evaluation)
+
+
+def collect_seeds(seed: int, tasks: list[str], episodes: int) -> set[int]:
+    return {episode_seed(seed, t, e) for t in tasks for e in range(episodes)}
+
+
+def check_disjoint_seeds(evaluation: Evaluation) -> None:
+    """Refuse evaluation episodes whose environment seed was used to collect the training data."""
+    ev, col = evaluation.settings, evaluation.collect
+    used = collect_seeds(col.seed, col.tasks, col.episodes_per_task)
+    shared = used & collect_seeds(ev.seed, evaluation.tasks, ev.episodes_per_task)
+    if ev.seed == col.seed or shared:
+        raise DigiqError(f"evaluation seed {ev.seed} reuses {len(shared) or 'all'} episode seeds of collection "
+                         f"(collect.seed {col.seed}); pick another evaluate.seed", field="evaluate.seed")
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def file_digest(folder: Path) -> str:
+    """sha256 over the relative names and bytes of every file under ``folder`` (sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def read_shard(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DigiqError(f"unreadable result shard ({exc}); delete it to re-run its episodes", file=path) from None
+
+
+class ShardWriter:
+    """Collects episode summaries from the workers and writes a unit's shard once all of its episodes are in."""
+
+    def __init__(self, evaluation: Evaluation, method: str, units: list[Unit], fp: str, advance: Callable[[], None]):
+        self.evaluation, self.method, self.fp, self.advance = evaluation, method, fp, advance
+        self.unit_of = {(u.task, i): u for u in units for i in u.indices}
+        self.got: dict[Unit, dict[int, dict[str, Any]]] = {u: {} for u in units}
+        self.started = time.perf_counter()
+
+    def __call__(self, summary: dict[str, Any]) -> None:
+        unit = self.unit_of[(summary["task"], summary["index"])]
+        fresh = summary["index"] not in self.got[unit]
+        self.got[unit][summary["index"]] = summary
+        if fresh:
+            self.advance()
+        if len(self.got[unit]) == len(unit.indices):
+            episodes = [self.got[unit][i] for i in unit.indices]
+            write_json(self.evaluation.shard_path(self.method, unit, self.fp),
+                       {"method": self.method, "task": unit.task, "fingerprint": self.fp,
+                        "seconds": round(time.perf_counter() - self.started, 3), "episodes": episodes})
+            self.started = time.perf_counter()
+
+
+def load_episodes(evaluation: Evaluation, method: str, fp: str) -> list[dict[str, Any]]:
+    episodes: list[dict[str, Any]] = []
+    for unit in evaluation.units():
+        path = evaluation.shard_path(method, unit, fp)
+        if not path.exists():
+            raise DigiqError("result shard missing after the run", file=path)
+        episodes.extend(read_shard(path)["episodes"])
+    return episodes
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def run_methods(evaluation: Evaluation, fingerprints: dict[str, str], *, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Run the episodes of every method that have no finished shard; return this run's timing per method."""
+    ev = evaluation.settings
+    browser = BrowserConfig(time_limit_s=ev.time_limit_s)
+    browser.check()
+    units = evaluation.units()
+    todo = {m: [u for u in units if not evaluation.shard_path(m, u, fingerprints[m]).exists()] for m in ev.methods}
+    total = len(ev.methods) * len(evaluation.tasks) * ev.episodes_per_task
+    timing: dict[str, dict[str, float]] = {}
+    with progress_bar("evaluate", total, enabled=progress, unit="episodes") as bar:
+        bar.update(completed=total - sum(len(u.indices) for m in ev.methods for u in todo[m]))
+        for method in (m for m in ev.methods if todo[m]):
+            writer = ShardWriter(evaluation, method, todo[method], fingerprints[method], bar.advance)
+            started = time.perf_counter()
+            episodes = run_units(todo[method], evaluation.run_config(method, browser), ev.workers, on_episode=writer)
+            timing[method] = method_timing(episodes, time.perf_counter() - started)
+    return timing
+
+
+def method_timing(episodes: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    steps = sum(e["steps"] for e in episodes)
+    return {"seconds": round(seconds, 2), "episodes": len(episodes), "steps": steps,
+            "seconds_per_episode": round(seconds / max(len(episodes), 1), 3),
+            "steps_per_second": round(steps / seconds, 2) if seconds > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def summarise(evaluation: Evaluation, fingerprints: dict[str, str], timing: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of eval.json: per method the pooled and per-task success summaries of every finished shard."""
+    ev = evaluation.settings
+    methods = {m: summarise_method(load_episodes(evaluation, m, fingerprints[m]), evaluation.tasks) for m in ev.methods}
+    return {
+        "methods": methods,
+        "tasks": evaluation.tasks,
+        "episodes_per_task": ev.episodes_per_task,
+        "seed": ev.seed,
+        "k": ev.k,
+        "noise": ev.noise,
+        "behavior": dict(evaluation.collect.behavior),
+        "max_steps": ev.max_steps,
+        "time_limit_s": ev.time_limit_s,
+        "timing": {"this_run": timing, "estimate": wall_time_estimate(evaluation, timing)},
+    }
+
+
+def wall_time_estimate(evaluation: Evaluation, timing: dict[str, Any]) -> dict[str, Any]:
+    """Seconds per episode measured in this run (per method), scaled to the configured episode count."""
+    tasks, episodes = len(evaluation.tasks), evaluation.settings.episodes_per_task
+    per_method = {m: t["seconds_per_episode"] * tasks * episodes for m, t in timing.items() if t["episodes"]}
+    return {"seconds_per_method": {m: round(s, 1) for m, s in per_method.items()},
+            "note": "measured seconds/episode (with this run's worker count) × tasks × episodes_per_task"}
+
+
+def plot_rows(metrics: dict[str, Any]) -> str:
+    """plots/eval.csv: one row per (method, task) and per method over all tasks."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["method", "task", "success", "ci_low", "ci_high", "episodes"])
+    for method, m in metrics["methods"].items():
+        for task, t in [*m["per_task"].items(), ("all", m)]:
+            out.writerow([method, task, round(t["success"], 4), t["ci95"][0], t["ci95"][1], t["episodes"]])
+    return buf.getvalue()
