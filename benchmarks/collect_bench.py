@@ -32,15 +32,17 @@ DEFAULT_TASKS = ["click-button", "click-link", "click-tab-2", "click-checkboxes"
 
 def run_collect(out: Path, tasks: list[str], episodes: int, workers: int, seed: int, noise: float, max_steps: int,
                 fresh_page: bool = True) -> dict:
+    from digiq.collection import SOURCE, plan
+    from digiq.config import CollectParams, Params
     from digiq.envs.miniwob import BrowserConfig
     from digiq.envs.policy import PolicySpec
-    from digiq.envs.workers import RunConfig, run_units
-    from digiq.pipelines.collect import SOURCE, CollectConfig, plan
+    from digiq.envs.workers import Recording, RunConfig, run_units
 
-    config = CollectConfig(tasks=tasks, episodes_per_task=episodes, seed=seed, workers=workers, max_steps=max_steps,
+    config = CollectParams(tasks=tasks, episodes_per_task=episodes, seed=seed, workers=workers, max_steps=max_steps,
                            noise=noise, out=str(out))
     run = RunConfig(policy=PolicySpec("behavior", {"noise": noise}), seed=seed, max_steps=max_steps, history=config.history,
-                    browser=BrowserConfig(time_limit_s=config.time_limit_s, fresh_page=fresh_page), dataset=str(out), source=SOURCE)
+                    browser=BrowserConfig(time_limit_s=config.time_limit_s, fresh_page=fresh_page),
+                    record=Recording(str(out), gamma=Params().gamma, source=SOURCE))
     started = time.perf_counter()
     summaries = run_units(plan(config), run, workers)
     seconds = time.perf_counter() - started
@@ -65,7 +67,8 @@ def _bare_worker(episodes: list[tuple[str, int, list[str]]], refresh: bool, resu
     import miniwob  # noqa: F401
 
     from digiq.actions import parse_action
-    from digiq.envs.miniwob import DEBIAN_CHROMEDRIVER, DEBIAN_CHROMIUM, to_env_action
+    from digiq.envs.miniwob import DEBIAN_CHROMEDRIVER, DEBIAN_CHROMIUM
+    from digiq.envs.page import to_env_action
 
     os.environ.setdefault("MINIWOB_CHROME_BINARY", DEBIAN_CHROMIUM)
     os.environ.setdefault("MINIWOB_CHROMEDRIVER", DEBIAN_CHROMEDRIVER)

@@ -28,6 +28,11 @@ def load(params_path: Path, overrides: list[str] | None = None, flags: dict[str,
     return load_params(params_path, [*(overrides or []), *given])
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """A comma-separated flag (``--tasks a,b``) as a list; None when the flag was not given."""
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
 def _override_value(value: Any) -> str:
     from digiq.config import hydra_value
 

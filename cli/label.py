@@ -7,16 +7,7 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
-
-# LabelParams fields this command reads beyond epsilon/scale/yes_band/out, with their defaults until
-# digiq/config.py carries them (see the label section of params.yaml).
-_EXTRA_DEFAULTS: dict[str, Any] = {
-    "kind_bands": {},
-    "min_count": 30,
-    "resample": "box",
-    "sweep_epsilons": [5.0, 10.0, 20.0, 30.0, 50.0, 80.0],
-}
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 
 def register(app: typer.Typer) -> None:
@@ -25,51 +16,25 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def label(
-    dataset: Path | None = typer.Option(None, "--dataset", help="dataset folder [params: collect.out]"),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="label Yes when the downscaled MSE exceeds ε [params: label.epsilon]"),
-    scale: float | None = typer.Option(None, "--scale", help="downscale factor before the MSE [params: label.scale]"),
-    out: Path | None = typer.Option(None, "--out", help="label table (Parquet) [params: label.out]"),
-    sweep: bool = typer.Option(False, "--sweep", help="only print/plot the Yes fraction against ε (writes no labels)"),
-    eps: str | None = typer.Option(None, "--eps", help="ε values for --sweep, comma-separated [params: label.sweep_epsilons]"),
-    metrics: Path = typer.Option(Path("metrics/label.json"), "--metrics", help="metrics file"),
-    checks: Path = typer.Option(Path("data/checks/label"), "--checks", help="Data Docs folder of the label-balance gate"),
-    plots: Path = typer.Option(Path("plots"), "--plots", help="folder for label_sweep.csv (and .png with --sweep)"),
     params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    out: Path | None = typer.Option(None, "--out", help="label table (Parquet)"),
+    sweep: bool = typer.Option(False, "--sweep", help="only print/plot the Yes fraction against label.sweep_epsilons (writes no labels)"),
 ) -> None:
     """ε-labels: MSE of the downscaled screenshots of each non-terminal transition, Yes when above ε."""
-    from digiq.labels import parse_epsilons
     from digiq.pipelines import label as stage
 
-    cfg = load(params)
-    p = cfg.label
-    extra = {name: getattr(p, name, default) for name, default in _EXTRA_DEFAULTS.items()}
-    dataset = pick(dataset, Path(cfg.collect.out))
-    scale = pick(scale, p.scale)
-    epsilon = pick(epsilon, p.epsilon)
+    cfg = load(params, overrides, {"label.out": out})
+    section = cfg.label
     if sweep:
-        epsilons = parse_epsilons(eps) if eps else [float(e) for e in extra["sweep_epsilons"]]
-        table, counts, png = stage.run_sweep(dataset, scale, epsilons, extra["resample"], plots, progress=True, epsilon=epsilon)
-        _print_sweep(table, counts, epsilon)
-        typer.echo(f"wrote {plots / stage.SWEEP_CSV}")
+        table, counts, png = stage.run_sweep(cfg, progress=True)
+        _print_sweep(table, counts, section.epsilon)
+        typer.echo(f"wrote {Path(section.plots) / stage.SWEEP_CSV}")
         typer.echo(f"wrote {png}" if png else "matplotlib is not installed: no PNG plot (render the CSV with `dvc plots show`)")
         return
-    outcome = stage.run(
-        dataset,
-        pick(out, Path(p.out)),
-        epsilon,
-        scale,
-        tuple(p.yes_band),
-        kind_bands={k: tuple(v) for k, v in extra["kind_bands"].items()},
-        min_count=extra["min_count"],
-        resample=extra["resample"],
-        sweep_epsilons=extra["sweep_epsilons"],
-        metrics_path=metrics,
-        checks_dir=checks,
-        plots_dir=plots,
-        progress=True,
-        report=_print_summary,
-    )
-    typer.echo(f"wrote {pick(out, Path(p.out))}, {metrics}, {checks}/index.html, {plots / stage.SWEEP_CSV} ({outcome.seconds:.1f} s)")
+    outcome = stage.run(cfg, progress=True, report=_print_summary)
+    typer.echo(f"wrote {section.out}, {section.metrics}, {section.checks}/index.html, "
+               f"{Path(section.plots) / stage.SWEEP_CSV} ({outcome.seconds:.1f} s)")
 
 
 def _pct(value: float | None) -> str:

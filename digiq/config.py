@@ -7,6 +7,7 @@ Every CLI option defaults to the value here (read from params.yaml); unknown key
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,6 +25,9 @@ PARAMS_FILE = "params.yaml"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+WEB_ACTION_KINDS = ("tap", "swipe", "type", "press_enter", "complete")  # PRESS_BACK/HOME do not exist on MiniWoB
 
 
 class CollectParams(Section):
@@ -57,12 +61,31 @@ class CollectParams(Section):
     required_action_kinds: list[str] = Field(default_factory=lambda: ["tap", "type", "press_enter"], description="data check: action kinds the data must contain")
     out: str = Field("data/raw", description="dataset folder written by the stage")
     metrics: str = Field("metrics/collect.json", description="stage metrics")
-    checks: str = Field("data/checks/collect", description="Data Docs of the raw-data checks (outside `out`: their timestamps would change the dataset's hash)")
+    checks: str = Field("data/checks/collect", description="Data Docs of the raw-data checks (outside out: their timestamps would change the dataset's hash)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_distinct_tasks(cls, tasks: list[str]) -> list[str]:
+        from digiq.envs.miniwob import check_tasks
+
+        try:
+            check_tasks(distinct(tasks, "tasks"))
+        except DigiqError as exc:
+            raise ValueError(exc.message) from None
+        return tasks
 
     @field_validator("success_band")
     @classmethod
     def _success_band(cls, band: tuple[float, float]) -> tuple[float, float]:
         return _check_band(band)
+
+    @field_validator("required_action_kinds")
+    @classmethod
+    def _web_action_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = set(kinds) - set(WEB_ACTION_KINDS)
+        if unknown:
+            raise ValueError(f"unknown action kind(s) {sorted(unknown)} (known: {list(WEB_ACTION_KINDS)})")
+        return kinds
 
     @field_validator("behavior")
     @classmethod
@@ -86,6 +109,9 @@ class LabelParams(Section):
     resample: Literal["box", "bilinear", "bicubic", "lanczos", "nearest"] = Field("box", description="PIL filter for the downscale (box: exact block mean)")
     sweep_epsilons: list[float] = Field(default_factory=lambda: [5.0, 10.0, 20.0, 30.0, 50.0, 80.0], description="ε values of plots/label_sweep.csv")
     out: str = Field("data/labels.parquet", description="label table")
+    metrics: str = Field("metrics/label.json", description="stage metrics")
+    checks: str = Field("data/checks/label", description="Data Docs of the label-balance gate")
+    plots: str = Field("plots", description="folder of label_sweep.csv (and label_sweep.png with --sweep)")
 
     @field_validator("yes_band")
     @classmethod
@@ -95,13 +121,33 @@ class LabelParams(Section):
     @field_validator("kind_bands")
     @classmethod
     def _bands(cls, bands: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        return {kind: _check_band(band) for kind, band in bands.items()}
+        return {kind: _check_band(band, kind) for kind, band in bands.items()}
+
+    @field_validator("sweep_epsilons")
+    @classmethod
+    def _epsilons(cls, epsilons: list[float]) -> list[float]:
+        if not all(math.isfinite(e) and e >= 0 for e in epsilons):
+            raise ValueError(f"ε values must be finite numbers >= 0, got {epsilons}")
+        return epsilons
+
+    def band(self, kind: str) -> tuple[float, float]:
+        """The gate's allowed Yes fraction for one action kind."""
+        return tuple(self.kind_bands.get(kind, self.yes_band))  # type: ignore[return-value]
 
 
-def _check_band(band: tuple[float, float]) -> tuple[float, float]:
+def distinct(values: list[str], what: str) -> list[str]:
+    """``values`` when there is at least one and none repeats (a validator's check)."""
+    if not values:
+        raise ValueError(f"no {what} given")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} repeat: {values}")
+    return values
+
+
+def _check_band(band: tuple[float, float], name: str = "band") -> tuple[float, float]:
     low, high = band
     if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"band {list(band)} must satisfy 0 <= low <= high <= 1")
+        raise ValueError(f"{name} {list(band)} must satisfy 0 <= low <= high <= 1")
     return band
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,9 @@ from digiq.atomic import atomic_path
 from digiq.checks import Expect, SuiteResult, run_suite
 from digiq.errors import DigiqError
 from digiq.store import Dataset
+
+if TYPE_CHECKING:
+    from digiq.config import LabelParams
 
 YES, NO = "Yes", "No"
 KIND_ORDER = ("tap", "swipe", "type", "press_enter", "press_back", "press_home", "complete")
@@ -294,33 +297,12 @@ def mse_quantiles(mse: Sequence[float] | np.ndarray, qs: Sequence[float] = (0.1,
     return out
 
 
-@dataclass(frozen=True)
-class BalanceRule:
-    """The label-balance gate's configuration."""
-
-    yes_band: tuple[float, float]  # allowed Yes fraction overall, and per kind unless overridden
-    kind_bands: dict[str, tuple[float, float]] = field(default_factory=dict)  # per-kind overrides
-    min_count: int = 30  # kinds with fewer transitions are reported, not gated
-
-    def band(self, kind: str) -> tuple[float, float]:
-        return tuple(self.kind_bands.get(kind, self.yes_band))  # type: ignore[return-value]
-
-    def validate(self) -> None:
-        for name, band in [("yes_band", self.yes_band), *((f"kind_bands.{k}", b) for k, b in self.kind_bands.items())]:
-            lo, hi = band
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise DigiqError(f"band must satisfy 0 <= low <= high <= 1, got [{lo}, {hi}]", field=name)
-        if self.min_count < 1:
-            raise DigiqError(f"min_count must be >= 1, got {self.min_count}", field="min_count")
-
-
-def label_expectations(table: Any, rule: BalanceRule) -> tuple[list[Expect], list[str]]:
+def label_expectations(table: Any, rule: LabelParams) -> tuple[list[Expect], list[str]]:
     """The label suite: table integrity, then Yes fraction overall and per gated action kind.
 
     Returns the expectations and the kinds left ungated (fewer than ``rule.min_count`` transitions).
     The Yes fraction is the mean of the 0/1 column ``is_yes`` that ``check_labels`` adds.
     """
-    rule.validate()
     lo, hi = rule.yes_band
     expectations = [
         Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}, "at least one labelled transition"),
@@ -348,7 +330,7 @@ def label_expectations(table: Any, rule: BalanceRule) -> tuple[list[Expect], lis
     return expectations, ordered_kinds(ungated)
 
 
-def check_labels(table: Any, rule: BalanceRule, docs_dir: Path | None = None) -> tuple[SuiteResult, list[str]]:
+def check_labels(table: Any, rule: LabelParams, docs_dir: Path | None = None) -> tuple[SuiteResult, list[str]]:
     """Run the label-balance gate; returns the result and the ungated kinds (the caller decides to raise)."""
     expectations, ungated = label_expectations(table, rule)
     frame = table.assign(is_yes=(table["label"] == YES).astype(np.float64))
@@ -371,19 +353,6 @@ def sweep(mse_table: Any, epsilons: Sequence[float]) -> Any:
             row[kind] = _fraction(yes[(mse_table["action_kind"] == kind).to_numpy()])
         rows.append(row)
     return pd.DataFrame(rows, columns=["epsilon", "overall", *kinds])
-
-
-def parse_epsilons(text: str) -> list[float]:
-    """ "5,10,20" → [5.0, 10.0, 20.0] (each > 0)."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise DigiqError(f"expected comma-separated numbers, got {text!r}", field="eps") from None
-    if not values:
-        raise DigiqError("no ε values given", field="eps")
-    for value in values:
-        _check_epsilon(value, field_name="eps")
-    return values
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

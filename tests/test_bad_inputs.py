@@ -139,8 +139,8 @@ def _official_shot(tmp: Path, trajectories: list[list[dict[str, Any]]], t: int =
 def _label(tmp: Path) -> tuple[list[str], list[Path]]:
     (tmp / "label.yaml").write_text("label:\n  yes_band: [0.0, 1.0]\n")  # no balance gate in the way
     outs = [tmp / "labels.parquet", tmp / "label.json", tmp / "checks", tmp / "plots"]
-    args = ["label", "--dataset", str(tmp / "raw"), "--out", str(outs[0]), "--metrics", str(outs[1]),
-            "--checks", str(outs[2]), "--plots", str(outs[3]), "--params", str(tmp / "label.yaml")]
+    args = ["label", "-S", f"collect.out={tmp / 'raw'}", "--out", str(outs[0]), "-S", f"label.metrics={outs[1]}",
+            "-S", f"label.checks={outs[2]}", "-S", f"label.plots={outs[3]}", "--params", str(tmp / "label.yaml")]
     return args, outs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 from processes import browsers, digiq_executable, tree_hashes, wait_for_no_browsers
 
+from digiq import collection
+from digiq.config import Params, validate_params
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy
 from digiq.envs.miniwob import BrowserConfig
 from digiq.envs.policy import PolicySpec
-from digiq.envs.workers import RunConfig, run_units
+from digiq.envs.workers import run_units
 from digiq.errors import DigiqError
 from digiq.pipelines import collect as stage
 
@@ -25,12 +28,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TASKS = ["click-button", "enter-text"]
 
 
-def config(out: Path, **kw) -> stage.CollectConfig:
+def config(out: Path, **collect) -> Params:
+    """Params of a small collection into ``out`` (metrics and Data Docs beside it); ``collect`` overrides the section."""
     values = dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, out=str(out),
-                  success_band=(0.0, 1.0), required_action_kinds=("tap", "type"),
+                  success_band=[0.0, 1.0], required_action_kinds=["tap", "type"],
                   metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"))
-    values.update(kw)
-    return stage.CollectConfig(**values)
+    return validate_params({"collect": {**values, **collect}})
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_collect_writes_a_checked_dataset(reference):
             assert data.load_image(step.next_screenshot, step.next_screenshot_sha256).getextrema() != ((0, 0),) * 3
     assert data.manifest["collect"]["seed"] == 11
     assert data.manifest["collect"]["behavior"] == IMPATIENT  # which π_β made the data; another one is another dataset
-    assert config(reference, behavior={}).fingerprint() != config(reference).fingerprint()
+    assert collection.fingerprint(config(reference, behavior={}).collect) != collection.fingerprint(config(reference).collect)
 
 
 def test_same_params_give_the_same_dataset_with_one_worker(reference, tmp_path):
@@ -146,15 +149,15 @@ def _kill_own_chromium() -> None:
 
 def test_crashed_and_hung_browsers_are_restarted_and_episodes_replayed(reference, tmp_path):
     params = config(reference)
-    units = stage.plan(params)
+    section = params.collect
+    units = collection.plan(section)
     profiles_before = set(Path(tempfile.gettempdir()).glob("digiq-chromium-*"))
     out = tmp_path / "flaky"
-    run = RunConfig(
-        policy=PolicySpec(f"{__name__}:FlakyPolicy", {"noise": params.noise, "crash_marker": str(tmp_path / "crash"),
+    run = dataclasses.replace(
+        collection.behavior_run(section, out, params.gamma, BrowserConfig(time_limit_s=section.time_limit_s)),
+        policy=PolicySpec(f"{__name__}:FlakyPolicy", {"noise": section.noise, "crash_marker": str(tmp_path / "crash"),
                                                       "hang_marker": str(tmp_path / "hang")}),
-        seed=params.seed, max_steps=params.max_steps, history=params.history,
-        browser=BrowserConfig(time_limit_s=params.time_limit_s), dataset=str(out), gamma=params.gamma,
-        source=stage.SOURCE, hang_timeout_s=20.0,  # a restarted browser on a loaded 2-core machine needed over 8 s
+        hang_timeout_s=20.0,  # a restarted browser on a loaded 2-core machine needed over 8 s
     )
     restarts: list[str] = []
     summaries = run_units(units, run, workers=2, on_restart=restarts.append)
@@ -180,14 +183,16 @@ def test_cli_collect_reuses_finished_shards(reference, tmp_path):
     register(app)  # `collect` and `rollout`, as cli/main.py registers them under `digiq`
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
-    args = ["collect", "--tasks", ",".join(TASKS), "--episodes-per-task", "2", "--seed", "11", "--max-steps", "6",
-            "--noise", "0.3", "--out", str(copy), "--require-actions", "tap,type", "--metrics", str(tmp_path / "m.json"), "--params", str(tmp_path / "absent.yaml")]
-    result = CliRunner().invoke(app, [*args, "--success-band", "0,1"])
+    args = ["collect", "--tasks", ",".join(TASKS), "--episodes", "2", "--seed", "11", "-S", "collect.max_steps=6",
+            "-S", "collect.noise=0.3", "--out", str(copy), "-S", "collect.required_action_kinds=[tap,type]",
+            "-S", f"collect.metrics={tmp_path / 'm.json'}", "-S", f"collect.checks={tmp_path / 'checks'}",
+            "--params", str(tmp_path / "absent.yaml")]
+    result = CliRunner().invoke(app, [*args, "-S", "collect.success_band=[0,1]"])
     assert result.exit_code == 0, result.output
     assert "0 shards collected, 2 kept" in result.output and "click-button" in result.output
     assert tree_hashes(copy) == tree_hashes(reference)
-    bad = CliRunner().invoke(app, [*args, "--success-band", "high"])
-    assert bad.exit_code == 2 and "--success-band: expected LOW,HIGH" in bad.output
+    bad = CliRunner().invoke(app, [*args, "-S", "collect.success_band=[0.6,0.2]"])
+    assert bad.exit_code == 2 and "-S collect.success_band=[0.6,0.2]: collect.success_band: " in bad.output
 
 
 def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
@@ -200,11 +205,12 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_run(tmp_path):
     plan = {"tasks": TASKS, "episodes_per_task": 3, "seed": 11, "workers": 2, "max_steps": 6, "noise": 0.3,
             "shard_episodes": 1, "success_band": [0.0, 1.0], "required_action_kinds": ["tap", "type"]}
     uninterrupted = tmp_path / "uninterrupted"
-    stage.run(config(uninterrupted, **{k: (tuple(v) if isinstance(v, list) and k != "tasks" else v) for k, v in plan.items()}))
+    stage.run(config(uninterrupted, **plan))
 
     killed = tmp_path / "killed"
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"collect": {**plan, "out": str(killed), "metrics": str(tmp_path / "m.json")}}))
+    params.write_text(yaml.safe_dump({"collect": {**plan, "out": str(killed), "metrics": str(tmp_path / "m.json"),
+                                                  "checks": str(tmp_path / "checks")}}))
     command = [digiq_executable(), "collect", "--params", str(params)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

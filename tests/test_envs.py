@@ -199,10 +199,11 @@ def test_an_env_told_not_to_keep_the_final_page_ends_episodes_without_a_screensh
 
 @pytest.mark.browser
 def test_behavior_rollout_reports_success_per_task():
+    from digiq.collection import roll_out
+    from digiq.config import CollectParams
     from digiq.envs.policy import PolicySpec
-    from digiq.pipelines.rollout import RolloutConfig, run
 
-    result = run(RolloutConfig(PolicySpec("behavior", {"noise": 0.3}), ["click-button"], episodes=3, seed=5, workers=1))
+    result = roll_out(PolicySpec("behavior", {"noise": 0.3}), CollectParams(tasks=["click-button"], workers=1), episodes=3, seed=5)
     stats = result.per_task["click-button"]
     assert stats["episodes"] == 3 and 0.0 <= stats["success"] <= 1.0 and stats["mean_steps"] >= 1
     assert [e["index"] for e in result.episodes] == [0, 1, 2]

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from digiq import labels as L
 from digiq.cli.label import register
+from digiq.config import LabelParams, validate_params
 from digiq.errors import DigiqError
 from digiq.pipelines import label as stage
 from digiq.schema import Action, Step, Trajectory
@@ -191,15 +192,20 @@ def labels_frame(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
     return L.label_table(pd.DataFrame(rows).assign(scale=0.25), 30)
 
 
+def rule(**gate) -> LabelParams:
+    """The gate's settings with no per-kind bands unless given."""
+    return LabelParams(**{"yes_band": (0.15, 0.85), "kind_bands": {}, **gate})
+
+
 def test_gate_passes_within_band(tmp_path):
-    result, ungated = L.check_labels(labels_frame({"tap": (40, 20), "type": (40, 10)}), L.BalanceRule(yes_band=(0.15, 0.85)), tmp_path / "docs")
+    result, ungated = L.check_labels(labels_frame({"tap": (40, 20), "type": (40, 10)}), rule(), tmp_path / "docs")
     assert result.success and ungated == []
     assert (tmp_path / "docs" / "index.html").is_file()
 
 
 def test_gate_fails_naming_kind_and_fraction():
     table = labels_frame({"tap": (40, 38), "type": (40, 20), "press_enter": (40, 0)})
-    result, _ = L.check_labels(table, L.BalanceRule(yes_band=(0.15, 0.85)))
+    result, _ = L.check_labels(table, rule())
     assert result.failures == ["Yes fraction of tap in [0.15, 0.85] (observed 0.95)", "Yes fraction of press_enter in [0.15, 0.85] (observed 0)"]
     with pytest.raises(DigiqError, match=r"^data/raw: label_balance failed: Yes fraction of tap in \[0.15, 0.85\] \(observed 0.95\); "):
         result.raise_for_failures("data/raw")
@@ -207,21 +213,20 @@ def test_gate_fails_naming_kind_and_fraction():
 
 def test_gate_overall_band_and_overrides():
     table = labels_frame({"tap": (40, 38), "press_enter": (40, 36)})
-    rule = L.BalanceRule(yes_band=(0.15, 0.85), kind_bands={"tap": (0.0, 1.0), "press_enter": (0.5, 1.0)})
-    result, _ = L.check_labels(table, rule)
+    result, _ = L.check_labels(table, rule(kind_bands={"tap": (0.0, 1.0), "press_enter": (0.5, 1.0)}))
     assert result.failures == ["Yes fraction overall in [0.15, 0.85] (observed 0.925)"]
 
 
 def test_rare_kinds_reported_not_gated():
     table = labels_frame({"tap": (40, 20), "swipe": (5, 5)})
-    result, ungated = L.check_labels(table, L.BalanceRule(yes_band=(0.15, 0.85), min_count=10))
+    result, ungated = L.check_labels(table, rule(min_count=10))
     assert result.success and ungated == ["swipe"]
     assert not any("swipe" in r["description"] for r in result.results)
 
 
 def test_bad_band_refused():
-    with pytest.raises(DigiqError, match=r"kind_bands.tap: band must satisfy"):
-        L.BalanceRule(yes_band=(0.1, 0.9), kind_bands={"tap": (0.9, 0.1)}).validate()
+    with pytest.raises(DigiqError, match=r"label.kind_bands: Value error, tap \[0.9, 0.1\] must satisfy 0 <= low <= high <= 1"):
+        validate_params({"label": {"kind_bands": {"tap": [0.9, 0.1]}}})
 
 
 # --- the sweep ------------------------------------------------------------------------------------------
@@ -238,10 +243,9 @@ def test_sweep_matches_thresholding(synthetic):
     assert table["overall"].is_monotonic_decreasing
 
 
-def test_parse_epsilons():
-    assert L.parse_epsilons("5, 10,30") == [5.0, 10.0, 30.0]
-    with pytest.raises(DigiqError, match="eps: expected comma-separated numbers"):
-        L.parse_epsilons("5,ten")
+def test_bad_sweep_epsilons_refused():
+    with pytest.raises(DigiqError, match=r"label.sweep_epsilons: Value error, ε values must be finite numbers >= 0"):
+        validate_params({"label": {"sweep_epsilons": [5, -1]}})
 
 
 # --- stage and CLI --------------------------------------------------------------------------------------
@@ -254,11 +258,15 @@ def cli() -> typer.Typer:
     return app
 
 
+def label_params(dataset: Path, root: Path, **label):
+    """Params labelling ``dataset`` with every output under ``root``; ``label`` overrides the section."""
+    outputs = {"out": str(root / "labels.parquet"), "metrics": str(root / "metrics.json"), "checks": str(root / "checks"),
+               "plots": str(root / "plots")}
+    return validate_params({"collect": {"out": str(dataset)}, "label": {"epsilon": 30, "scale": 0.25, **outputs, **label}})
+
+
 def test_stage_writes_outputs(synthetic, tmp_path):
-    outcome = stage.run(
-        synthetic.root, tmp_path / "labels.parquet", 30, 0.25, (0.05, 0.95), kind_bands={"press_enter": (0.0, 0.5)}, min_count=10,
-        metrics_path=tmp_path / "metrics.json", checks_dir=tmp_path / "checks", plots_dir=tmp_path / "plots",
-    )
+    outcome = stage.run(label_params(synthetic.root, tmp_path, yes_band=[0.05, 0.95], kind_bands={"press_enter": [0.0, 0.5]}, min_count=10))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(outcome.metrics))
     assert metrics["labelled"] == 160 and metrics["excluded"] == {"terminal": 40, "no_next_screenshot": 0}
@@ -271,10 +279,7 @@ def test_stage_writes_outputs(synthetic, tmp_path):
 
 def test_stage_gate_failure_writes_no_labels(synthetic, tmp_path):
     with pytest.raises(DigiqError, match=r"label_balance failed: Yes fraction of press_enter in \[0.15, 0.85\] \(observed 0\)"):
-        stage.run(
-            synthetic.root, tmp_path / "labels.parquet", 30, 0.25, (0.15, 0.85), min_count=5,
-            metrics_path=tmp_path / "metrics.json", checks_dir=tmp_path / "checks", plots_dir=tmp_path / "plots",
-        )
+        stage.run(label_params(synthetic.root, tmp_path, yes_band=[0.15, 0.85], kind_bands={}, min_count=5))
     assert not (tmp_path / "labels.parquet").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["gate"]["success"] is False  # the diagnosis is kept
 
@@ -283,21 +288,22 @@ def test_cli_sweep_and_label(synthetic, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("label:\n  epsilon: 30\n  scale: 0.25\n  yes_band: [0.0, 1.0]\n")
     runner = CliRunner()
-    common = ["--dataset", str(synthetic.root), "--params", str(params), "--plots", str(tmp_path / "plots")]
-    swept = runner.invoke(cli(), ["label", "--sweep", "--eps", "10,30,80", *common])
+    common = ["-S", f"collect.out={synthetic.root}", "--params", str(params), "-S", f"label.plots={tmp_path / 'plots'}"]
+    swept = runner.invoke(cli(), ["label", "--sweep", "-S", "label.sweep_epsilons=[10,30,80]", *common])
     assert swept.exit_code == 0, swept.output
     assert "30*" in swept.output and "press_enter" in swept.output
     assert pd.read_csv(tmp_path / "plots" / stage.SWEEP_CSV)["epsilon"].tolist() == [10, 30, 80]
     assert not (tmp_path / "labels.parquet").exists()
     labelled = runner.invoke(
-        cli(), ["label", *common, "--out", str(tmp_path / "labels.parquet"), "--metrics", str(tmp_path / "m.json"), "--checks", str(tmp_path / "checks")]
+        cli(), ["label", *common, "--out", str(tmp_path / "labels.parquet"), "-S", f"label.metrics={tmp_path / 'm.json'}",
+                "-S", f"label.checks={tmp_path / 'checks'}"]
     )
     assert labelled.exit_code == 0, labelled.output
     assert len(L.read_labels(tmp_path / "labels.parquet")) == 160
 
 
 def test_cli_error_is_one_line(tmp_path):
-    result = CliRunner().invoke(cli(), ["label", "--dataset", str(tmp_path / "missing"), "--params", str(tmp_path / "none.yaml")])
+    result = CliRunner().invoke(cli(), ["label", "-S", f"collect.out={tmp_path / 'missing'}", "--params", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2
     assert "not a digiq dataset" in result.output and "Traceback" not in result.output
 

@@ -5,9 +5,9 @@ whose process died or that has sent nothing for ``hang_timeout_s`` is killed tog
 (its own process group) and restarted, and its unit is handed out again. Inside a worker, a browser
 error during an episode closes the browser, starts a new one and replays the episode from its seed.
 
-A unit with a ``shard`` name is recorded: its trajectories are written as that shard of the dataset
-(atomically, when the whole unit is done), so an interrupted run loses at most the units in flight and
-a re-run skips every shard already on disk. Episodes depend only on (task, episode seed), never on which
+When the run has a ``Recording``, a unit with a ``shard`` name is recorded: its trajectories are written as
+that shard of the dataset (atomically, when the whole unit is done), so an interrupted run loses at most the
+units in flight and a re-run skips every shard already on disk. Episodes depend only on (task, episode seed), never on which
 worker ran them or in what order.
 
 Workers are started with the ``spawn`` method, ask the kernel to SIGTERM them when the parent dies
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digiq.envs.miniwob import BrowserConfig, BrowserError, MiniWoBEnv, remove_profiles_of, sweep_stale_profiles, wait_for_exit
+from digiq.envs.browser_cleanup import remove_profiles_of, sweep_stale_profiles, wait_for_exit
+from digiq.envs.miniwob import BrowserConfig, BrowserError, MiniWoBEnv
 from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed, run_episode, to_trajectory, trajectory_id
 from digiq.errors import DigiqError
@@ -49,6 +50,20 @@ class Unit:
         return self.shard or f"{self.task}[{self.indices[0]}:{self.indices[-1] + 1}]"
 
 
+def episode_blocks(episodes: int, size: int) -> list[tuple[int, ...]]:
+    """Episode indices 0 … episodes-1 in consecutive blocks of ``size`` (the last one may be shorter)."""
+    return [tuple(range(start, min(start + size, episodes))) for start in range(0, episodes, size)]
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Where recorded units are written: a dataset folder, with the γ of its returns and its source name."""
+
+    dataset: str
+    gamma: float
+    source: str
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a worker needs (picklable)."""
@@ -58,9 +73,7 @@ class RunConfig:
     max_steps: int
     history: int = 1  # previous actions shown in the observation text
     browser: BrowserConfig = field(default_factory=BrowserConfig)
-    dataset: str | None = None  # dataset folder for recorded units
-    gamma: float = 0.95
-    source: str = "miniwob"
+    record: Recording | None = None  # None: episodes are only summarised, units with a shard name are not written
     episode_retries: int = 3  # browser restarts per episode before the unit fails
     hang_timeout_s: float = 120.0  # silence after which the parent kills and restarts a worker
     unit_retries: int = 3  # worker restarts per unit before the run fails
@@ -300,10 +313,10 @@ class _Worker:
         self.policy = config.policy.build()
         self.env: MiniWoBEnv | None = None
         self.writer = None
-        if config.dataset is not None:
+        if config.record is not None:
             from digiq.store import DatasetWriter
 
-            self.writer = DatasetWriter(config.dataset, gamma=config.gamma, source=config.source)
+            self.writer = DatasetWriter(config.record.dataset, gamma=config.record.gamma, source=config.record.source)
 
     def run_unit(self, unit: Unit) -> None:
         trajectories = []
