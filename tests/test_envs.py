@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from digiq.envs.miniwob import (
-    CHROMIUM_FLAGS,
-    BrowserConfig,
-    MiniWoBEnv,
-    check_tasks,
-    to_env_action,
-    to_pixels,
-    wait_for_exit,
-)
+from digiq.envs.browser_cleanup import PROFILE_PREFIX, wait_for_exit
+from digiq.envs.miniwob import BrowserConfig, MiniWoBEnv, check_tasks
+from digiq.envs.page import to_env_action, to_pixels
 from digiq.envs.view import StepView, observation_text, previous_actions
 from digiq.errors import DigiqError
 from digiq.schema import Action
@@ -160,7 +155,8 @@ def test_real_episode_maps_actions_rewards_and_closes_the_browser():
     finally:
         env.close()
     assert wait_for_exit(browser_pids) == []
-    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"digiq-chromium-" in _read(p)]
+    mine = f"{PROFILE_PREFIX}{os.getpid()}-".encode()  # not the browsers of other test runs on this machine
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if mine in _read(p)]
     assert leftovers == []
 
 
@@ -225,11 +221,34 @@ def test_step_view_is_the_same_live_and_offline():
         live.goal, live.observation, live.elements, live.previous_actions)
 
 
-def test_chromium_flags_include_design_flags():
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"):
-        assert flag in CHROMIUM_FLAGS
-    assert os.path.basename(BrowserConfig().binary) == "chromium" or "MINIWOB_CHROME_BINARY" in os.environ
+DESIGN_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
+
+
+@pytest.mark.browser
+def test_chromium_runs_with_the_design_flags_on_its_own_profile_which_close_removes():
+    browser = BrowserConfig()
+    with MiniWoBEnv("click-button", browser) as env:
+        processes = [_args(pid) for pid in _descendants(env.browser_pids()[0])]
+        main = [args for args in processes if args[:1] == [browser.binary] and not any(a.startswith("--type=") for a in args)]
+    assert len(main) == 1  # the browser process itself (its renderers and helpers carry --type=)
+    assert set(DESIGN_FLAGS) <= set(main[0])
+    profile = Path(next(a for a in main[0] if a.startswith("--user-data-dir=")).split("=", 1)[1])
+    assert profile.parent == Path(tempfile.gettempdir()) and profile.name.startswith(f"{PROFILE_PREFIX}{os.getpid()}-")
+    assert not profile.exists()
+
+
+def _args(pid: int) -> list[str]:
+    return [a.decode() for a in _read(Path(f"/proc/{pid}/cmdline")).split(b"\0") if a]
+
+
+def test_browser_paths_come_from_the_environment_else_from_debian(monkeypatch):
+    monkeypatch.delenv("MINIWOB_CHROME_BINARY", raising=False)
+    monkeypatch.delenv("MINIWOB_CHROMEDRIVER", raising=False)
+    assert (BrowserConfig().binary, BrowserConfig().driver) == ("/usr/lib/chromium/chromium", "/usr/bin/chromedriver")
+    monkeypatch.setenv("MINIWOB_CHROME_BINARY", "/opt/chrome/chrome")
+    monkeypatch.setenv("MINIWOB_CHROMEDRIVER", "/opt/chrome/chromedriver")
+    assert (BrowserConfig().binary, BrowserConfig().driver) == ("/opt/chrome/chrome", "/opt/chrome/chromedriver")
 
 
 def test_action_description_names_the_control_under_a_tap():

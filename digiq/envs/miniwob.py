@@ -27,10 +27,8 @@ reproducible:
   it was. The reload costs ~75–90 ms of browser CPU per episode (measured here), about 15 % of
   collection throughput.
 
-Action mapping: tap → CLICK_COORDS (normalised [y, x] → pixels of the page, clipped into it);
-swipe → SCROLL_UP/DOWN_COORDS at the touch point (a finger moving up scrolls the page down);
-TYPE → TYPE_TEXT; PRESS_ENTER → PRESS_KEY "<Enter>"; STATUS_TASK_COMPLETE ends the episode without
-touching the page; PRESS_BACK / PRESS_HOME have no meaning on a web page and are refused.
+How actions map onto the page and how its DOM is read: :mod:`digiq.envs.page`; ending the browsers and
+deleting the profiles a crash left behind: :mod:`digiq.envs.browser_cleanup`.
 """
 
 from __future__ import annotations
@@ -47,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from digiq.envs.browser_cleanup import PROFILE_PREFIX, kill_profile_processes
+from digiq.envs.page import EnvAction, dom_elements, to_env_action
 from digiq.errors import DigiqError
 from digiq.schema import Action
 
@@ -69,9 +69,6 @@ CHROMIUM_FLAGS = (
     "--disable-lcd-text",
     "--font-render-hinting=none",
 )
-ENTER_KEY = "<Enter>"
-PROFILE_PREFIX = "digiq-chromium-"  # + owner pid: fresh Chromium profiles under the temp folder
-MAX_TYPED_CHARS = 64  # miniwob's TYPING_MAX_LENGTH
 
 # Runs before every episode (idempotent). See the module docstring for why each line is there.
 _PAGE_SETTINGS_JS = """
@@ -155,92 +152,6 @@ class StepResult:
     timed_out: bool = False
     reason: str | None = None  # MiniWoB's reward reason, or why the step failed
     failed: bool = False  # the action could not be performed (e.g. a point off the page)
-
-
-@dataclass(frozen=True)
-class EnvAction:
-    """A MiniWoB action in miniwob's own terms (what ``env.step`` receives), or the end of the episode."""
-
-    kind: str  # NONE | CLICK_COORDS | SCROLL_UP_COORDS | SCROLL_DOWN_COORDS | TYPE_TEXT | PRESS_KEY | COMPLETE
-    left: float = 0.0
-    top: float = 0.0
-    text: str = ""
-    key: str = ""
-
-
-def to_env_action(action: Action, width: float, height: float) -> EnvAction:
-    """Map an AitW action onto a MiniWoB action on a ``width``×``height`` page."""
-    kind = action.kind
-    if kind in ("tap", "swipe"):
-        left, top = to_pixels(action.touch_point, width, height)
-        if kind == "tap":
-            return EnvAction("CLICK_COORDS", left, top)
-        dy = action.lift_point[0] - action.touch_point[0]
-        dx = action.lift_point[1] - action.touch_point[1]
-        if abs(dx) > abs(dy):  # MiniWoB's wheel only scrolls vertically
-            return EnvAction("NONE")
-        return EnvAction("SCROLL_DOWN_COORDS" if dy < 0 else "SCROLL_UP_COORDS", left, top)
-    if kind == "type":
-        return EnvAction("TYPE_TEXT", text=action.typed_text[:MAX_TYPED_CHARS])
-    if kind == "press_enter":
-        return EnvAction("PRESS_KEY", key=ENTER_KEY)
-    if kind == "complete":
-        return EnvAction("COMPLETE")
-    raise DigiqError(
-        f"{action.action_type.value} has no meaning on a MiniWoB web page (there is no back or home button); "
-        "use taps, swipes, TYPE, PRESS_ENTER or STATUS_TASK_COMPLETE",
-        field="action_type",
-    )
-
-
-def to_pixels(point: tuple[float, float], width: float, height: float) -> tuple[float, float]:
-    """Normalised [y, x] → (left, top) pixels, clipped into the page (half a pixel inside its border)."""
-    y, x = point
-    left = min(max(x * width, 0.5), width - 0.5)
-    top = min(max(y * height, 0.5), height - 0.5)
-    return left, top
-
-
-def to_normalised(left: float, top: float, width: float, height: float) -> tuple[float, float]:
-    """(left, top) pixels → normalised [y, x]."""
-    return top / height, left / width
-
-
-def dom_elements(root: Any, width: float, height: float) -> list[dict[str, Any]]:
-    """The DOM elements that intersect the page, as JSON-ready dicts.
-
-    ``bbox`` is ``[y0, x0, y1, x1]`` normalised to the page (clipped to [0, 1]); ``value`` is the
-    text of an input or the checked state (bool) of a checkbox/radio; ``tampered`` marks elements
-    clicked or typed into during this episode; ``leaf`` marks elements with their own text
-    (MiniWoB's clickable leaves); text fragments have tag ``t`` and negative refs.
-    """
-    out = []
-    for el in root.subtree_elements:
-        y0, x0, y1, x1 = el.top, el.left, el.top + el.height, el.left + el.width
-        if y1 <= 0 or x1 <= 0 or y0 >= height or x0 >= width:
-            continue
-        bbox = [
-            round(min(max(y0 / height, 0.0), 1.0), 4),
-            round(min(max(x0 / width, 0.0), 1.0), 4),
-            round(min(max(y1 / height, 0.0), 1.0), 4),
-            round(min(max(x1 / width, 0.0), 1.0), 4),
-        ]
-        out.append(
-            {
-                "ref": int(el.ref),
-                "parent": int(el.parent.ref) if el.parent is not None else 0,
-                "tag": el.tag,
-                "text": el.text or "",
-                "value": el.value if isinstance(el.value, (bool, str)) else None,
-                "id": el.id or "",
-                "classes": el.classes if isinstance(el.classes, str) else "",
-                "bbox": bbox,
-                "focused": bool(el.focused),
-                "tampered": bool(el.tampered),
-                "leaf": bool(el.is_leaf),
-            }
-        )
-    return out
 
 
 def _selenium_instance_class():
@@ -519,66 +430,3 @@ class MiniWoBEnv:
             raise
         except (WebDriverException, HTTPError, RuntimeError, ConnectionError, OSError) as exc:
             raise BrowserError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-
-
-def kill_profile_processes(profile_dir: str) -> list[int]:
-    """SIGKILL the processes whose command line names this Chromium profile; return their pids."""
-    import signal
-
-    marker = f"--user-data-dir={profile_dir}".encode()
-    killed = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if marker in cmdline.read_bytes().split(b"\0"):
-                pid = int(cmdline.parent.name)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
-            continue
-    wait_for_exit(killed, timeout_s=5.0)
-    return killed
-
-
-def remove_profiles_of(pid: int) -> None:
-    """Delete the Chromium profiles a (killed) process left behind, and anything still running on them."""
-    for path in Path(tempfile.gettempdir()).glob(f"{PROFILE_PREFIX}{pid}-*"):
-        kill_profile_processes(str(path))
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def sweep_stale_profiles() -> list[Path]:
-    """Delete digiq Chromium profiles whose owner process is gone and that no running process uses."""
-    in_use = b"\0".join(_read_cmdline(p) for p in Path("/proc").glob("[0-9]*/cmdline"))
-    removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{PROFILE_PREFIX}*-*"):
-        owner = path.name[len(PROFILE_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)) and str(path).encode() not in in_use:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _read_cmdline(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return b""
-
-
-def wait_for_exit(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    """Wait until the given processes are gone; return those still alive after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if _alive(pid)]
-        if alive:
-            time.sleep(0.05)
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return status != "Z"
