@@ -1,26 +1,29 @@
-"""The results report: Markdown plus one self-contained HTML page (inline SVG plots, no external URL).
+"""The results report: Markdown plus one self-contained HTML page (inline SVG charts, no external URL).
 
-A report is a list of blocks (headings, paragraphs, notes, tables, plots, code); :func:`render_markdown` and
-:func:`render_html` write the same blocks. Section builders take already-loaded metric dicts (``None`` when
-an input is missing: the section then says so instead of failing). Only ``eval.json`` is required.
-
-Plots are SVG drawn here (bars with 95 % interval whiskers); the Markdown embeds them as ``data:`` images.
+A report is a list of blocks (headings, paragraphs, notes, tables, charts, code) that the Jinja2 templates
+``digiq/templates/report.md.j2`` and ``report.html.j2`` both render. Section builders take already-loaded metric
+dicts (``None`` when an input is missing: the section then says so instead of failing). Only ``eval.json`` is
+required. Charts come from matplotlib (:mod:`digiq.report_charts`); the Markdown embeds them as ``data:`` images.
+The paper's numbers are cited from the paper itself (:data:`PAPER`), the only outside source a reader needs.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from digiq import report_charts as charts
 from digiq.errors import DigiqError
 from digiq.evaluate import CRITIC_GREEDY
 
-# DESIGN.md §1: AitW test success (General, WebShop) and WebShop ablations, in %.
+PAPER = "H. Bai et al., Digi-Q: Learning Q-Value Functions for Training Device-Control Agents, arXiv:2502.15760 (2025)"
+PAPER_URL = "https://arxiv.org/abs/2502.15760"
+# The paper's Android-in-the-Wild test success (General, Web Shopping) and its Web Shopping ablations, in %.
 PAPER_MAIN = {  # our method -> (paper row, General, WebShop)
     "behavior": ("AutoUI (the data's behaviour policy)", 22.9, 25.0),
     "filtered-bc": ("Filtered BC", 54.5, 43.8),
@@ -57,10 +60,16 @@ class ReportParams(BaseModel):
 
 @dataclass
 class Block:
-    kind: str  # h1 | h2 | p | note | table | plot | code
+    kind: str  # h2 | h3 | p | note | table | plot | code
     text: str = ""
     headers: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
+    svg: str = ""  # plot: the chart as an <svg> element
+
+    @property
+    def data_uri(self) -> str:
+        """The chart as a ``data:`` URI (for the Markdown, whose viewers do not render inline SVG)."""
+        return "data:image/svg+xml;base64," + base64.b64encode(self.svg.encode()).decode()
 
 
 def h(level: int, text: str) -> Block:
@@ -80,7 +89,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> Block:
 
 
 def plot(svg: str, caption: str) -> Block:
-    return Block("plot", caption, rows=[[svg]])
+    return Block("plot", caption, svg=svg)
 
 
 def code(text: str) -> Block:
@@ -103,38 +112,6 @@ def ci(bounds: list[float] | None) -> str:
     return "–" if not bounds else f"[{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
 
 
-# ----------------------------------------------------------------------------------------------- SVG
-
-
-def svg_bars(items: list[tuple[str, float, float, float]], title: str, width: int = 640, bar_h: int = 22) -> str:
-    """Horizontal bars (label, value, ci_low, ci_high) on [0, 1] with interval whiskers, as standalone SVG."""
-    left, right, top = 170, 60, 30
-    plot_w = width - left - right
-    height = top + bar_h * len(items) + 30
-    x = lambda v: left + plot_w * min(max(v, 0.0), 1.0)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             'font-family="sans-serif" font-size="12">',
-             f'<text x="{width / 2}" y="18" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>']
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<line x1="{x(tick):.1f}" y1="{top - 4}" x2="{x(tick):.1f}" y2="{height - 24}" stroke="#ddd"/>')
-        parts.append(f'<text x="{x(tick):.1f}" y="{height - 10}" text-anchor="middle">{int(tick * 100)} %</text>')
-    for i, (label, value, low, high) in enumerate(items):
-        y = top + i * bar_h
-        mid = y + bar_h / 2
-        parts.append(f'<text x="{left - 6}" y="{mid + 4:.1f}" text-anchor="end">{html.escape(label)}</text>')
-        parts.append(f'<rect x="{left}" y="{y + 3}" width="{x(value) - left:.1f}" height="{bar_h - 6}" fill="#4c78a8"/>')
-        parts.append(f'<line x1="{x(low):.1f}" y1="{mid:.1f}" x2="{x(high):.1f}" y2="{mid:.1f}" stroke="#222" stroke-width="1.5"/>')
-        for end in (low, high):
-            parts.append(f'<line x1="{x(end):.1f}" y1="{mid - 5:.1f}" x2="{x(end):.1f}" y2="{mid + 5:.1f}" stroke="#222"/>')
-        parts.append(f'<text x="{x(max(value, high)) + 4:.1f}" y="{mid + 4:.1f}">{100 * value:.1f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def svg_data_uri(svg: str) -> str:
-    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
-
-
 # ----------------------------------------------------------------------------------------------- sections
 
 
@@ -155,8 +132,9 @@ def main_section(ev: dict[str, Any]) -> list[Block]:
           f"seeds disjoint from collection (evaluation seed {ev.get('seed', '?')}); K = {ev.get('k', '?')} candidates "
           f"from π_β per step. Success is pooled over tasks; brackets are 95 % Wilson intervals."),
         table(["method", "success", "95 % CI", "episodes", "mean steps", "paper row", "paper AitW General %", "paper WebShop %"], rows),
-        note(f"Paper columns (DESIGN.md §1): {ORIENTATION}."),
-        plot(svg_bars(bars, "Online success (95 % CI)"), "Online success per method with 95 % Wilson intervals."),
+        note(f"Paper columns from the Digi-Q paper [1]: {ORIENTATION}."),
+        plot(charts.interval_bars(bars, "Online success (95 % CI)", name="main"),
+             "Online success per method with 95 % Wilson intervals."),
     ]
 
 
@@ -176,16 +154,19 @@ def per_task_section(ev: dict[str, Any]) -> list[Block]:
         rows.append(row)
     steps = [[task, *[f"{m['per_task'][task]['mean_steps']:.2f}" if task in m.get("per_task", {}) else "–"
                       for m in methods.values()]] for task in tasks]
-    return [h(2, "Per task"), table(["task", *methods], rows), p("Mean episode length (steps):"), table(["task", *methods], steps)]
+    grid = [[m.get("per_task", {}).get(task, {}).get("success") for m in methods.values()] for task in tasks]
+    return [h(2, "Per task"), table(["task", *methods], rows),
+            plot(charts.success_grid(tasks, list(methods), grid, "Success per task and method", name="per-task"),
+                 "Success per task and method, in % (blank: not evaluated)."),
+            p("Mean episode length (steps):"), table(["task", *methods], steps)]
 
 
 def ablation_section(experiments: list[dict[str, Any]] | None, why_missing: str = "") -> list[Block]:
     blocks = [h(2, "Ablations (DVC experiments)")]
     if not experiments:
-        return blocks + [note(f"No ablation results: {why_missing or 'no DVC experiments found'}. "
-                              "Run them with e.g. `dvc exp run -S actor.n=4` (see README) and re-run `digiq report`."),
-                         table(["paper ablation (WebShop)", "success %"], [[name, _paper(v)] for name, v in PAPER_ABLATIONS]),
-                         note(f"Paper numbers: {ORIENTATION}.")]
+        return blocks + [note(f"No ablation results: {why_missing or 'no DVC experiments found'}. Run them with e.g. "
+                              "`dvc exp run -S actor.n=4` (see docs/experiments.md) and re-run `digiq report`."),
+                         *paper_ablations()]
     success_cols = sorted({m.group(1) for e in experiments for k in e if (m := _SUCCESS_KEY.search(k))})
     headers = ["experiment", *ABLATION_PARAMS, *[f"{c} success" for c in success_cols]]
     rows = []
@@ -194,14 +175,17 @@ def ablation_section(experiments: list[dict[str, Any]] | None, why_missing: str 
         rows.append([e.get("Experiment") or e.get("rev"), *[_param(e, k) for k in ABLATION_PARAMS],
                      *[pct(found[c]) if isinstance(found.get(c), (int, float)) else "–" for c in success_cols]])
     blocks.append(table(headers, rows))
-    curve = sorted(((float(e["actor.n"]), _digiq_success(e)) for e in experiments
-                    if isinstance(e.get("actor.n"), (int, float)) and _digiq_success(e) is not None), key=lambda t: t[0])
+    curve = sorted((float(e["actor.n"]), success) for e in experiments
+                   if isinstance(e.get("actor.n"), (int, float)) and (success := _digiq_success(e)) is not None)
     if len(curve) > 1:
-        blocks.append(plot(svg_bars([(f"N = {n:g}", s, s, s) for n, s in curve], "Digi-Q success against N"),
-                           "Digi-Q success against the number of Best-of-N candidates (one bar per experiment)."))
-    blocks += [table(["paper ablation (WebShop)", "success %"], [[name, _paper(v)] for name, v in PAPER_ABLATIONS]),
-               note(f"Paper numbers: {ORIENTATION}.")]
-    return blocks
+        blocks.append(plot(charts.success_curve(curve, "Digi-Q success against N", "N (Best-of-N candidates)", name="n-curve"),
+                           "Digi-Q success against the number of Best-of-N candidates (one point per experiment)."))
+    return blocks + paper_ablations()
+
+
+def paper_ablations() -> list[Block]:
+    return [table(["paper ablation (WebShop)", "success %"], [[name, _paper(v)] for name, v in PAPER_ABLATIONS]),
+            note(f"Paper numbers from the Digi-Q paper [1]: {ORIENTATION}.")]
 
 
 _SUCCESS_KEY = re.compile(r"(?:^|[.:])methods\.([\w-]+)\.success$")
@@ -260,10 +244,27 @@ def critic_live_check(methods: dict[str, Any]) -> list[Block]:
         if mode is not None and greedy["success"] < mode["success"]:
             parts.append("below π_β's most-drawn candidate")
         verdict = " but ".join(parts)
-    rows = [[name, pct(m["success"]), ci(m.get("ci95"))] for name, m in
-            ((CRITIC_GREEDY, greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
+    rows = [[name, pct(m["success"]), ci(m.get("ci95")), "–" if m is greedy else p_value(fisher_p(greedy, m))]
+            for name, m in ((CRITIC_GREEDY, greedy), ("behavior", sample), ("behavior-mode", mode)) if m is not None]
     return [p(f"The critic alone as a live policy (critic-greedy: argmax_k A(s, a_k) over the same K candidates of "
-              f"π_β) is {verdict} (point estimates; the intervals are below)."), table(["chooser", "success", "95 % CI"], rows)]
+              f"π_β) is {verdict} (point estimates; their intervals, and a test of each difference, are below)."),
+            table(["chooser", "success", "95 % CI", "p against critic-greedy"], rows),
+            note("p: two-sided Fisher exact test of equal success rates on the pooled episode counts.")]
+
+
+def fisher_p(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """p-value of the two-sided Fisher exact test that two methods succeed equally often, from their pooled
+    (successes, episodes); None when either lacks the counts."""
+    counts: list[tuple[Any, Any]] = [(m.get("successes"), m.get("episodes")) for m in (a, b)]
+    if not all(isinstance(wins, int) and isinstance(n, int) and 0 <= wins <= n for wins, n in counts):
+        return None
+    from scipy.stats import fisher_exact
+
+    return float(fisher_exact([[wins, n - wins] for wins, n in counts]).pvalue)
+
+
+def p_value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2g}"
 
 
 def checks_section(results: dict[str, dict[str, Any]], folder: str) -> list[Block]:
@@ -300,53 +301,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- rendering
 
 
+@functools.cache
+def _templates() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("digiq", "templates"), undefined=jinja2.StrictUndefined,
+                             autoescape=lambda name: name is not None and name.endswith(".html.j2"),
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["md_cell"] = lambda text: text.replace("|", "\\|").replace("\n", " ")
+    return env
+
+
+def render(template: str, title: str, blocks: list[Block]) -> str:
+    """``blocks`` through the package template ``template``, with the paper as reference [1]."""
+    return _templates().get_template(template).render(title=title, blocks=blocks, references=[(PAPER, PAPER_URL)])
+
+
 def render_markdown(title: str, blocks: list[Block]) -> str:
-    out = [f"# {title}", ""]
-    for b in blocks:
-        if b.kind.startswith("h"):
-            out += ["#" * int(b.kind[1]) + f" {b.text}", ""]
-        elif b.kind == "p":
-            out += [b.text, ""]
-        elif b.kind == "note":
-            out += [f"> {b.text}", ""]
-        elif b.kind == "table":
-            out += ["| " + " | ".join(_md(x) for x in b.headers) + " |", "|" + "---|" * len(b.headers)]
-            out += ["| " + " | ".join(_md(x) for x in r) + " |" for r in b.rows] + [""]
-        elif b.kind == "plot":
-            out += [f"![{b.text}]({svg_data_uri(b.rows[0][0])})", ""]
-        elif b.kind == "code":
-            out += ["```", b.text.rstrip("\n"), "```", ""]
-    return "\n".join(out)
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.note{color:#555;border-left:3px solid #e0a800;"
-        "padding-left:.6em}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}figure{margin:1em 0}")
+    return render("report.md.j2", title, blocks)
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
-    e = html.escape
-    out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{e(title)}</h1>"]
-    for b in blocks:
-        if b.kind.startswith("h"):
-            out.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{e(b.text)}</p>")
-        elif b.kind == "note":
-            out.append(f'<p class="note">{e(b.text)}</p>')
-        elif b.kind == "table":
-            head = "".join(f"<th>{e(x)}</th>" for x in b.headers)
-            body = "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b.kind == "plot":  # an <img> with a data: URI keeps the SVG's xmlns out of the page's markup
-            out.append(f'<figure><img alt="{e(b.text)}" src="{svg_data_uri(b.rows[0][0])}"><figcaption>{e(b.text)}</figcaption></figure>')
-        elif b.kind == "code":
-            out.append(f"<pre>{e(b.text)}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return render("report.html.j2", title, blocks)

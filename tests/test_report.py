@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from conftest import command_app
+from digiq.config import Params
 from digiq.errors import DigiqError
 from digiq.evaluate import wilson_interval
 from digiq.pipelines import report as stage
-from digiq.report import ReportParams, ablation_section, render_html, svg_bars
+from digiq.report import ReportParams, ablation_section, render_html, render_markdown
+from digiq.report_charts import interval_bars
 
 
 def _summary(wins: int, n: int, steps: float) -> dict:
@@ -55,15 +60,49 @@ def _write(root: Path, with_optional: bool) -> ReportParams:
                         out_md=str(root / "reports/report.md"), out_html=str(root / "reports/report.html"))
 
 
+ARXIV = "https://arxiv.org/abs/2502.15760"
+NAMESPACES = re.compile(r'xmlns(?::\w+)?="http://www\.w3\.org/[\w/.]+"')  # XML namespace names: never fetched
+
+
 def _no_external_urls(page: str) -> None:
-    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
-    assert all("http" not in r and "//" not in r for r in refs), refs
-    assert "<script" not in page and "<link" not in page
+    """Self-contained: no script, stylesheet link, image or frame; every href a fragment inside the page or the
+    paper's arXiv link; no other URL anywhere (SVG namespace names aside)."""
+    assert not re.search(r"<(script|link|img|iframe|object|embed)\b|@import|\bsrc\s*=", page)
+    refs = re.findall(r'href\s*=\s*"([^"]*)"', page)
+    assert all(r.startswith("#") or r == ARXIV for r in refs), sorted(set(refs))
+    assert not re.search(r"https?:|//[\w.-]+\.\w", NAMESPACES.sub("", page).replace(ARXIV, "")), "a URL in the page"
+
+
+class _Tables(HTMLParser):
+    """The page's tables as lists of rows of cell texts, in page order."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
 
 
 def test_report_with_every_input(tmp_path):
     params = _write(tmp_path, with_optional=True)
-    md_path, html_path = stage.run(params, tmp_path / "params.yaml")
+    md_path, html_path = stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
     md, page = md_path.read_text(), html_path.read_text()
     for text in (md, page):
         # digiq: 75 of 100; Wilson by hand: c = (0.75 + 0.019207)/1.038415 = 0.74077, h = 0.08380 → [65.7, 82.5]
@@ -77,9 +116,29 @@ def test_report_with_every_input(tmp_path):
         assert "FAILED" in text and "Yes fraction in band" in text  # the failed data check
         assert "sha256:" in text and "gamma: 0.95" in text  # hashes computed (no dvc.lock) and params
         assert "No ablation results" in text
-    assert md.count("data:image/svg+xml;base64,") >= 1
+        assert "arXiv:2502.15760" in text and "DESIGN" not in text  # the paper is cited, no file readers lack
+    assert md.count("](data:image/svg+xml;base64,") == 2  # the main bars and the per-task grid
     _no_external_urls(page)
-    assert page.count("<figure>") >= 1
+    assert page.count("<figure>\n<svg ") == page.count("<svg") == 2  # the charts, inline
+
+
+def test_main_table_numbers_are_the_metrics(tmp_path):
+    params = _write(tmp_path, with_optional=True)
+    _, html_path = stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
+    header, *rows = _Tables(html_path.read_text()).tables[0]
+    assert header[:4] == ["method", "success", "95 % CI", "episodes"]
+    methods = _eval()["methods"]
+    shown = {row[0]: row[1:4] for row in rows if row[0] in methods}
+    assert shown == {name: [f"{100 * m['success']:.1f} %", f"[{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
+                            str(m["episodes"])] for name, m in methods.items()}
+
+
+def test_same_input_gives_byte_identical_reports(tmp_path):
+    params = _write(tmp_path, with_optional=True)
+    first = stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
+    again = params.model_copy(update={"out_md": str(tmp_path / "again.md"), "out_html": str(tmp_path / "again.html")})
+    second = stage.run(Params(report=again), params_path=tmp_path / "params.yaml")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
 
 
 def test_critic_live_check_compares_only_what_was_evaluated():
@@ -97,9 +156,43 @@ def test_critic_live_check_compares_only_what_was_evaluated():
     assert "not compared" in verdict(critic_greedy=0.5) and verdict(behavior=0.4) == render_markdown("t", [])
 
 
+def _fisher_two_sided(a: int, n_a: int, b: int, n_b: int) -> float:
+    """Fisher's exact test written out: the hypergeometric tables with the same margins, no likelier than observed."""
+    wins, total = a + b, n_a + n_b
+    prob = [math.comb(n_a, k) * math.comb(n_b, wins - k) / math.comb(total, wins)
+            for k in range(max(0, wins - n_b), min(n_a, wins) + 1)]
+    observed = prob[a - max(0, wins - n_b)]
+    return sum(q for q in prob if q <= observed * (1 + 1e-7))
+
+
+def test_critic_check_tests_each_difference_with_fishers_exact_test():
+    from digiq.report import critic_live_check
+
+    methods = {name: {"success": wins / 100, "successes": wins, "episodes": 100, "ci95": [0, 1]}
+               for name, wins in (("critic-greedy", 28), ("behavior", 35), ("behavior-mode", 52))}
+    table = next(b for b in critic_live_check(methods) if b.kind == "table")
+    assert table.headers[-1] == "p against critic-greedy"
+    assert [row[-1] for row in table.rows] == ["–", f"{_fisher_two_sided(28, 100, 35, 100):.2g}",
+                                               f"{_fisher_two_sided(28, 100, 52, 100):.2g}"]
+    del methods["behavior"]["successes"]  # no counts: no test
+    assert next(b for b in critic_live_check(methods) if b.kind == "table").rows[1][-1] == "–"
+
+
+@pytest.mark.parametrize("n", [*range(1, 41), 50, 100, 400, 500])
+def test_wilson_interval_gives_the_formulas_numbers(n):
+    """scipy's interval, as the evaluate stage rounds it, equals the formula in digiq/evaluate.py written out."""
+    z = 1.959963984540054
+    for wins in range(n + 1):
+        p, z2 = wins / n, z * z
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+        expected = (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+        assert tuple(round(x, 4) for x in wilson_interval(wins, n)) == expected, (wins, n)
+
+
 def test_missing_optional_inputs_become_notes(tmp_path):
     params = _write(tmp_path, with_optional=False)
-    _, html_path = stage.run(params, tmp_path / "params.yaml")
+    _, html_path = stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
     page = html_path.read_text()
     assert "label.json is missing" in page and "critic.json is missing" in page and "No result.json found" in page
     assert "models/actor</td><td>missing" in page
@@ -110,10 +203,10 @@ def test_missing_or_bad_eval_is_one_error_and_writes_nothing(tmp_path):
     params = _write(tmp_path, with_optional=False)
     Path(params.eval).unlink()
     with pytest.raises(DigiqError, match="eval.json: missing"):
-        stage.run(params, tmp_path / "params.yaml")
+        stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
     Path(params.eval).write_text(json.dumps({"methods": {"digiq": {"ci95": [0, 1]}}}))
     with pytest.raises(DigiqError, match="eval.json: unexpected layout"):
-        stage.run(params, tmp_path / "params.yaml")
+        stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
     assert not Path(params.out_md).exists() and not Path(params.out_html).exists()
 
 
@@ -129,10 +222,16 @@ def test_ablation_table_from_exp_show_rows():
     _no_external_urls(render_html("t", blocks))
 
 
-def test_svg_bars_scale_values_and_intervals():
-    svg = svg_bars([("a", 0.5, 0.25, 0.75)], "t", width=470)  # plot area 170 … 410 (240 px)
-    assert 'width="120.0"' in svg  # the bar: 0.5 × 240
-    assert 'x1="230.0" y1="41.0" x2="350.0" y2="41.0"' in svg  # the whisker from 0.25 to 0.75 at the bar centre (30 + 22/2)
+def test_charts_are_deterministic_inline_svg_with_their_own_ids():
+    items = [("digiq", 0.5, 0.25, 0.75), ("random", 0.1, 0.05, 0.2)]
+    svg = interval_bars(items, "Online success", name="main")
+    assert svg == interval_bars(items, "Online success", name="main")  # no date, no random ids
+    assert svg.startswith("<svg ") and svg.endswith("</svg>") and "<metadata" not in svg and "<image" not in svg
+    assert "<title>Online success</title>" in svg and ">digiq</text>" in svg and ">50.0</text>" in svg  # text as text
+    ids = re.findall(r'\bid="([^"]*)"', svg)
+    refs = re.findall(r'(?:href="#|url\(#)([^")]*)', svg)
+    assert ids and all(i.startswith("main-") for i in ids) and set(refs) <= set(ids)
+    assert not set(ids) & set(re.findall(r'\bid="([^"]*)"', interval_bars(items, "t", name="other")))
 
 
 def test_cli_report(tmp_path, monkeypatch):
@@ -140,12 +239,11 @@ def test_cli_report(tmp_path, monkeypatch):
 
     params = _write(tmp_path, with_optional=True)
     monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    cli.register(app)
-    app.command("noop")(lambda: None)
-    result = CliRunner().invoke(app, ["report", "--eval", params.eval, "--md", "out/r.md", "--html", "out/r.html",
-                                      "--no-experiments", "--params", str(tmp_path / "params.yaml")])
+    app = command_app(cli)
+    result = CliRunner().invoke(app, ["report", "-S", f"report.eval={params.eval}", "-S", "report.out_md=out/r.md",
+                                      "-S", "report.out_html=out/r.html", "-S", "report.experiments=false",
+                                      "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out/r.html").exists()
-    bad = CliRunner().invoke(app, ["report", "--eval", "nope.json", "--params", str(tmp_path / "params.yaml")])
+    bad = CliRunner().invoke(app, ["report", "-S", "report.eval=nope.json", "--params", str(tmp_path / "params.yaml")])
     assert bad.exit_code == 2 and "nope.json: missing" in bad.output
