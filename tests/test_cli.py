@@ -26,6 +26,11 @@ def test_help_imports_no_heavy_library():
     assert out == "", f"`digiq --help` imported heavy modules: {out}"
 
 
+def test_help_offers_shell_completion():
+    result = CliRunner().invoke(app, ["--help"])
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("digiq ")

@@ -123,6 +123,15 @@ def test_class_weights_and_balanced_accuracy():
     assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5
 
 
+def test_model_card_metadata_names_license_and_base_model(finished, base):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(finished[0].out) / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    assert card.data.base_model == str(base) and "lora" in card.data.tags
+    assert card.text.lstrip().startswith("# digiq fine-tuned VLM")
+
+
 def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
     p, metrics = finished
     out = Path(p.out)

@@ -129,6 +129,16 @@ def test_plain_transformers_loads_the_checkpoint(base_path):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
 
 
+def test_model_card_metadata_names_license_and_pretrained_sources(base_path):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(base_path / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    assert card.data.base_model == ["facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2"]
+    assert card.data.pipeline_tag == "image-text-to-text" and "digi-q" in card.data.tags
+    assert card.text.lstrip().startswith("# digiq default VLM")
+
+
 def test_bad_paths_name_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(DigiqError, match="no-such-model.*never downloads"):

@@ -291,10 +291,16 @@ def build_default_vlm(out_dir: str | Path, image_size: int = 112, seed: int = 0,
     return out_dir
 
 
+# the Hugging Face ids of the pretrained pieces the default is built from (the packages ship their weights)
+PRETRAINED_IDS = ("facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2")
+
+
 def _model_card(record: dict) -> str:
+    from digiq.vlm.card import model_card
+
     cfg = record["config"]
     n = (cfg["image_size"] // 14) ** 2
-    return f"""# digiq default VLM
+    return model_card(f"""# digiq default VLM
 
 A small LLaVA-architecture model built offline and deterministically by `digiq model build`
 (seed {cfg['seed']}, {cfg['image_size']} px → {n} image tokens, {record['parameters']:,} parameters).
@@ -309,7 +315,7 @@ A small LLaVA-architecture model built offline and deterministically by `digiq m
 Load with `digiq.vlm.load.load_vlm(path)` or `AutoProcessor.from_pretrained(path)` +
 `AutoModelForImageTextToText.from_pretrained(path)`. Pad screenshots to a square before processing.
 Prompt order: `{cfg['prompt_order']}` (config.json `{ORDER_KEY}`; see `digiq.vlm.prompts`).
-""" + _reading_lines(cfg)
+""" + _reading_lines(cfg), base_model=PRETRAINED_IDS, tags=("dinov2", "minilm"))
 
 
 def _reading_lines(cfg: dict) -> str:
