@@ -311,4 +311,4 @@ def make_server(site: str | Path, port: int = 8000, host: str = "127.0.0.1"):  #
     try:
         return ThreadingHTTPServer((host, port), functools.partial(Quiet, directory=str(site)))
     except OSError as exc:
-        raise DigiqError(f"cannot listen on {host}:{port} ({exc.strerror})", field="--port") from None
+        raise DigiqError(f"cannot listen on {host}:{port} ({exc.strerror})", field="view.port") from None
