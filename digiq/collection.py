@@ -61,11 +61,11 @@ def code_version() -> str:
 
     import miniwob
 
-    from digiq.envs import behavior, miniwob as adapter, policy, rollout
+    from digiq import envs
 
     digest = hashlib.sha256()
-    for module in (adapter, behavior, policy, rollout):
-        digest.update(Path(module.__file__).read_bytes())
+    for module in sorted(Path(envs.__file__).parent.glob("*.py")):  # the adapter, π_β, views, rollouts
+        digest.update(module.read_bytes())
     browser = BrowserConfig()
     try:
         chromium = subprocess.run([browser.binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
