@@ -58,6 +58,7 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from digiq import embed as E
+    from digiq.extractor import VLMExtractor
     from digiq.candidates import sample_state
     from digiq.envs.behavior import BehaviorPolicy
     from digiq.runtime import quiet_transformers
@@ -75,7 +76,7 @@ def main() -> None:
         dtype = getattr(torch, name)
         peak_before = matmul_gflops(dtype, args.matmul_n, 1.5)
         vlm = load_vlm(args.model, dtype=dtype, device="cpu")
-        extractor = E.VLMExtractor(vlm, args.layer, args.pooling)
+        extractor = VLMExtractor(vlm, args.layer, args.pooling)
         with FlopCounterMode(display=False) as counter:
             result = E.embed_chunk(dataset, steps, cands, extractor, "bench", args.layer)
         flops = counter.get_total_flops()

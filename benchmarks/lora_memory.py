@@ -57,12 +57,13 @@ def measure_point(layers: int, batch: int) -> dict[str, float]:
     import torch
 
     from digiq import finetune as F
+    from digiq.config import FinetuneParams
     from digiq.schema import Action
     from digiq.vlm.model import VLM
     from digiq.vlm.prompts import build_prompt
 
     vlm = build_vlm(layers)
-    model = F.make_trainable(vlm, F.TrainSpec(lora_r=16, lora_alpha=32))
+    model = F.make_trainable(vlm, FinetuneParams(lora_r=16, lora_alpha=32))
     tvlm = VLM(model, vlm.processor, device="cpu", dtype=torch.float32)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=2e-4)

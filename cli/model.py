@@ -1,4 +1,4 @@
-"""`digiq model build|info`: the embedded default VLM and a look inside any checkpoint folder.
+"""`digiq model build|info|preset`: the embedded default VLM, a look inside any checkpoint folder, presets.
 
 Only typer is imported at module level; torch/transformers load inside the commands.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 app = typer.Typer(no_args_is_help=True, help="Build the default VLM; summarise a checkpoint folder.")
 
@@ -18,31 +18,19 @@ app = typer.Typer(no_args_is_help=True, help="Build the default VLM; summarise a
 @app.command("build")
 @handle_errors
 def build(
-    out: Path | None = typer.Option(None, "--out", help="checkpoint folder to write, replaced atomically [params: model.base]"),
-    image_size: int | None = typer.Option(None, "--image-size", help="working resolution in px, a multiple of 14 (112 → 64 image tokens) [params: model.image_size]"),
-    seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector) [params: model.seed]"),
-    prompt_order: str | None = typer.Option(None, "--prompt-order", help="image_first | state_first: screenshot before or after the state text, recorded in config.json [params: model.prompt_order]"),
-    text_model: str | None = typer.Option(None, "--text-model", help="llama (seeded random layers) | minilm (all-MiniLM-L6-v2's pretrained layers, run as a decoder) [params: model.text_model]"),
-    tap_target: bool | None = typer.Option(None, "--tap-target/--no-tap-target", help="tap prompts name the element under the tap (its DOM text), recorded in config.json [params: model.tap_target]"),
-    field_values: bool | None = typer.Option(None, "--field-values/--no-field-values", help="the state text says what the page's text fields hold (their DOM values), recorded in config.json [params: model.field_values]"),
     params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    out: Path | None = typer.Option(None, "--out", help="checkpoint folder to write, replaced atomically"),
+    seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector)"),
 ) -> None:
     """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings; seeded Llama layers or
     MiniLM's own)."""
     from digiq.pipelines.build_model import run
 
-    cfg = load(params).model
-    out = pick(out, Path(cfg.base))
-    image_size = pick(image_size, cfg.image_size)
-    seed = pick(seed, cfg.seed)
-    prompt_order = pick(prompt_order, cfg.prompt_order)
-    text_model = pick(text_model, cfg.text_model)
-    tap_target = pick(tap_target, cfg.tap_target)
-    field_values = pick(field_values, cfg.field_values)
-    record = run(out, image_size=image_size, seed=seed, prompt_order=prompt_order, text_model=text_model,
-                 tap_target=tap_target, field_values=field_values)
-    typer.echo(f"wrote {out}: {record['parameters']:,} parameters, {image_size} px, seed {seed}, prompt order "
-               f"{prompt_order}, {text_model} layers{_reading_words(tap_target, field_values)}")
+    p = load(params, overrides, {"model.base": out, "model.seed": seed})
+    record, m = run(p, progress=True), p.model
+    typer.echo(f"wrote {m.base}: {record['parameters']:,} parameters, {m.image_size} px, seed {m.seed}, prompt order "
+               f"{m.prompt_order}, {m.text_model} layers{_reading_words(m.tap_target, m.field_values)}")
 
 
 def _reading_words(tap_target: bool, field_values: bool) -> str:

@@ -152,14 +152,13 @@ def _check_band(band: tuple[float, float], name: str = "band") -> tuple[float, f
 
 
 class ModelParams(Section):
-    base: str = Field("models/base", description="'models/base' (embedded default, built by a stage) or a local HF LLaVA checkpoint path")
+    base: str = Field("models/base", description="checkpoint folder: models/base (the embedded default, built by `digiq model build`) or a local HF LLaVA checkpoint")
     image_size: int = Field(112, ge=14, description="working resolution of the embedded default's vision tower")
     seed: int = Field(0, ge=0, description="seed for building the embedded default")
-    prompt_order: Literal["image_first", "state_first"] = Field("state_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow (state_first fine-tunes faster on the default data: docs/results.md)")
-    text_model: Literal["llama", "minilm"] = Field("llama", description="language model of the embedded default: llama (seeded random layers) or minilm (all-MiniLM-L6-v2's pretrained layers run as a decoder; set finetune.target_modules to its names: docs/experiments.md)")
-    tap_target: bool = Field(False, description="tap prompts name the control under the tap (its DOM text): our vision tower cannot read it off the screenshot; recorded in the built model's config.json, which finetune, embed and evaluate follow")
-    field_values: bool = Field(False, description="the state text says what the page's text fields hold (their DOM values): at collect.history 1 the previous actions alone do not show what was typed; recorded like tap_target")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' picks bf16 only where it is faster")
+    prompt_order: Literal["image_first", "state_first"] = Field("state_first", description="screenshot before (image_first, LLaVA's form) or after (state_first) the state text in every prompt; recorded in the built model's config.json, which finetune, embed and evaluate follow")
+    text_model: Literal["llama", "minilm"] = Field("llama", description="language model of the embedded default: llama (seeded random layers) or minilm (all-MiniLM-L6-v2's pretrained layers run as a decoder; its finetune.target_modules: docs/experiments.md)")
+    tap_target: bool = Field(False, description="tap prompts name the control under the tap (its DOM text); recorded in the built model's config.json like prompt_order")
+    field_values: bool = Field(False, description="the state text quotes what the page's text fields hold (their DOM values); recorded like tap_target")
 
 
 Variant = Literal["finetuned", "off_the_shelf", "no_vlm"]
@@ -192,8 +191,6 @@ def validated(model: type[BaseModel], values: dict[str, Any], section: str) -> A
 class EmbedParams(Section):
     """The `embed` section of params.yaml."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
     variant: Variant = Field("finetuned", description="which features: finetuned | off_the_shelf | no_vlm")
     variants: list[Variant] = Field(default_factory=lambda: ["finetuned", "off_the_shelf", "no_vlm"],
                                     description="foreach items of the embed stage")
@@ -203,7 +200,7 @@ class EmbedParams(Section):
     layer: int = Field(2, description="hidden_states index of the LM layer read (0 = embeddings, -1 = last)")
     pooling: Literal["last", "mean"] = Field("last", description="last token or mean over tokens")
     batch_size: int = Field(64, ge=1, description="prompts (or screenshots) per forward pass")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 only where faster")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype; auto: bf16 where the hardware has bf16 instructions, else float32 (float16 on a GPU without bf16), or $DIGIQ_DTYPE when set")
     device: str = Field("auto", description="auto | cpu | cuda")
     chunk_states: int = Field(64, ge=1, description="states per resumable part file")
     candidates: str = Field("data/candidates.parquet", description="candidate table (stage candidates)")
@@ -213,9 +210,7 @@ class EmbedParams(Section):
 
 
 class FinetuneParams(Section):
-    """params.yaml section ``finetune`` (to move into digiq/config.py)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    """The `finetune` section of params.yaml."""
 
     mode: Literal["lora", "full"] = Field("lora", description="lora: LoRA adapters on the language model + the projector; full: every language-model and projector weight (small default only)")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
@@ -223,17 +218,17 @@ class FinetuneParams(Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     target_modules: str | list[str] = Field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", description="LoRA targets: module-name regex or list of names (language model only; the vision tower stays frozen)")
     marker: Literal["patch", "draw", "none"] = Field("patch", description="how a tap's location enters the prompt: 'patch' (the projected patch under the point, no re-encoding) or 'none'")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (1e-3 and 3e-3 collapsed to one class in epoch 1 on realmini60)")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    epochs: int = Field(4, ge=1, description="passes over the training split (default data, held-out balanced accuracy after epochs 1-6: 0.592, 0.780, 0.790, 0.856, 0.833, 0.849, linear probe 0.778; prompted image_first: 0.602, 0.691, 0.755, 0.789 for epochs 1-4, probe 0.781)")
+    epochs: int = Field(4, ge=1, description="passes over the training split")
     batch_size: int = Field(16, ge=1, description="transitions per optimizer step")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of trajectories held out for validation (split by trajectory)")
     seed: int = Field(0, ge=0, description="seeds the split, LoRA init and batch order")
     probe_layer: int = Field(2, description="hidden_states layer of the frozen off-the-shelf model for the linear-probe baseline (last token of the prompt)")
     checkpoint_every: int = Field(20, ge=1, description="optimizer steps between checkpoints (plus one per epoch)")
     checkpoint_dir: str = Field("models/finetune-ckpt", description="checkpoint folder (resume after an interruption)")
-    max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time (the default run trains for ~5 min on 2 bf16 cores); a run that hits it stops, says so and records completed: false")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto = bf16 autocast where faster here (fp32 master weights)")
+    max_train_seconds: float = Field(1800.0, gt=0, description="safety cap on training wall time: a run that hits it stops, says so and records completed: false")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype (autocast over float32 master weights); auto: bf16 where the hardware has bf16 instructions, else float32, or $DIGIQ_DTYPE when set")
     device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N; under accelerate launch each process takes its own GPU")
     base_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage dtype of the frozen base weights (bfloat16 halves a 7B model's memory; LoRA mode only, the trained weights stay float32)")
     out: str = Field("models/finetuned", description="output folder: merged model + adapter/ + README.md")

@@ -1,25 +1,15 @@
-"""Frozen features: f(s) for every state and f(s, a) for every candidate action, from a frozen VLM.
+"""The embed job: frozen features f(s) and f(s, a) (:mod:`digiq.extractor`) of every state and candidate action of a
+dataset, written as the two embedding tables.
 
-    extractor = VLMExtractor(load_vlm("models/finetuned"), layer=2, pooling="last")
     run = embed_dataset(Dataset("data/raw"), candidates_table, extractor, out="data/embeddings/finetuned",
                         parts="data/embeddings/.parts/finetuned", model_hash=model_hash("models/finetuned"))
-
-What is computed (Digi-Q §4.2, DESIGN §1.3):
-
-- f(s)    = pool_ℓ( LM( [image tokens(s)] + state_prompt(goal, observation) ) )
-- f(s, a) = pool_ℓ( LM( [image tokens(s)] + prompt(goal, observation, a) ) ),  the action's tap point entering as
-  the image token of the patch under it (``marker="patch"``: the screenshot is encoded once per state);
-  ``pool_ℓ`` = the last token (``pooling="last"``) or the mean over tokens (``"mean"``) of hidden layer ℓ.
-- ``no_vlm`` (ablation, :class:`VisionOnlyExtractor`): the raw vision-tower features, no language model:
-  f(s) = mean over patches of v(s);  f(s, a) = mean(v(s)) ⊕ v(s)[patch under a's first point] (zeros when the
-  action has no point) ⊕ enc(a), enc(a) = one-hot(kind, 7) ⊕ (touch y, x, lift y, x) ⊕ a 16-bucket hashed
-  character-trigram bag of the typed text (L2-normalised).
 
 Work is done once per input: each screenshot is encoded once per chunk (by content hash), states with the
 same (screenshot, goal, observation) share one f(s), and duplicate candidates (the same canonical action
 string in a state) share one f(s, a). Output is written per chunk of states (``parts/``, each file atomic);
 a rerun with the same fingerprint skips finished chunks, then the parts are merged into
-``states.parquet`` + ``candidates.parquet`` (the contract read by the Feast repository).
+``states.parquet`` + ``candidates.parquet`` (the contract read by the Feast repository). Under ``accelerate
+launch`` the processes share the chunks and the main one merges them.
 """
 
 from __future__ import annotations
@@ -28,11 +18,11 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,17 +30,13 @@ import pyarrow.parquet as pq
 
 from digiq.actions import parse_action
 from digiq.errors import DigiqError
+from digiq.extractor import Elements, Extractor
+from digiq.progress import progress_bar
 
 if TYPE_CHECKING:
-    import torch
-    from PIL import Image
-
     from digiq.parallel import Ranks
     from digiq.schema import Action
     from digiq.store import Dataset
-    from digiq.vlm.model import VLM
-
-Elements = list[dict[str, Any]] | None  # the DOM elements of a state (what a tap lands on), when known
 
 # Deterministic event timestamps: EMBED_EPOCH + step_id seconds (EMBED_EPOCH = pipelines.features.FEATURE_EPOCH).
 EMBED_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -58,8 +44,6 @@ STATES_FILE = "states.parquet"
 CANDIDATES_FILE = "candidates.parquet"
 MANIFEST_FILE = "embedding.json"  # the run's settings and vector sizes (dim_state, dim_candidate)
 PARTS_MANIFEST = "fingerprint.json"
-ACTION_KINDS = ("tap", "swipe", "type", "press_enter", "press_back", "press_home", "complete")
-TEXT_BUCKETS = 16
 DEGENERATE_TOL = 1e-6  # relative: f(s, ·) within this of one row for all distinct actions = degenerate
 
 
@@ -78,157 +62,6 @@ def candidates_schema(d: int) -> pa.Schema:
 
 def event_timestamp(step_id: int) -> datetime:
     return EMBED_EPOCH + timedelta(seconds=int(step_id))
-
-
-def model_hash(path: str | Path, extra: str = "") -> str:
-    """sha256 (hex, 16 chars) of a checkpoint folder's config and weight files (+ ``extra``, e.g. the variant)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in {".safetensors", ".bin"} or p.name in {
-        "config.json", "adapter_config.json"}))
-    if not files:
-        raise DigiqError("no config.json / weight files to hash", file=path)
-    h = hashlib.sha256(extra.encode())
-    for file in files:
-        h.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- extractors
-
-class Extractor(Protocol):
-    """Turns screenshots + text into f(s) and f(s, a)."""
-
-    dim_state: int
-    dim_candidate: int
-    reads_elements: bool  # whether states() and candidates() use the DOM elements (else they may be None)
-
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor: ...  # one row per screenshot
-
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
-               elements: Sequence[Elements] | None = None) -> np.ndarray: ...
-
-    def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray: ...
-
-
-class VLMExtractor:
-    """f(s), f(s, a) from hidden layer ``layer`` of a LLaVA-style VLM (shared-prefix cached, screenshot encoded once)."""
-
-    def __init__(self, vlm: VLM, layer: int = 2, pooling: str = "last", batch_size: int = 64):
-        self.vlm, self.layer, self.pooling, self.batch_size = vlm, layer, pooling, batch_size
-        self.dim_state = self.dim_candidate = int(vlm.hidden_size)
-        self.reads_elements = vlm.reading.reads_elements
-
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.vlm.encode_images(list(images), batch_size=self.batch_size)
-
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
-               elements: Sequence[Elements] | None = None) -> np.ndarray:
-        from digiq.vlm.prompts import state_prompt
-
-        import torch
-
-        pages = elements if elements is not None else [None] * len(goals)
-        prompts = [state_prompt(g, self.vlm.reading.observation(o, e), self.vlm.prompt_order)
-                   for g, o, e in zip(goals, observations, pages, strict=True)]
-        with torch.inference_mode():
-            out = self.vlm.forward_features(tokens, prompts, layer=self.layer, pooling=self.pooling,
-                                            batch_size=self.batch_size)
-        return out.float().cpu().numpy()
-
-    def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray:
-        from digiq.vlm.prompts import build_prompts
-
-        import torch
-
-        prompts = build_prompts(goal, self.vlm.reading.observation(observation, elements), actions,
-                                self.vlm.reading.targets(actions, elements), marker="patch", order=self.vlm.prompt_order)
-        with torch.inference_mode():
-            out = self.vlm.forward_features(tokens, prompts, actions, layer=self.layer, pooling=self.pooling,
-                                            image_sizes=[size], batch_size=self.batch_size)
-        return out.float().cpu().numpy()
-
-
-class VisionOnlyExtractor:
-    """The "no VLM representation" ablation: raw vision-tower patch features (before the projector), no LM."""
-
-    def __init__(self, vlm: VLM, batch_size: int = 64):
-        self.vlm, self.batch_size = vlm, batch_size
-        self.dim_vision = int(vlm.config.vision_config.hidden_size) * (
-            1 if isinstance(vlm.feature_layer, int) else len(vlm.feature_layer))
-        self.dim_state = self.dim_vision
-        self.dim_candidate = 2 * self.dim_vision + len(ACTION_KINDS) + 4 + TEXT_BUCKETS
-        self.reads_elements = False
-
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        import torch
-
-        parts = [self.vlm.vision_features(list(images[i:i + self.batch_size]))
-                 for i in range(0, len(images), self.batch_size)]
-        return torch.cat(parts).float()
-
-    def states(self, tokens: torch.Tensor, goals: Sequence[str], observations: Sequence[str],
-               elements: Sequence[Elements] | None = None) -> np.ndarray:
-        return self._patches(tokens).mean(1).cpu().numpy()
-
-    def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
-                   actions: Sequence[Action], elements: Elements = None) -> np.ndarray:
-        from digiq.vlm.inputs import action_points, patch_grid, patch_index, square_point
-
-        patches = self._patches(tokens)[0].cpu().numpy()  # [n, dv]
-        grid, offset = patch_grid(tokens.shape[1], self.vlm.strategy)
-        mean = patches.mean(0)
-        rows = []
-        for action in actions:
-            points = action_points(action)
-            under = (patches[patch_index(square_point(points[0], size), grid)] if points
-                     else np.zeros(self.dim_vision, np.float32))
-            rows.append(np.concatenate([mean, under, action_encoding(action)]))
-        return np.stack(rows).astype(np.float32)
-
-    def _patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        offset = 1 if self.vlm.strategy == "full" else 0
-        return tokens[:, offset:]
-
-
-def build_extractor(variant: str, model_path: str | Path, *, layer: int, pooling: str, batch_size: int = 64,
-                    dtype: str = "auto", device: str = "auto") -> tuple[Extractor, str, str]:
-    """(extractor, model hash, dtype name) of an embedding variant — the one recipe shared by the embed stage and
-    the live featurizer of online evaluation, so that both compute the same f(s) and f(s, a)."""
-    from digiq.vlm import load_vlm
-
-    vlm = load_vlm(model_path, dtype=dtype, device=device)
-    dtype_name = str(vlm.dtype).removeprefix("torch.")
-    if variant == "no_vlm":
-        return VisionOnlyExtractor(vlm, batch_size=batch_size), model_hash(model_path, extra="no_vlm"), dtype_name
-    return VLMExtractor(vlm, layer, pooling, batch_size), model_hash(model_path), dtype_name
-
-
-def featurize(extractor: Extractor, image: Image.Image, goal: str, observation: str,
-              actions: Sequence[Action], elements: Elements = None) -> tuple[np.ndarray, np.ndarray]:
-    """f(s) [d_s] and f(s, a_k) [K, d_sa] of one state, its screenshot encoded once (as :func:`embed_chunk` does)."""
-    tokens = extractor.encode([image])
-    f_s = extractor.states(tokens, [goal], [observation], [elements])[0]
-    return f_s, extractor.candidates(tokens, image.size, goal, observation, actions, elements)
-
-
-def action_encoding(action: Action) -> np.ndarray:
-    """one-hot(kind) ⊕ (touch y, x, lift y, x) ⊕ hashed character-trigram bag of the typed text (L2-normalised)."""
-    kind = np.zeros(len(ACTION_KINDS), np.float32)
-    kind[ACTION_KINDS.index(action.kind)] = 1.0
-    touch = action.touch_point if action.touch_point is not None else (0.0, 0.0)
-    lift = action.lift_point if action.lift_point is not None else (0.0, 0.0)
-    text = np.zeros(TEXT_BUCKETS, np.float32)
-    padded = f"  {action.typed_text or ''} "
-    for i in range(len(padded) - 2) if action.typed_text else ():
-        bucket = hashlib.sha256(padded[i:i + 3].encode()).digest()[0] % TEXT_BUCKETS
-        text[bucket] += 1.0
-    norm = float(np.linalg.norm(text))
-    return np.concatenate([kind, np.array([*touch, *lift], np.float32), text / norm if norm else text])
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -436,6 +269,21 @@ def fingerprint(steps: list[dict[str, Any]], cands: dict, settings: dict[str, An
     return h.hexdigest()
 
 
+def read_candidate_table(path: str | Path) -> pa.Table:
+    """The candidate table (``traj_id, step_id, cand_idx, action``…), or one DigiqError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DigiqError("missing candidate table (run `digiq candidates` first)", file=path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DigiqError(f"unreadable Parquet file ({exc})", file=path) from None
+    missing = [c for c in ("traj_id", "step_id", "cand_idx", "action") if c not in table.column_names]
+    if missing:
+        raise DigiqError("missing column", file=path, field=missing[0])
+    return table
+
+
 def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, out: str | Path, parts: str | Path,
                   *, model_hash: str, layer: int, chunk_states: int = 64, settings: dict[str, Any] | None = None,
                   candidates_file: str | Path = "candidates", progress: bool = False,
@@ -450,11 +298,9 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
     chunks into the shared ``parts`` folder; after a barrier the main process merges all chunks by index — the
     same files as a one-process run — and the other processes return (with the summed counts).
     """
-    from digiq.atomic import atomic_path, write_json
     from digiq.parallel import Ranks
 
     ranks = ranks or Ranks()
-
     if chunk_states < 1:
         raise DigiqError(f"must be ≥ 1, got {chunk_states}", field="chunk_states")
     columns = ["traj_id", "step_id", "goal", "observation", "screenshot", "screenshot_sha256", "action", "elements"]
@@ -462,35 +308,16 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
     cands = candidate_lists(candidates)
     check_candidate_coverage(steps, cands, candidates_file)
     parts = Path(parts)
-    stamp = fingerprint(steps, cands, {**(settings or {}), "model_hash": model_hash, "layer": layer,
-                                       "chunk_states": chunk_states, "dims": [extractor.dim_state,
-                                                                              extractor.dim_candidate]})
+    settings = {**(settings or {}), "model_hash": model_hash, "layer": layer}
+    stamp = fingerprint(steps, cands, {**settings, "chunk_states": chunk_states,
+                                       "dims": [extractor.dim_state, extractor.dim_candidate]})
     if ranks.is_main:
         _prepare_parts(parts, stamp)
     ranks.barrier()
     chunks = [steps[i:i + chunk_states] for i in range(0, len(steps), chunk_states)]
-    mine = range(*ranks.span(len(chunks)))
     started = time.perf_counter()
-    computed = images = resumed = 0
-    with _Progress(sum(len(chunks[c]) for c in mine), progress and ranks.is_main) as bar:
-        for c in mine:
-            chunk = chunks[c]
-            s_path, c_path = parts / f"states-{c:06d}.parquet", parts / f"candidates-{c:06d}.parquet"
-            if s_path.is_file() and c_path.is_file():
-                resumed += 1
-                bar.advance(len(chunk), 0, started)
-                continue
-            result = embed_chunk(dataset, chunk, cands, extractor, model_hash, layer)
-            check_embeddings(result.states, result.candidates, extractor.dim_state, extractor.dim_candidate,
-                             file=dataset.root)
-            for path, table in ((c_path, result.candidates), (s_path, result.states)):
-                with atomic_path(path) as tmp:
-                    pq.write_table(table, tmp)
-            computed += result.computed
-            images += result.images
-            bar.advance(len(chunk), computed, started)
-            if on_chunk is not None:
-                on_chunk(c)
+    computed, images, resumed = _embed_chunks(dataset, chunks, range(*ranks.span(len(chunks))), cands, extractor,
+                                              parts, settings, progress=progress and ranks.is_main, on_chunk=on_chunk)
     ranks.barrier()
     seconds = time.perf_counter() - started
     computed, images, resumed = (sum(n) for n in zip(*ranks.gather((computed, images, resumed)), strict=True))
@@ -498,23 +325,62 @@ def embed_dataset(dataset: Dataset, candidates: pa.Table, extractor: Extractor, 
                    computed=computed, images=images, seconds=seconds, chunks=len(chunks), resumed_chunks=resumed,
                    dim_state=extractor.dim_state, dim_candidate=extractor.dim_candidate,
                    extra={"processes": ranks.num} if ranks.num > 1 else {})
-    if not ranks.is_main:
-        return run  # the main process merges and writes
-    states_t = pa.concat_tables([pq.read_table(parts / f"states-{c:06d}.parquet") for c in range(len(chunks))])
-    cands_t = pa.concat_tables([pq.read_table(parts / f"candidates-{c:06d}.parquet") for c in range(len(chunks))])
+    if ranks.is_main:  # the other processes leave merging and writing to it
+        _merge_parts(parts, run, Path(out), {**settings, "dim_state": run.dim_state, "dim_candidate": run.dim_candidate})
+    return run
+
+
+def _chunk_files(parts: Path, c: int) -> tuple[Path, Path]:
+    return parts / f"states-{c:06d}.parquet", parts / f"candidates-{c:06d}.parquet"
+
+
+def _embed_chunks(dataset: Dataset, chunks: list[list[dict[str, Any]]], mine: range, cands: dict,
+                  extractor: Extractor, parts: Path, settings: dict[str, Any], *, progress: bool,
+                  on_chunk: Callable[[int], None] | None) -> tuple[int, int, int]:
+    """Embed this process's chunks ``mine`` into ``parts``, skipping finished ones: (computed, images, resumed)."""
+    from digiq.atomic import atomic_path
+
+    computed = images = resumed = 0
+    started = time.perf_counter()
+    with progress_bar("embed", total=sum(len(chunks[c]) for c in mine), enabled=progress, unit="states",
+                      status="{rate}", rate="") as bar:
+        for c in mine:
+            s_path, c_path = _chunk_files(parts, c)
+            if s_path.is_file() and c_path.is_file():
+                resumed += 1
+                bar.advance(len(chunks[c]))
+                continue
+            result = embed_chunk(dataset, chunks[c], cands, extractor, settings["model_hash"], settings["layer"])
+            check_embeddings(result.states, result.candidates, extractor.dim_state, extractor.dim_candidate,
+                             file=dataset.root)
+            for path, table in ((c_path, result.candidates), (s_path, result.states)):
+                with atomic_path(path) as tmp:
+                    pq.write_table(table, tmp)
+            computed += result.computed
+            images += result.images
+            bar.advance(len(chunks[c]), rate=f"{computed / max(time.perf_counter() - started, 1e-9):.0f} samples/s")
+            if on_chunk is not None:
+                on_chunk(c)
+    return computed, images, resumed
+
+
+def _merge_parts(parts: Path, run: EmbedRun, out: Path, manifest: dict[str, Any]) -> None:
+    """Concatenate every chunk by index, check the whole, write ``out`` atomically and remove ``parts``."""
+    from digiq.atomic import atomic_path, write_json
+
+    files = [_chunk_files(parts, c) for c in range(run.chunks)]
+    states_t = pa.concat_tables([pq.read_table(s) for s, _ in files])
+    cands_t = pa.concat_tables([pq.read_table(c) for _, c in files])
     if states_t.num_rows != run.states or cands_t.num_rows != run.candidates:
         raise DigiqError(f"merged parts have {states_t.num_rows} states / {cands_t.num_rows} candidates, expected "
                          f"{run.states} (delete {parts} and rerun)", file=parts)
-    check_embeddings(states_t, cands_t, extractor.dim_state, extractor.dim_candidate, file=parts)
-    with atomic_path(Path(out)) as tmp:
+    check_embeddings(states_t, cands_t, run.dim_state, run.dim_candidate, file=parts)
+    with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         pq.write_table(states_t, tmp / STATES_FILE)
         pq.write_table(cands_t, tmp / CANDIDATES_FILE)
-        write_json(tmp / MANIFEST_FILE, {"model_hash": model_hash, "layer": layer, **(settings or {}),
-                                            "dim_state": extractor.dim_state,
-                                            "dim_candidate": extractor.dim_candidate})
+        write_json(tmp / MANIFEST_FILE, manifest)
     shutil.rmtree(parts, ignore_errors=True)
-    return run
 
 
 def _prepare_parts(parts: Path, stamp: str) -> None:
@@ -532,30 +398,3 @@ def _prepare_parts(parts: Path, stamp: str) -> None:
     parts.mkdir(parents=True, exist_ok=True)
     if not manifest.is_file():
         write_json(manifest, {"fingerprint": stamp})
-
-
-class _Progress:
-    """A rich progress bar over states, showing computed samples/s (silent when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self._progress: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("states"),
-                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task("embed", total=self.total, rate="")
-        return self
-
-    def advance(self, n: int, computed: int, started: float) -> None:
-        if self._progress is not None:
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            self._progress.update(self._task, advance=n, rate=f"{computed / elapsed:.0f} samples/s")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()

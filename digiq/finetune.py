@@ -8,26 +8,26 @@ tokens only::
     L = - Σ_i w_{y_i} log softmax(z_i)[y_i] / Σ_i w_{y_i},      w_c = n / (2 n_c)   (class balancing)
 
 - The vision tower is frozen (as LLaVA-1.5 fine-tuning keeps it): its features are computed **once per distinct
-  screenshot** and cached; each step runs only the projector + language model (DESIGN §6).
+  screenshot** and cached; each step runs only the projector + language model.
 - What trains: LoRA adapters on the language model plus the projector (``modules_to_save``; it is random in the
   default model), or — ``mode="full"`` — every language-model and projector weight.
 - Train/validation split **by trajectory** (seeded), so no episode sits on both sides.
 - Each epoch's batch order comes from ``(seed, epoch)`` and the RNG state is checkpointed, so a run interrupted
   at any checkpoint and resumed ends with exactly the metrics of an uninterrupted run.
-- bf16 runs as autocast over fp32 master weights (where :func:`digiq.runtime.choose_dtype` finds it faster).
+- bf16 runs as autocast over fp32 master weights (the compute dtype of :func:`digiq.runtime.resolve_dtype`).
 - Data-parallel under ``accelerate launch`` (``ranks`` of several processes, :mod:`digiq.parallel`): the vision
   cache, the probe features and validation are computed in contiguous shares of whole batches and gathered; each
   training batch is split across the processes and the model is wrapped in DDP by ``Accelerator.prepare`` (gloo on
   CPU), the per-process loss scaled so that the averaged gradient is the whole batch's — the same optimizer steps
   as one process, up to float summation order. Only the main process writes checkpoints.
 
-The library knows nothing of DVC or file layouts; :mod:`digiq.pipelines.finetune` wires params and outputs.
+One whole run (examples, split, vision cache, the linear-probe baseline, training, metrics) is
+:func:`digiq.finetune_job.finetune`; the library knows nothing of DVC or file layouts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +43,7 @@ from digiq.parallel import Ranks
 if TYPE_CHECKING:
     import torch
 
+    from digiq.config import FinetuneParams
     from digiq.store import Dataset
     from digiq.vlm.model import VLM
     from digiq.vlm.prompts import PageReading
@@ -187,49 +188,31 @@ def vision_cache(vlm: VLM, dataset: Dataset, images: Sequence[tuple[str, str]], 
     return torch.cat(ranks.gather_list(chunks))
 
 
-@dataclass(frozen=True)
-class TrainSpec:
-    """What trains and how (the library's view of FinetuneParams)."""
-
-    mode: str = "lora"  # "lora" (adapters + projector) or "full" (language model + projector)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: str | list[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    epochs: int = 3
-    batch_size: int = 16
-    seed: int = 0
-    checkpoint_every: int = 20  # optimizer steps between checkpoints (and one at each epoch end)
-    max_train_seconds: float = 600.0  # safety cap: stop training (and say so) after this long
-
-
-def make_trainable(vlm: VLM, spec: TrainSpec) -> Any:
+def make_trainable(vlm: VLM, config: FinetuneParams) -> Any:
     """Wrap/unfreeze ``vlm.model`` for training; the vision tower always stays frozen. Returns the model to train."""
     import torch
 
-    if spec.mode == "lora":
+    if config.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                            target_modules=spec.target_modules, modules_to_save=["multi_modal_projector"])
-        torch.manual_seed(spec.seed)  # LoRA A matrices are random
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules, modules_to_save=["multi_modal_projector"])
+        torch.manual_seed(config.seed)  # LoRA A matrices are random
         try:
-            model = get_peft_model(vlm.model, config)
+            model = get_peft_model(vlm.model, lora)
         except ValueError as exc:
             if "target modules" not in str(exc).lower():
                 raise
-            raise DigiqError(f"{spec.target_modules!r} matches no module; the language model's linear layers are "
+            raise DigiqError(f"{config.target_modules!r} matches no module; the language model's linear layers are "
                              f"named {', '.join(language_linear_names(vlm.model))}", field="target_modules") from None
-    elif spec.mode == "full":
+    elif config.mode == "full":
         model = vlm.model
         for name, p in model.named_parameters():
             p.requires_grad_("vision_tower" not in name)
     else:
-        raise DigiqError(f"unknown mode {spec.mode!r} (expected lora or full)", field="mode")
+        raise DigiqError(f"unknown mode {config.mode!r} (expected lora or full)", field="mode")
     if not any(p.requires_grad for p in model.parameters()):
-        raise DigiqError(f"no parameter matches {spec.target_modules!r}", field="target_modules")
+        raise DigiqError(f"no parameter matches {config.target_modules!r}", field="target_modules")
     for p in model.parameters():  # a bf16-stored frozen base: what trains keeps fp32 master weights
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -267,16 +250,16 @@ class Trainer:
     checkpoint with the same ``fingerprint``."""
 
     def __init__(self, vlm: VLM, model: Any, features: torch.Tensor, examples: Examples, train_idx: np.ndarray,
-                 val_idx: np.ndarray, spec: TrainSpec, dtype: torch.dtype, *, fingerprint: str = "",
+                 val_idx: np.ndarray, config: FinetuneParams, dtype: torch.dtype, *, fingerprint: str = "",
                  checkpoint_dir: str | Path | None = None, ranks: Ranks | None = None):
         import torch
 
         self.vlm, self.model, self.features, self.ex = vlm, model, features, examples
-        self.train_idx, self.val_idx, self.spec, self.dtype = train_idx, val_idx, spec, dtype
+        self.train_idx, self.val_idx, self.config, self.dtype = train_idx, val_idx, config, dtype
         self.fingerprint = fingerprint
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.weights = torch.tensor(class_weights(examples.labels[train_idx]), dtype=torch.float32, device=vlm.device)
         self.state = TrainState()
         self.ranks = ranks or Ranks()
@@ -346,13 +329,13 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's shuffled training batches, a function of (seed, epoch) only."""
-        order = np.random.default_rng([self.spec.seed, epoch]).permutation(self.train_idx)
-        return [order[i:i + self.spec.batch_size] for i in range(0, len(order), self.spec.batch_size)]
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(self.train_idx)
+        return [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
 
     # -- the loop
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None,
             progress: Callable[[int], None] | None = None, stop_after_steps: int | None = None) -> bool:
-        """Train to ``spec.epochs`` (resuming from the checkpoint when there is one). ``on_epoch(metrics)`` gets
+        """Train to ``config.epochs`` (resuming from the checkpoint when there is one). ``on_epoch(metrics)`` gets
         each epoch's metrics (replayed for epochs finished before a resume). Returns False when stopped early
         (``stop_after_steps``, a test hook, or ``max_train_seconds``)."""
         import torch
@@ -362,7 +345,7 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(past)
         started = time.perf_counter() - self.state.seconds
-        while self.state.epoch < self.spec.epochs:
+        while self.state.epoch < self.config.epochs:
             batches = self.epoch_batches(self.state.epoch)
             while self.state.batch < len(batches):
                 loss = self.train_step(batches[self.state.batch])
@@ -371,12 +354,12 @@ class Trainer:
                 s.seconds = time.perf_counter() - started
                 if progress is not None:
                     progress(len(batches[s.batch - 1]))
-                if s.step % self.spec.checkpoint_every == 0:
+                if s.step % self.config.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and s.step >= stop_after_steps:
                     self.save()
                     return False
-                if self.ranks.broadcast(s.seconds > self.spec.max_train_seconds):  # the main process decides
+                if self.ranks.broadcast(s.seconds > self.config.max_train_seconds):  # the main process decides
                     self.save()
                     return False
             metrics = self.end_epoch()
@@ -437,48 +420,3 @@ class Trainer:
         self.state = TrainState(int(epoch), int(batch), int(step), float(loss_sum), int(loss_batches),
                                 [dict(zip(k, v, strict=True)) for k, v in blob["history"]], float(seconds))
         return True
-
-
-# ---------------------------------------------------------------------------- the linear probe
-def probe_features(vlm: VLM, features: torch.Tensor, examples: Examples, layer: int, dtype: torch.dtype,
-                   batch_size: int = 64, ranks: Ranks | None = None) -> np.ndarray:
-    """f(s, a) of the frozen model: the last token's hidden state at ``layer`` for every example, float32 (by the
-    processes of ``ranks`` in shares of whole batches, then gathered)."""
-    import torch
-
-    ranks = ranks or Ranks()
-    out = []
-    with torch.no_grad(), autocast(dtype, vlm.device):
-        for start in range(*ranks.span(len(examples), batch_size), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(examples)))
-            tokens = vlm.project(features[examples.image[rows]].to(vlm.device))
-            out.append(vlm.forward_features(tokens, [examples.prompts[i] for i in rows],
-                                            [examples.actions[i] for i in rows], layer=layer,
-                                            image_sizes=[examples.sizes[i] for i in rows]).float().cpu().numpy())
-    return np.concatenate(ranks.gather_list(out))
-
-
-def linear_probe(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                 seed: int = 0) -> dict[str, float]:
-    """Class-balanced logistic regression on standardised frozen features: held-out accuracy/balanced accuracy."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(set(y[train_idx])) < 2:
-        return {"accuracy": float("nan"), "balanced_accuracy": float("nan")}
-    clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
-                                                             random_state=seed))
-    clf.fit(x[train_idx], y[train_idx])
-    return classification_metrics(y[val_idx], clf.predict(x[val_idx]))
-
-
-# ---------------------------------------------------------------------------- fingerprints
-def file_digest(paths: Sequence[str | Path]) -> str:
-    """sha256 over the bytes of ``paths`` (in the given order)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

@@ -1,18 +1,20 @@
 """Run-time choices that depend on the machine: dtype, threads, seeds, cache folder.
 
-DESIGN §6: CPUs differ between machines of the same kind. On one, bf16 matmuls are faster than fp32
-(avx512_bf16 / AMX); on another (AVX2 only) a bf16 matmul is orders of magnitude slower. So the dtype
-is chosen at run time — from the CPU flags and a short micro-benchmark — and never hard-coded.
+CPUs differ between machines of the same kind. On one, bf16 matmuls are faster than fp32 (AMX, avx512_bf16); on
+another (AVX2 only) a bf16 matmul is orders of magnitude slower. So ``dtype: auto`` is resolved once per run from
+the hardware (:func:`resolve_dtype`), never hard-coded, and the run records what it chose and why.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from digiq.errors import DigiqError
 
 if TYPE_CHECKING:
     import torch
@@ -51,73 +53,79 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def choose_dtype(device: str = "auto", *, budget_s: float = 1.0) -> torch.dtype:
-    """Pick the inference dtype for ``device`` at run time.
+DTYPE_ENV = "DIGIQ_DTYPE"  # float32 | bfloat16: the compute dtype wherever a setting says "auto"
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
-    - CUDA: bf16 where the GPU supports it, else fp16.
-    - CPU: fp32 unless bf16 matmuls measure faster here. With neither ``avx512_bf16`` nor ``amx_bf16``
-      in the CPU flags bf16 is never picked (DESIGN §6: minutes for one matmul on an AVX2 EPYC);
-      with them, a ~``budget_s`` micro-benchmark (the same matmul in both dtypes, in a worker thread with a
-      deadline so a pathologically slow bf16 kernel cannot hang us) decides. The answer is cached per process.
+
+@dataclass(frozen=True)
+class ComputeDtype:
+    """A run's compute dtype and why it is that one (recorded in metrics and model cards)."""
+
+    name: str  # float32 | bfloat16 | float16
+    reason: str  # e.g. "auto: cpu has amx_bf16", "DIGIQ_DTYPE=float32", "finetune.dtype: bfloat16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)
+
+
+def resolve_dtype(requested: str = "auto", device: str = "auto", *, setting: str = "dtype") -> ComputeDtype:
+    """The compute dtype of a run: the setting when it names one, else ``$DIGIQ_DTYPE``, else the machine's.
+
+    The machine's choice depends on its hardware only, never on a timing, so that a busy machine computes (and
+    hashes) what an idle one does:
+
+    - CUDA: bf16 where the GPU supports it, else fp16;
+    - CPU: bf16 where the CPU has bf16 instructions (``amx_bf16`` or ``avx512_bf16`` in its flags), else fp32:
+      without them a bf16 matmul is far slower than fp32 (docs/benchmarks.md);
+    - any other device: fp32.
     """
-    import torch
-
+    if requested != "auto":
+        name = dtype_name(requested)
+        return ComputeDtype(name, f"{setting}: {name}")
+    env = os.environ.get(DTYPE_ENV)
+    if env:
+        name = _DTYPE_NAMES.get(env.lower())
+        if name not in ("float32", "bfloat16"):
+            raise DigiqError(f"expected float32 or bfloat16, got {env!r}", field=DTYPE_ENV)
+        return ComputeDtype(name, f"{DTYPE_ENV}={env}")
     device = resolve_device(device)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return ComputeDtype("bfloat16", "auto: the GPU supports bf16")
+        return ComputeDtype("float16", "auto: the GPU lacks bf16")
     if device != "cpu":
-        return torch.float32
-    return _cpu_dtype(round(budget_s, 3))
+        return ComputeDtype("float32", f"auto: {device}")
+    found = sorted(BF16_CPU_FLAGS & cpu_flags())
+    if found:
+        return ComputeDtype("bfloat16", f"auto: cpu has {' and '.join(found)}")
+    return ComputeDtype("float32", "auto: cpu has no bf16 instructions (amx_bf16, avx512_bf16)")
 
 
-def dtype_from_name(name: str | torch.dtype, device: str = "auto") -> torch.dtype:
-    """``"auto"`` → :func:`choose_dtype`; ``"fp32"``/``"float32"``/``"bf16"``/… → that dtype."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return choose_dtype(device)
+def dtype_name(name: str) -> str:
+    """``"bf16"``, ``"bfloat16"``… → ``"bfloat16"`` (the torch name); an unknown name is a ValueError."""
     try:
-        return getattr(torch, _DTYPE_NAMES[name.lower()])
+        return _DTYPE_NAMES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r} (expected auto, float32, bfloat16 or float16)") from None
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_dtype(budget_s: float) -> torch.dtype:
+def choose_dtype(device: str = "auto") -> torch.dtype:
+    """The dtype ``"auto"`` resolves to on ``device`` (:func:`resolve_dtype`)."""
+    return resolve_dtype("auto", device).torch
+
+
+def dtype_from_name(name: str | torch.dtype, device: str = "auto") -> torch.dtype:
+    """``"auto"`` → :func:`resolve_dtype`'s choice; ``"fp32"``/``"float32"``/``"bf16"``/… → that dtype."""
     import torch
 
-    flags = cpu_flags()
-    if not ({"avx512_bf16", "amx_bf16"} & flags):
-        return torch.float32
-    fp32 = _matmul_rate(torch.float32, budget_s / 2)
-    bf16 = _matmul_rate(torch.bfloat16, budget_s / 2)
-    return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
-
-
-def _matmul_rate(dtype: torch.dtype, budget_s: float, n: int = 512) -> float:
-    """Matmuls per second of an n×n matmul in ``dtype`` (0.0 when one does not finish within the budget)."""
-    import threading
-
-    import torch
-
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    result: dict[str, float] = {}
-
-    def work() -> None:
-        torch.mm(a, b)  # warm-up (kernel selection, packing)
-        start, count = time.perf_counter(), 0
-        while time.perf_counter() - start < budget_s:
-            torch.mm(a, b)
-            count += 1
-        result["rate"] = count / (time.perf_counter() - start)
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    worker.join(timeout=budget_s * 4 + 1.0)
-    return result.get("rate", 0.0)
+    if isinstance(name, torch.dtype):
+        return name
+    return resolve_dtype(name, device).torch
 
 
 def set_threads(n: int | None = None) -> int:

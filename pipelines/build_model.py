@@ -1,6 +1,6 @@
 """Stage `model build`: write the embedded default VLM (a Hugging Face checkpoint folder) atomically.
 
-Deterministic: the same image size and seed give byte-identical weights, so DVC caches the output.
+Deterministic: the same settings give byte-identical weights, so DVC caches the output.
 """
 
 from __future__ import annotations
@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from digiq.config import Params
 
-def run(out: Path, image_size: int = 112, seed: int = 0, prompt_order: str = "image_first", text_model: str = "llama",
-        tap_target: bool = False, field_values: bool = False) -> dict:
-    """Build the default VLM into ``out`` (replaced atomically) and return its build record."""
+
+def run(params: Params, *, progress: bool = False) -> dict:
+    """Build the default VLM into ``model.base`` (replaced atomically) and return its build record."""
     from digiq.runtime import set_threads
     from digiq.vlm.build import BUILD_FILE, build_default_vlm
 
+    m = params.model
     set_threads()
-    path = build_default_vlm(Path(out), image_size=image_size, seed=seed, prompt_order=prompt_order,
-                              text_model=text_model, tap_target=tap_target, field_values=field_values)
+    path = build_default_vlm(Path(m.base), image_size=m.image_size, seed=m.seed, prompt_order=m.prompt_order,
+                             text_model=m.text_model, tap_target=m.tap_target, field_values=m.field_values)
     return json.loads((path / BUILD_FILE).read_text())

@@ -22,10 +22,12 @@ import pytest
 import yaml
 from test_candidates import write_tiny_dataset
 from test_finetune import base, data  # noqa: F401 - module fixtures: the tiny LLaVA and the labelled dataset
+from test_finetune import run as finetune
 from tiny_llava import save_tiny_llava
 
 from digiq import candidates as C
 from digiq import embed as E
+from digiq.config import EmbedParams, Params
 from digiq.pipelines import embed as stage
 
 pytestmark = pytest.mark.slow
@@ -70,11 +72,11 @@ def test_embed_two_processes_equal_one(tmp_path):
                 "dtype": "float32", "device": "auto", "chunk_states": 2}
 
     started = time.perf_counter()
-    stage.run(dataset.root, stage.EmbedParams(**section("one")))
+    stage.run(Params(collect={"out": str(dataset.root)}, embed=EmbedParams(**section("one"))))
     print(f"embed one process: {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
-    done = accelerate_launch(["embed", "--dataset", str(dataset.root), "--params",
-                              str(write_params(tmp_path / "params.yaml", embed=section("two")))], tmp_path)
+    params = write_params(tmp_path / "params.yaml", collect={"out": str(dataset.root)}, embed=section("two"))
+    done = accelerate_launch(["embed", "--params", str(params)], tmp_path)
     print(f"embed two processes: {time.perf_counter() - started:.1f} s")
     assert done.stdout.count("wrote ") == 1, done.stdout  # only the main process reports (and writes)
     for table in (E.STATES_FILE, E.CANDIDATES_FILE):
@@ -94,7 +96,7 @@ def test_finetune_two_processes_converge_to_the_same_metrics(tmp_path, base, dat
     scaled so that the averaged gradient is the whole batch's): metrics and weights agree to float rounding."""
     from safetensors.torch import load_file
 
-    from digiq.pipelines.finetune import FinetuneParams, run
+    from digiq.config import FinetuneParams
 
     dataset, labels = data
     section = dict(lora_r=4, lora_alpha=8, epochs=2, batch_size=4, val_fraction=0.25, lr=5e-3, probe_layer=1,
@@ -103,12 +105,12 @@ def test_finetune_two_processes_converge_to_the_same_metrics(tmp_path, base, dat
                         live_dir=str(tmp_path / name / "live"), checkpoint_dir=str(tmp_path / name / "ckpt"))
              for name in ("one", "two")}
     started = time.perf_counter()
-    one = run(dataset, labels, base, FinetuneParams(**section, **paths["one"]))
+    one = finetune(dataset, labels, base, FinetuneParams(**section, **paths["one"]))
     print(f"finetune one process: {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
-    params = write_params(tmp_path / "params.yaml", finetune={**section, **paths["two"]})
-    done = accelerate_launch(["finetune", "--dataset", str(dataset), "--labels", str(labels), "--base", str(base),
-                              "--params", str(params)], tmp_path)
+    params = write_params(tmp_path / "params.yaml", collect={"out": str(dataset)}, label={"out": str(labels)},
+                          model={"base": str(base)}, finetune={**section, **paths["two"]})
+    done = accelerate_launch(["finetune", "--params", str(params)], tmp_path)
     print(f"finetune two processes: {time.perf_counter() - started:.1f} s")
     assert done.stdout.count("held-out balanced accuracy: fine-tuned") == 1, done.stdout  # only the main reports
     two = json.loads(Path(paths["two"]["metrics"]).read_text())

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from digiq.cli.main import app
@@ -34,3 +35,13 @@ def test_help_offers_shell_completion():
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("digiq ")
+
+
+@pytest.mark.parametrize("command", [["model", "build"], ["finetune"], ["embed"]], ids=" ".join)
+def test_stage_commands_take_params_overrides_and_the_everyday_flags(command, tmp_path):
+    """Settings come from --params and -S; the help does not restate them, and a wrong key is one line."""
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert all(flag in result.output for flag in ("--params", "-S", "--out")) and "[params:" not in result.output
+    bad = CliRunner().invoke(app, [*command, "--params", str(tmp_path / "none.yaml"), "-S", "finetune.epoch=3"])
+    assert bad.exit_code == 2 and "did you mean 'epochs'?" in bad.output and "Traceback" not in bad.output

@@ -15,6 +15,8 @@ from tiny_llava import save_tiny_llava
 
 from digiq import candidates as C
 from digiq import embed as E
+from digiq import extractor as X
+from digiq.config import EmbedParams, Params
 from digiq.errors import DigiqError
 from digiq.pipelines import embed as stage
 from digiq.pipelines.features import CANDIDATES_COLUMNS, STATES_COLUMNS, check_keys, check_table
@@ -33,17 +35,21 @@ def setup(tmp_path_factory):
     return root, dataset, cand_path, model
 
 
-def params(root: Path, cand_path: Path, model: Path, name: str, **kw) -> stage.EmbedParams:
-    return stage.EmbedParams(models={"finetuned": str(model), "off_the_shelf": str(model), "no_vlm": str(model)},
-                             candidates=str(cand_path), out=str(root / name / "emb"), parts=str(root / name / "parts"),
-                             metrics=str(root / name / "metrics"), dtype="float32", device="cpu", chunk_states=4,
-                             **kw)
+def params(root: Path, cand_path: Path, model: Path, name: str, **kw) -> EmbedParams:
+    return EmbedParams(models={"finetuned": str(model), "off_the_shelf": str(model), "no_vlm": str(model)},
+                       candidates=str(cand_path), out=str(root / name / "emb"), parts=str(root / name / "parts"),
+                       metrics=str(root / name / "metrics"), dtype="float32", device="cpu", chunk_states=4, **kw)
+
+
+def run(dataset: Path, p: EmbedParams, **kw) -> stage.EmbedOutcome:
+    """The stage on this dataset with these embed settings."""
+    return stage.run(Params(collect={"out": str(dataset)}, embed=p), **kw)
 
 
 def test_tables_match_the_feast_contract_and_repeat_exactly(setup):
     root, dataset, cand_path, model = setup
-    first = stage.run(dataset.root, params(root, cand_path, model, "a"))
-    second = stage.run(dataset.root, params(root, cand_path, model, "b"))
+    first = run(dataset.root, params(root, cand_path, model, "a"))
+    second = run(dataset.root, params(root, cand_path, model, "b"))
     states, cands = first.out / E.STATES_FILE, first.out / E.CANDIDATES_FILE
     check_table(states, STATES_COLUMNS)
     check_table(cands, CANDIDATES_COLUMNS)
@@ -60,6 +66,7 @@ def test_tables_match_the_feast_contract_and_repeat_exactly(setup):
     assert pq.read_table(second.out / E.CANDIDATES_FILE).equals(c)
     m = first.metrics
     assert m["states"] == 9 and m["candidates"] == 9 * K and m["d_state"] == 32 and m["dtype"] == "float32"
+    assert m["dtype_reason"] == "embed.dtype: float32"
     assert m["computed_samples"] < 9 + 9 * K  # duplicates and repeated states computed once
     assert (root / "a" / "metrics" / "embed-finetuned.json").is_file()
     assert not (root / "a" / "parts" / "finetuned").exists()  # merged, then removed
@@ -74,7 +81,7 @@ def test_tables_match_the_feast_contract_and_repeat_exactly(setup):
 
 def test_interrupted_run_resumes_after_a_deleted_chunk(setup):
     root, dataset, cand_path, model = setup
-    reference = stage.run(dataset.root, params(root, cand_path, model, "ref"))
+    reference = run(dataset.root, params(root, cand_path, model, "ref"))
     p = params(root, cand_path, model, "resume")
 
     def interrupt(chunk: int) -> None:
@@ -82,13 +89,13 @@ def test_interrupted_run_resumes_after_a_deleted_chunk(setup):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        stage.run(dataset.root, p, on_chunk=interrupt)
+        run(dataset.root, p, on_chunk=interrupt)
     parts = Path(p.parts) / "finetuned"
     assert sorted(f.name for f in parts.glob("*.parquet")) == [
         "candidates-000000.parquet", "candidates-000001.parquet", "states-000000.parquet", "states-000001.parquet"]
     assert not Path(p.out, "finetuned").exists()
     (parts / "states-000000.parquet").unlink()  # a lost chunk is recomputed, a finished one is not
-    resumed = stage.run(dataset.root, p)
+    resumed = run(dataset.root, p)
     assert resumed.metrics["resumed_chunks"] == 1 and resumed.metrics["chunks"] == 3
     for name in (E.STATES_FILE, E.CANDIDATES_FILE):
         assert pq.read_table(resumed.out / name).equals(pq.read_table(reference.out / name))
@@ -96,13 +103,13 @@ def test_interrupted_run_resumes_after_a_deleted_chunk(setup):
 
 def test_no_vlm_variant(setup):
     root, dataset, cand_path, model = setup
-    outcome = stage.run(dataset.root, params(root, cand_path, model, "novlm", variant="no_vlm"))
+    outcome = run(dataset.root, params(root, cand_path, model, "novlm", variant="no_vlm"))
     s = pq.read_table(outcome.out / E.STATES_FILE)
     c = pq.read_table(outcome.out / E.CANDIDATES_FILE)
     d_v = 32  # CLIP hidden size
     assert outcome.out.name == "no_vlm"
     assert s.schema.field("embedding").type.list_size == d_v
-    assert c.schema.field("embedding").type.list_size == 2 * d_v + len(E.ACTION_KINDS) + 4 + E.TEXT_BUCKETS
+    assert c.schema.field("embedding").type.list_size == 2 * d_v + len(X.ACTION_KINDS) + 4 + X.TEXT_BUCKETS
     emb = E.embedding_matrix(c)
     np.testing.assert_allclose(emb[:, :d_v], np.repeat(E.embedding_matrix(s), K, axis=0), rtol=1e-6)
     check_keys(outcome.out / E.STATES_FILE, outcome.out / E.CANDIDATES_FILE)
@@ -112,13 +119,13 @@ def test_degenerate_layer_is_refused(setup):
     """Layer 0 + last token is the embedding of the prompt's final token: the same for every action."""
     root, dataset, cand_path, model = setup
     with pytest.raises(DigiqError, match=r"f\(s, a\) is identical for all distinct actions"):
-        stage.run(dataset.root, params(root, cand_path, model, "degenerate", layer=0))
+        run(dataset.root, params(root, cand_path, model, "degenerate", layer=0))
     assert not (root / "degenerate" / "emb" / "finetuned").exists()
 
 
 def test_nan_and_dimension_checks(setup):
     root, dataset, cand_path, model = setup
-    out = stage.run(dataset.root, params(root, cand_path, model, "checks")).out
+    out = run(dataset.root, params(root, cand_path, model, "checks")).out
     s, c = pq.read_table(out / E.STATES_FILE), pq.read_table(out / E.CANDIDATES_FILE)
     emb = E.embedding_matrix(s).copy()
     emb[3, 5] = np.nan
@@ -137,10 +144,10 @@ def test_missing_candidates_are_refused(setup, tmp_path):
     pq.write_table(table.slice(K), short)  # the first state loses its candidates
     p = params(root, short, model, "missing")
     with pytest.raises(DigiqError, match="has no candidates"):
-        stage.run(dataset.root, p)
+        run(dataset.root, p)
     pq.write_table(table.drop_columns(["action"]), short)
     with pytest.raises(DigiqError, match="short.parquet: action: missing column"):
-        stage.run(dataset.root, p)
+        run(dataset.root, p)
 
 
 def test_cli_embed_runs_and_refuses_a_bad_variant(setup, tmp_path, monkeypatch):
@@ -154,11 +161,12 @@ def test_cli_embed_runs_and_refuses_a_bad_variant(setup, tmp_path, monkeypatch):
         cli.register(app)
     root, dataset, cand_path, model = setup
     monkeypatch.chdir(tmp_path)
-    base = ["embed", "--dataset", str(dataset.root), "--candidates", str(cand_path), "--model", str(model),
-            "--dtype", "float32", "--params", str(tmp_path / "none.yaml")]
+    base = ["embed", "-S", f"collect.out='{dataset.root}'", "-S", f"embed.candidates='{cand_path}'",
+            "-S", f"embed.models.off_the_shelf='{model}'", "-S", "embed.dtype=float32",
+            "--params", str(tmp_path / "none.yaml")]
     bad = CliRunner().invoke(app, [*base, "--variant", "bogus"])
     assert bad.exit_code == 2 and "embed.variant" in bad.output
-    ok = CliRunner().invoke(app, [*base, "--variant", "off_the_shelf", "--layer", "1"])
+    ok = CliRunner().invoke(app, [*base, "--variant", "off_the_shelf", "-S", "embed.layer=1"])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "data" / "embeddings" / "off_the_shelf" / E.CANDIDATES_FILE).is_file()
     assert (tmp_path / "metrics" / "embed-off_the_shelf.json").is_file()

@@ -13,9 +13,11 @@ import torch
 from tiny_llava import save_tiny_llava, set_config
 
 from digiq import finetune as F
+from digiq.config import FinetuneParams, Params
 from digiq.errors import DigiqError
 from digiq.labels import write_labels
-from digiq.pipelines.finetune import FinetuneParams, run
+from digiq.finetune_job import run_fingerprint
+from digiq.pipelines import finetune as stage
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 from digiq.vlm.load import load_vlm
@@ -69,6 +71,12 @@ def params(tmp: Path, **kw) -> FinetuneParams:
     return FinetuneParams(**{**defaults, **kw})
 
 
+def run(dataset: Path, labels: Path, base: Path, p: FinetuneParams, **kw) -> dict | None:
+    """The stage on these inputs with these finetune settings."""
+    return stage.run(Params(collect={"out": str(dataset)}, label={"out": str(labels)}, model={"base": str(base)},
+                            finetune=p), **kw)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, base, data) -> tuple[FinetuneParams, dict]:
     p = params(tmp_path_factory.mktemp("run"))
@@ -89,18 +97,16 @@ def test_examples_name_the_tapped_control_when_asked(data):
 def test_a_checkpoint_resumes_only_on_the_base_config_it_was_trained_from(base, tmp_path):
     """The base's config.json records how it is prompted (order, what it reads off the page): a base rebuilt in place
     with another reading must not resume the old run's checkpoint."""
-    from digiq.pipelines.finetune import _run_fingerprint
-
     copy = shutil.copytree(base, tmp_path / "base")
     p = params(tmp_path)
-    before = _run_fingerprint(p, "data", copy)
-    assert _run_fingerprint(p, "data", copy) == before
+    before = run_fingerprint(p, "data", copy)
+    assert run_fingerprint(p, "data", copy) == before
     set_config(copy, **{TARGET_KEY: True})
-    assert _run_fingerprint(p, "data", copy) != before
+    assert run_fingerprint(p, "data", copy) != before
 
 
 def test_lora_targets_that_match_nothing_name_the_real_layers(base):
-    spec = F.TrainSpec(target_modules=r".*language_model\.encoder\..*\.(query|value)")
+    spec = FinetuneParams(target_modules=r".*language_model\.encoder\..*\.(query|value)")
     with pytest.raises(DigiqError, match=r"matches no module; .* named .*q_proj") as err:
         F.make_trainable(load_vlm(base, dtype="float32", device="cpu"), spec)
     assert err.value.field == "target_modules"
@@ -144,6 +150,8 @@ def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
     assert {"val_balanced_accuracy", "layer"} <= saved["linear_probe"].keys()
     assert (Path(p.live_dir) / "metrics.json").is_file() and list((Path(p.live_dir) / "plots").rglob("*.tsv"))
     assert saved["data"]["sha256"] in (out / "README.md").read_text()
+    assert saved["timing"]["dtype_reason"] == "finetune.dtype: float32"
+    assert "finetune.dtype: float32" in (out / "README.md").read_text()
     assert not (Path(p.checkpoint_dir) / F.CHECKPOINT_FILE).exists()  # a finished run leaves no checkpoint
 
     merged = load_vlm(out, dtype="float32", device="cpu")
@@ -178,7 +186,7 @@ def test_a_bf16_stored_base_trains_float32_lora_weights(base, data, tmp_path):
     """The 7B profile's memory layout (base_dtype bfloat16): frozen weights in bf16, what trains in fp32 (LoRA and the
     projector copy), bf16 autocast; the run finishes and its merged model loads and answers."""
     vlm = load_vlm(base, dtype="bfloat16", device="cpu")
-    model = F.make_trainable(vlm, F.TrainSpec(lora_r=4, lora_alpha=8))
+    model = F.make_trainable(vlm, FinetuneParams(lora_r=4, lora_alpha=8))
     trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
     assert trained and set(trained.values()) == {torch.float32} and any("multi_modal_projector" in n for n in trained)
@@ -211,8 +219,8 @@ def test_the_stage_refuses_a_base_prompted_in_another_order(base, data, tmp_path
 
     params_path = tmp_path / "params.yaml"
     params_path.write_text(params_yaml(Params(model={"base": str(base), "prompt_order": "image_first"})))
-    result = CliRunner().invoke(app, ["finetune", "--params", str(params_path), "--dataset", str(data[0]),
-                                      "--labels", str(data[1]), "--out", str(tmp_path / "model")])
+    result = CliRunner().invoke(app, ["finetune", "--params", str(params_path), "-S", f"collect.out='{data[0]}'",
+                                      "-S", f"label.out='{data[1]}'", "--out", str(tmp_path / "model")])
     assert result.exit_code == 2, result.output
     assert f"{base}/config.json: {ORDER_KEY}: the checkpoint is prompted state_first but model.prompt_order is " \
            "image_first" in " ".join(result.output.split())

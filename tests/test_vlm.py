@@ -49,10 +49,11 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_path(cache, tmp_path_factory):
+    from digiq.config import Params
     from digiq.pipelines.build_model import run
 
     out = tmp_path_factory.mktemp("models") / "base"
-    record = run(out, image_size=112, seed=0)
+    record = run(Params(model={"base": str(out), "prompt_order": "image_first"}))
     assert record["config"]["image_size"] == 112
     return out
 
@@ -71,10 +72,12 @@ def tokens(vlm):
 def minilm_path(cache, tmp_path_factory):
     """The embedded default with all-MiniLM-L6-v2's pretrained layers as its language model, reading the page (taps
     named, text fields quoted)."""
+    from digiq.config import Params
     from digiq.pipelines.build_model import run
 
     out = tmp_path_factory.mktemp("models") / "base-minilm"
-    record = run(out, image_size=112, seed=0, text_model="minilm", tap_target=True, field_values=True)
+    record = run(Params(model={"base": str(out), "prompt_order": "image_first", "text_model": "minilm",
+                               "tap_target": True, "field_values": True}))
     assert record["random"] == ["multi_modal_projector"]
     return out
 
@@ -374,7 +377,7 @@ def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minil
     assert vlm.reading.targets(actions, elements) is None
     assert minilm_vlm.reading.targets(actions, elements) == ["Submit", "input_text#user", None, None]
 
-    from digiq.embed import VLMExtractor
+    from digiq.extractor import VLMExtractor
 
     img = screenshot()
     extractor = VLMExtractor(minilm_vlm, layer=2)
@@ -395,7 +398,7 @@ def test_named_targets_enter_the_prompt_only_when_the_checkpoint_asks(vlm, minil
 
 
 def test_field_values_enter_the_state_text_only_when_the_checkpoint_asks(vlm, minilm_vlm):
-    from digiq.embed import VLMExtractor
+    from digiq.extractor import VLMExtractor
     from digiq.envs.behavior import field_values
 
     filled = [{"ref": 1, "tag": "input_text", "text": "", "id": "user", "value": "bob", "bbox": [0.1, 0.1, 0.2, 0.9]},
@@ -471,15 +474,21 @@ def test_pad_to_square_and_marker():
     assert draw_tap_marker(img, ACTIONS[1]).tobytes() == img.tobytes()
 
 
-def test_choose_dtype(monkeypatch):
+def test_auto_dtype_follows_the_hardware_then_the_environment_then_the_setting(monkeypatch):
     from digiq import runtime
+    from digiq.runtime import ComputeDtype, resolve_dtype
 
+    monkeypatch.delenv(runtime.DTYPE_ENV, raising=False)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
-    runtime._cpu_dtype.cache_clear()
-    assert runtime.choose_dtype("cpu") == torch.float32  # no bf16 hardware: never bf16
-    runtime._cpu_dtype.cache_clear()
-    monkeypatch.undo()
-    assert runtime.choose_dtype("cpu", budget_s=0.2) in (torch.float32, torch.bfloat16)
+    assert resolve_dtype("auto", "cpu").name == "float32" and runtime.choose_dtype("cpu") == torch.float32
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    assert resolve_dtype("auto", "cpu") == ComputeDtype("bfloat16", "auto: cpu has amx_bf16 and avx512_bf16")
+    monkeypatch.setenv(runtime.DTYPE_ENV, "float32")
+    assert resolve_dtype("auto", "cpu") == ComputeDtype("float32", "DIGIQ_DTYPE=float32")
+    assert resolve_dtype("bf16", "cpu", setting="embed.dtype") == ComputeDtype("bfloat16", "embed.dtype: bfloat16")
+    monkeypatch.setenv(runtime.DTYPE_ENV, "float16")
+    with pytest.raises(DigiqError, match="DIGIQ_DTYPE: expected float32 or bfloat16, got 'float16'"):
+        resolve_dtype("auto", "cpu")
     assert runtime.dtype_from_name("bf16") == torch.bfloat16
     with pytest.raises(ValueError):
         runtime.dtype_from_name("int3")
