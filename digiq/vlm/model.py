@@ -10,7 +10,7 @@ The costly part of f(s, a) is the screenshot, and each state has up to 64 candid
 3. Candidates of one state share everything up to "Action:" (image and state text). That token prefix is run
    through the language model once; its key/value cache is then shared by all candidates, which only run
    their own suffix (right-padded, so positions are those of the unbatched sequence).
-4. Features at layer ``k`` need only the first ``k`` decoder layers: the others are skipped.
+4. Features at layer ``k`` need only the first ``k`` decoder layers: the others are skipped (:mod:`digiq.vlm.decoder`).
 
 Layer numbering follows ``hidden_states`` of Hugging Face models: 0 is the embedding layer, ``k`` the output
 of decoder layer ``k``, and the last one (``num_layers``) is after the final norm. Negative ``k`` counts from
@@ -23,15 +23,14 @@ Gradients flow when the caller enables them (LoRA fine-tuning); the vision tower
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from digiq.errors import DigiqError
 from digiq.vlm import prompts as P
+from digiq.vlm.decoder import Decoder, decoder_stack, expand_cache
 from digiq.vlm.inputs import action_points, draw_tap_marker, pad_to_square, patch_grid, patch_index, square_point
 
 if TYPE_CHECKING:
@@ -81,15 +80,16 @@ class VLM:
             raise DigiqError(f"{type(base).__name__} is not a LLaVA-style model (vision_tower + language_model)",
                              file=self.path)
         self._lm = self._llava.language_model
-        self._stack = _decoder_stack(self._lm)
-        if self._stack is None:
+        stack = decoder_stack(self._lm)
+        if stack is None:
             raise DigiqError(f"the language model {type(self._lm).__name__} has neither .layers/.norm (a Llama-style "
                              "decoder) nor .encoder.layer (a BERT run as a decoder)", file=self.path)
         pooler = getattr(self._lm, "pooler", None)
         if pooler is not None:  # a BERT's pooler: LLaVA's output has no field for it. Skip its work but keep its
             pooler.forward = _no_pooling  # weights, so that a checkpoint saved from this model loads complete
+        self._decoder = Decoder(self._lm, stack)
         self.dtype = dtype or next(base.parameters()).dtype
-        self.num_layers = len(self._layers)
+        self.num_layers = self._decoder.num_layers
         self.hidden_size = self.config.text_config.hidden_size
         self.image_token = getattr(processor, "image_token", None) or P.IMAGE
         token_id = getattr(self.config, "image_token_id", None)
@@ -105,7 +105,6 @@ class VLM:
         self.answer_ids = self._answer_token_ids()
         self.prompt_order: P.PromptOrder = self._prompt_order()
         self.reading = P.PageReading.of_config(self.config)
-        self._cache_kw = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ images
     def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -354,7 +353,7 @@ class VLM:
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         embeds = self._embed(ids, [r.sources for r in rows])
-        hidden, final = self._run_lm(embeds, mask, position_ids, layers, depth, yes_no, truncate)
+        hidden, final = self._decoder.run(embeds, mask, position_ids, layers, depth, yes_no, truncate)
         out = VLMOutput()
         for k in layers:
             h = hidden[k]
@@ -369,9 +368,9 @@ class VLM:
         ids = torch.tensor([row.ids[:prefix]], device=self.device)
         n_src = int(ids.eq(self.image_token_id).sum())
         embeds = self._embed(ids, [row.sources[:n_src]])
-        cache = self._new_cache()
+        cache = self._decoder.new_cache()
         mask = torch.ones_like(ids)
-        hidden, _ = self._run_lm(embeds, mask, None, layers, depth, False, True, cache=cache)
+        hidden, _ = self._decoder.run(embeds, mask, None, layers, depth, False, True, cache=cache)
         return {"cache": cache, "n_src": n_src,
                 "sums": {k: hidden[k][0].sum(0) for k in layers}}
 
@@ -391,8 +390,8 @@ class VLM:
         mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long, device=self.device), suffix_mask], 1)
         position_ids = (prefix + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(rows), -1)
         embeds = self._embed(ids, [r.sources[state["n_src"]:] for r in rows])
-        cache = _expand_cache(state["cache"], len(rows), self._new_cache())
-        hidden, final = self._run_lm(embeds, mask, position_ids, layers, depth, yes_no, True, cache=cache)
+        cache = expand_cache(state["cache"], len(rows), self._decoder.new_cache())
+        hidden, final = self._decoder.run(embeds, mask, position_ids, layers, depth, yes_no, True, cache=cache)
         last = torch.tensor(lengths, device=self.device) - 1
         rows_idx = torch.arange(len(rows), device=self.device)
         out = VLMOutput()
@@ -415,109 +414,6 @@ class VLM:
             logits = logits + head.bias[list(self.answer_ids)]
         return logits.float()
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self._lm.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
-
-    def _run_lm(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None,
-                layers: list[int], depth: int, need_final: bool, truncate: bool,
-                cache: Any = None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Run the language model to ``depth`` layers; return {layer: hidden [B, T, d]} and the final normed
-        hidden states (when ``need_final``)."""
-        if depth == 0 and not need_final and self._stack.raw_embeddings:  # the embedding layer alone
-            return {0: embeds}, None
-        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids,
-                                  "use_cache": cache is not None}
-        if cache is not None:
-            kwargs[self._cache_kw] = cache
-        if not truncate:
-            out = self._lm(**kwargs, output_hidden_states=True)
-            return {k: out.hidden_states[k] for k in layers}, out.last_hidden_state
-        captured: dict[int, torch.Tensor] = {}
-        wanted = [k for k in layers if 0 < k < self.num_layers]
-        with self._truncated(depth), _capture(self._layers, wanted, captured), \
-                _capture_embeddings(self._lm, 0 in layers and not self._stack.raw_embeddings, captured):
-            out = self._lm(**kwargs)
-        hidden = {}
-        for k in layers:
-            hidden[k] = captured.get(k, embeds) if k == 0 else out.last_hidden_state if k == self.num_layers else captured[k]
-        return hidden, (out.last_hidden_state if need_final else None)
-
-    @property
-    def _layers(self) -> Any:
-        return getattr(self._stack.owner, self._stack.layers)
-
-    @contextlib.contextmanager
-    def _truncated(self, depth: int) -> Iterator[None]:
-        """Temporarily keep only the first ``depth`` decoder layers (and drop the final norm when depth < all)."""
-        import torch
-
-        if depth >= self.num_layers:
-            yield
-            return
-        owner, name = self._stack.owner, self._stack.layers
-        layers = getattr(owner, name)
-        norm = getattr(self._lm, "norm", None)
-        setattr(owner, name, torch.nn.ModuleList(list(layers)[:depth]))
-        if norm is not None:
-            self._lm.norm = torch.nn.Identity()
-        try:
-            yield
-        finally:
-            setattr(owner, name, layers)
-            if norm is not None:
-                self._lm.norm = norm
-
-
-@dataclass(frozen=True)
-class _Stack:
-    owner: Any  # the module holding the layer list
-    layers: str  # its attribute name
-    raw_embeddings: bool  # hidden_states[0] is the token embedding itself (Llama) rather than a module's output
-
-
-def _decoder_stack(lm: Any) -> _Stack | None:
-    """Where the decoder layers of a language model are: a Llama-style ``.layers`` + ``.norm``, or a BERT run as a
-    decoder (``.encoder.layer``; its embedding module adds positions and a LayerNorm, and it has no final norm)."""
-    if hasattr(lm, "layers") and hasattr(lm, "norm"):
-        return _Stack(lm, "layers", raw_embeddings=True)
-    encoder = getattr(lm, "encoder", None)
-    if encoder is not None and hasattr(encoder, "layer") and getattr(lm.config, "is_decoder", False):
-        return _Stack(encoder, "layer", raw_embeddings=False)
-    return None
-
-
-@contextlib.contextmanager
-def _capture_embeddings(lm: Any, wanted: bool, into: dict[int, Any]) -> Iterator[None]:
-    """Record the embedding module's output as hidden state 0 (a BERT adds positions and a norm there)."""
-    if not wanted:
-        yield
-        return
-    handle = lm.embeddings.register_forward_hook(lambda _m, _a, output: into.__setitem__(0, output))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _capture(layers: Any, wanted: list[int], into: dict[int, Any]) -> Iterator[None]:
-    """Record the output of decoder layer ``k - 1`` as hidden state ``k`` for each wanted ``k``."""
-    handles = []
-    for k in wanted:
-        def hook(_module: Any, _args: Any, output: Any, k: int = k) -> None:
-            into[k] = output[0] if isinstance(output, tuple) else output
-        handles.append(layers[k - 1].register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
 
 def _no_pooling(*_args: Any, **_kwargs: Any) -> None:
     return None
@@ -526,17 +422,3 @@ def _no_pooling(*_args: Any, **_kwargs: Any) -> None:
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def _expand_cache(prefix_cache: Any, n: int, new: Any) -> Any:
-    """A cache holding the prefix's keys/values for ``n`` rows (the prefix cache itself stays untouched)."""
-    layers = getattr(prefix_cache, "layers", None)
-    if layers is not None:
-        entries = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-    else:  # older transformers
-        entries = list(zip(prefix_cache.key_cache, prefix_cache.value_cache, strict=True))
-    for idx, (k, v) in enumerate(entries):
-        if k is None or v is None or k.numel() == 0:
-            continue
-        new.update(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]), idx)
-    return new
