@@ -48,8 +48,9 @@ from torch import nn
 
 from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax
 from digiq.errors import DigiqError
-from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp, progress,
+from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
                       resolve_device, save_pretrained, seeded_generator)
+from digiq.progress import progress_bar
 
 Method = Literal["digiq", "bc", "filtered-bc", "awr", "reinforce"]
 KIND = "digiq.policy"
@@ -279,7 +280,7 @@ def train_actor(
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)
     sampler = EpochSampler(len(rows), config.batch_size, generator, device)
     window, history = RunningMeans(), []
-    with progress(config.updates, f"actor ({config.method})", show_progress) as advance:
+    with progress_bar(f"actor ({config.method})", config.updates, enabled=show_progress) as bar:
         for step in range(1, config.updates + 1):
             idx = sampler.next()
             s, cand_sa, mask, count, w = (t.index_select(0, idx) for t in table)
@@ -289,7 +290,7 @@ def train_actor(
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip, foreach=True)
             optimizer.step()
             window.add({"loss": loss, "grad_norm": grad_norm})
-            advance()
+            bar.advance()
             if step % config.log_every == 0 or step == config.updates:
                 point = {"step": step, "epoch": step * config.batch_size / len(rows), **window.pop()}
                 history.append(point)

@@ -47,8 +47,9 @@ from torch import nn
 
 from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
-from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp, progress,
+from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
                       resolve_device, save_pretrained, seeded_generator, soft_update)
+from digiq.progress import progress_bar
 
 LogFn = Callable[[dict[str, float], int], None]
 KIND = "digiq.critic"
@@ -365,13 +366,12 @@ def train_critic(
         if log_fn is not None:
             log_fn(past, int(past["step"]))
     saved = done
-    with progress(config.updates, f"critic ({config.target})", show_progress) as advance:
-        for _ in range(done):
-            advance()
+    with progress_bar(f"critic ({config.target})", config.updates, enabled=show_progress) as bar:
+        bar.advance(done)
         for step in range(done + 1, config.updates + 1):
             idx = sampler.next()
             window.add(trainer.update(table.rows(idx)))
-            advance()
+            bar.advance()
             if step % config.log_every == 0 or step == config.updates:
                 point = {"step": step, "epoch": step * config.batch_size / len(data), **window.pop()}
                 if val_table is not None:

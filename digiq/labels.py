@@ -17,9 +17,8 @@ bicubic), so the MSE is the change of local mean colour; it is also the cheapest
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow as pa
 from digiq.atomic import atomic_path
 from digiq.checks import Expect, SuiteResult, run_suite
 from digiq.errors import DigiqError
+from digiq.progress import progress_bar
 from digiq.store import Dataset
 
 if TYPE_CHECKING:
@@ -165,12 +165,12 @@ def transition_mse(
     rows = transitions[["traj_id", "step_id", "screenshot", "screenshot_sha256", "next_screenshot", "next_screenshot_sha256"]].itertuples(index=False)
     mse = np.empty(len(transitions), dtype=np.float64)
     try:
-        with _progress(progress, len(transitions), "ε-labels: screenshot MSE") as advance:
+        with progress_bar("ε-labels: screenshot MSE", len(transitions), enabled=progress, unit="transitions") as bar:
             for start, chunk in _chunks(rows, _CHUNK):
                 loaded = frames.load([ref for r in chunk for ref in ((r.screenshot, r.screenshot_sha256), (r.next_screenshot, r.next_screenshot_sha256))])
                 pairs = [(loaded[r.screenshot_sha256], loaded[r.next_screenshot_sha256]) for r in chunk]
                 mse[start : start + len(chunk)] = _batch_mse(dataset, chunk, pairs)
-                advance(len(chunk))
+                bar.advance(len(chunk))
     finally:
         frames.close()
     return mse, frames.decoded
@@ -382,16 +382,3 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterable[tuple[int, list[Any]]]:
             start, chunk = start + size, []
     if chunk:
         yield start, chunk
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar when enabled; yields ``advance(n)`` either way."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

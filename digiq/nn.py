@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ __all__ = [
     "load_state",
     "map_chunks",
     "mlp",
-    "progress",
     "resolve_device",
     "save_pretrained",
     "seeded_generator",
@@ -155,20 +153,6 @@ class RunningMeans:
         means = {key: (total / max(self._count, 1)).item() for key, total in self._sums.items()}
         self._sums, self._count = {}, 0
         return means
-
-
-@contextmanager
-def progress(total: int, description: str, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar (transient) yielding ``advance()``; a no-op when disabled."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 def save_pretrained(directory: str | Path, module: nn.Module, *, kind: str, config: BaseModel, dims: dict[str, int]) -> Path:
