@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from conftest import toy_transitions
 from digiq.actor import (ActorConfig, CandidatePolicy, awr_weights, best_of_n_weights, imitation_loss, method_weights,
                          sample_n_subset, train_actor)
-from digiq.critic import CriticConfig, Transitions, candidate_q, first_argmax, toy_transitions, train_critic
+from digiq.critic import CriticConfig, Transitions, candidate_q, first_argmax, train_critic
 from digiq.errors import DigiqError
 
 torch.set_num_threads(1)

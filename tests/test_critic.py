@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import toy_transitions
 from digiq.critic import (Batch, CriticConfig, CriticTrainer, DoubleCritic, Transitions, action_sensitivity, advantage,
                           behavior_agreement, candidate_q, conservative_gap, critic_diagnostics, ranking_quality,
-                          td_q_target, td_v_target, toy_transitions, train_critic, v_calibration)
+                          td_q_target, td_v_target, train_critic, v_calibration)
 from digiq.errors import DigiqError
 from digiq.nn import EpochSampler, soft_update
 
