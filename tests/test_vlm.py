@@ -165,7 +165,7 @@ def test_cli_info(base_path):
     assert info["parameters"] == info["digiq_build"]["parameters"]
     bad = CliRunner().invoke(app, ["info", "/nonexistent/model"])
     assert bad.exit_code == 2 and "/nonexistent/model" in bad.output
-    bad = CliRunner().invoke(app, ["build", "--out", "unused", "--image-size", "100"])
+    bad = CliRunner().invoke(app, ["build", "--out", "unused", "-S", "model.image_size=100"])
     assert bad.exit_code == 2 and "multiple of 14" in bad.output
 
 
