@@ -34,6 +34,7 @@ def main() -> None:
 
     from digiq import finetune as F
     from digiq.config import FinetuneParams
+    from digiq.finetune_trainer import Trainer
     from digiq.labels import read_labels
     from digiq.runtime import choose_dtype, cpu_flags, seed_everything, set_threads
     from digiq.store import Dataset
@@ -55,7 +56,7 @@ def main() -> None:
         vision_rate = len(examples.images) / (time.perf_counter() - t0)
         spec = FinetuneParams(mode=args.mode, batch_size=args.batch_size, lora_r=8, lora_alpha=16)  # as measured
         model = F.make_trainable(vlm, spec)
-        trainer = F.Trainer(VLM(model, vlm.processor), model, features, examples, rows, rows[:1], spec, dtype)
+        trainer = Trainer(VLM(model, vlm.processor), model, features, examples, rows, rows[:1], spec, dtype)
         batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
         for b in batches[:args.warmup]:
             trainer.train_step(b)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from digiq import finetune as F
+from digiq.finetune_trainer import Trainer
 from digiq.parallel import Ranks
 from digiq.progress import progress_bar
 
@@ -94,7 +95,7 @@ def finetune(dataset: str | Path, labels: str | Path, base: str | Path, config: 
     data_hash = file_digest([*data.shard_files(data.root), Path(labels)])  # what the model was trained on
     model = F.make_trainable(vlm, config)
     trained = VLM(model, vlm.processor, device=device, dtype=vlm.dtype, path=vlm.path)
-    trainer = F.Trainer(trained, model, features, examples, train_idx, val_idx, config, dtype.torch,
+    trainer = Trainer(trained, model, features, examples, train_idx, val_idx, config, dtype.torch,
                         fingerprint=run_fingerprint(config, data_hash, base), checkpoint_dir=config.checkpoint_dir,
                         ranks=ranks)
     zero_shot = trainer.evaluate(val_idx)  # the off-the-shelf model's own Yes/No answer (before any update)
@@ -138,7 +139,7 @@ def data_summary(examples: F.Examples, train_idx: np.ndarray, val_idx: np.ndarra
             "distinct_screenshots": len(examples.images), "sha256": data_hash}
 
 
-def final_validation(trainer: F.Trainer, finished: bool, val_idx: np.ndarray) -> dict[str, float]:
+def final_validation(trainer: Trainer, finished: bool, val_idx: np.ndarray) -> dict[str, float]:
     """The fine-tuned model's validation metrics. A finished run's last epoch already validated these very
     weights (one full pass over the validation split): reuse it."""
     if finished and trainer.state.history:

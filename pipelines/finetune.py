@@ -31,7 +31,7 @@ def run(params: Params, *, progress: bool = False, stop_after_steps: int | None 
     Returns the metrics, or None when ``stop_after_steps`` stopped the run early (a checkpoint is left behind).
     Under ``accelerate launch`` the processes train data-parallel (DDP, gloo on CPU; :mod:`digiq.finetune`); only
     the main process writes the checkpoint, model, metrics and DVCLive logs, and reports; the others return None."""
-    from digiq.finetune import CHECKPOINT_FILE
+    from digiq.finetune_trainer import CHECKPOINT_FILE
     from digiq.finetune_job import finetune, save_finetuned
     from digiq.parallel import Ranks
     from digiq.runtime import resolve_device, resolve_dtype

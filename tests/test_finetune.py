@@ -17,6 +17,7 @@ from digiq.config import FinetuneParams, Params
 from digiq.errors import DigiqError
 from digiq.labels import write_labels
 from digiq.finetune_job import run_fingerprint
+from digiq.finetune_trainer import CHECKPOINT_FILE
 from digiq.pipelines import finetune as stage
 from digiq.schema import Action, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
@@ -152,7 +153,7 @@ def test_run_writes_outputs_and_merged_equals_adapter(finished, base, data):
     assert saved["data"]["sha256"] in (out / "README.md").read_text()
     assert saved["timing"]["dtype_reason"] == "finetune.dtype: float32"
     assert "finetune.dtype: float32" in (out / "README.md").read_text()
-    assert not (Path(p.checkpoint_dir) / F.CHECKPOINT_FILE).exists()  # a finished run leaves no checkpoint
+    assert not (Path(p.checkpoint_dir) / CHECKPOINT_FILE).exists()  # a finished run leaves no checkpoint
 
     merged = load_vlm(out, dtype="float32", device="cpu")
     adapted = load_vlm(base, dtype="float32", device="cpu", adapter=out / "adapter")
@@ -176,7 +177,7 @@ def test_resume_after_interruption_gives_the_same_metrics(finished, base, data, 
     p_done, done = finished
     p = params(tmp_path)
     assert run(*data, base, p, stop_after_steps=3) is None  # "killed" after 3 steps: only the checkpoint exists
-    assert (tmp_path / "ckpt" / F.CHECKPOINT_FILE).is_file() and not (tmp_path / "model").exists()
+    assert (tmp_path / "ckpt" / CHECKPOINT_FILE).is_file() and not (tmp_path / "model").exists()
     resumed = run(*data, base, p)
     assert resumed["history"] == done["history"]
     assert resumed["finetuned"] == done["finetuned"]
