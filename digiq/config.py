@@ -52,7 +52,7 @@ class CollectParams(Section):
     behavior: dict[str, float] = Field(
         default_factory=lambda: dict(IMPATIENT),
         description="π_β's heuristic weights changed from digiq/envs/behavior.py Scores, for collection, candidates and evaluation alike "
-                    "(submit_partial 1.5: an impatient π_β that presses the button of a partly filled form; {}: the patient π_β, whose most likely action solves 89 %)")
+                    "(submit_partial 1.5: an impatient π_β that presses the button of a partly filled form; {}: the patient π_β; docs/results.md)")
     history: int = Field(1, ge=0, description="previous actions quoted in the observation text (official Digi-Q: 1)")
     shard_episodes: int = Field(10, ge=1, description="episodes per shard (the unit of resumption)")
     time_limit_s: float = Field(60.0, gt=0, description="MiniWoB episode clock in seconds (its default 10 s times out slow steps)")
@@ -103,7 +103,7 @@ class LabelParams(Section):
     yes_band: tuple[float, float] = Field((0.15, 0.85), description="allowed Yes fraction overall, and per action kind unless overridden (gate)")
     kind_bands: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"swipe": (0.0, 0.85), "press_enter": (0.0, 0.85)},
-        description="per-action-kind Yes bands overriding yes_band (swipes and Enter rarely change a MiniWoB page)",
+        description="per-action-kind Yes bands overriding yes_band",
     )
     min_count: int = Field(30, ge=1, description="action kinds with fewer labelled transitions are reported, not gated")
     resample: Literal["box", "bilinear", "bicubic", "lanczos", "nearest"] = Field("box", description="PIL filter for the downscale (box: exact block mean)")
@@ -248,47 +248,57 @@ class FeaturesParams(Section):
     repo: str = Field("features", description="the Feast repository folder")
     variant: str = Field("finetuned", description="embedding variant served: data/embeddings/<variant>/ (finetuned, off_the_shelf, no_vlm, ...)")
     embeddings: str = Field("data/embeddings", description="folder holding one sub-folder of embedding tables per variant")
+    derived: str = Field("data/features", description="the stage's derived sources (transitions, labels, candidate blocks), one <variant>/ folder each: what training sets read")
     metrics: str = Field("metrics/features.json", description="stage output: rows materialized and timings")
     online_store: dict[str, Any] = Field(default_factory=lambda: {"type": "sqlite"}, description="Feast online store: {type: sqlite} (a file per variant under the repository) or e.g. {type: redis, connection_string: 'localhost:6379'} (docs/features.md)")
 
 
 class CriticParams(Section):
     target: Literal["td", "mc"] = Field("td", description="td: bootstrapped targets; mc: regress on the discounted return")
-    tau: float = Field(0.1, gt=0, le=1, description="Polyak rate (official 0.1)")
+    tau: float = Field(0.1, gt=0, le=1, description="Polyak rate of the target nets, θ̄ ← τθ + (1−τ)θ̄ (official 0.1)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (official 1e-3)")
     grad_clip: float = Field(0.01, gt=0, description="max grad norm per head pair (official 0.01)")
     batch_size: int = Field(128, ge=1, description="transitions per update (official 128)")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
-    updates: int = Field(3000, ge=1, description="gradient updates")
-    log_every: int = Field(50, ge=1, description="updates per logged point")
+    updates: int = Field(3000, ge=1, description="gradient updates (epochs = updates · batch_size / n_transitions)")
+    log_every: int = Field(50, ge=1, description="updates per logged point (metrics are averaged over the window)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
-    device: str = Field("auto", description="auto | cpu | cuda")
-    out: str = Field("models/critic", description="critic folder")
-    checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (<out>.ckpt: a killed run resumes from it)")
-    cql_alpha: float = Field(0.0, ge=0.0, description="weight of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
-    standardize: bool = Field(True, description="standardise the heads' input features with the training set's mean and std (false: raw, as the official code)")
+    device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N")
+    out: str = Field("models/critic", description="critic folder: weights, config, step and candidate scores")
+    metrics: str = Field("metrics/critic.json", description="stage metrics")
+    live_dir: str = Field("dvclive/critic", description="DVCLive folder of the training curves")
+    checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (models/critic.ckpt: a killed run resumes from it)")
+    cql_alpha: float = Field(0.0, ge=0.0, description="weight of the conservative (CQL) term over π_β's candidates; 0: off, as in the paper")
+    standardize: bool = Field(True, description="standardise the heads' input features (training mean/std, saved with the weights); false: raw features, as the official code")
+
+
+Method = Literal["digiq", "bc", "filtered-bc", "awr", "reinforce"]
 
 
 class ActorParams(Section):
-    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce"], description="foreach stage items")
-    n: int = Field(16, ge=1, description="Best-of-N candidates per state (paper 16 of 64)")
-    threshold: float = Field(0.10, description="keep the best candidate if A > threshold (official 0.10)")
-    awr_beta: float = Field(0.05, gt=0, description="AWR temperature β (official 0.05)")
-    awr_max_weight: float = Field(20.0, gt=0, description="AWR weight clip")
+    methods: list[Method] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce"], description="foreach stage items: digiq (Best-of-N) | bc | filtered-bc | awr | reinforce")
+    n: int = Field(16, ge=1, description="Best-of-N / REINFORCE: candidates scored per state, dataset action included (paper 16 of 64)")
+    threshold: float = Field(0.10, description="Best-of-N: imitate the best candidate only if its advantage exceeds this (official 0.10)")
+    awr_beta: float = Field(0.05, gt=0, description="AWR temperature β in exp(A/β) (official 0.05)")
+    awr_max_weight: float = Field(20.0, gt=0, description="AWR: weights are clipped at this value")
     use_state: bool = Field(True, description="score [f(s), f(s,a)] or f(s,a) alone")
     behavior_prior: bool = Field(True, description="π ∝ (π_β draws a candidate stands for) · exp(score); false: plain softmax over distinct candidates")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="scorer MLP widths")
-    standardize: bool = Field(False, description="standardise f(s) and f(s, a) with the training states' mean and std (default data: digiq 65.0 % → 45.0 %, docs/results.md)")
+    standardize: bool = Field(False, description="standardise the scorer's inputs; on the default data it made digiq imitate the critic's picks more closely and score lower (docs/results.md)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
     batch_size: int = Field(128, ge=1, description="states per update")
     updates: int = Field(1000, ge=1, description="gradient updates")
+    log_every: int = Field(50, ge=1, description="updates per logged point (window means)")
     device: str = Field("auto", description="auto | cpu | cuda")
-    out: str = Field("models/actor", description="one sub-folder per method")
+    out: str = Field("models/actor", description="policy folders, one sub-folder per method")
+    metrics: str = Field("metrics/actor", description="stage metrics, one <method>.json each")
+    live_dir: str = Field("dvclive/actor", description="DVCLive folders of the training curves, one sub-folder per method")
 
 
 class Params(Section):
     seed: int = Field(0, ge=0, description="global seed")
-    gamma: float = Field(0.5, ge=0.0, le=1.0, description="discount γ (official 0.95; 0.5 here: at 0.95 a wasted step costs the critic 5 %, so no-ops such as a swipe on an unscrollable page tie with progress, and Best-of-N loops on them into the 8-step cap; docs/results.md)")
+    gamma: float = Field(0.5, ge=0.0, le=1.0, description="discount γ of returns and TD targets (official 0.95; why 0.5 here: docs/results.md, 'Settings and why')")
     collect: CollectParams = Field(default_factory=CollectParams)
     label: LabelParams = Field(default_factory=LabelParams)
     model: ModelParams = Field(default_factory=ModelParams)

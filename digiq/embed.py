@@ -20,7 +20,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 from digiq.actions import parse_action
 from digiq.errors import DigiqError
 from digiq.extractor import Elements, Extractor
+from digiq.feature_contract import (CANDIDATES_FILE, MANIFEST_FILE, STATES_FILE, cand_key, candidates_schema,
+                                    event_timestamp, state_key, states_schema)
 from digiq.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -38,30 +39,8 @@ if TYPE_CHECKING:
     from digiq.schema import Action
     from digiq.store import Dataset
 
-# Deterministic event timestamps: EMBED_EPOCH + step_id seconds (EMBED_EPOCH = pipelines.features.FEATURE_EPOCH).
-EMBED_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
-STATES_FILE = "states.parquet"
-CANDIDATES_FILE = "candidates.parquet"
-MANIFEST_FILE = "embedding.json"  # the run's settings and vector sizes (dim_state, dim_candidate)
 PARTS_MANIFEST = "fingerprint.json"
 DEGENERATE_TOL = 1e-6  # relative: f(s, ·) within this of one row for all distinct actions = degenerate
-
-
-def states_schema(d: int) -> pa.Schema:
-    return pa.schema([("state_key", pa.string()), ("traj_id", pa.string()), ("step_id", pa.int32()),
-                      ("event_timestamp", pa.timestamp("us", tz="UTC")), ("embedding", pa.list_(pa.float32(), d)),
-                      ("model_hash", pa.string()), ("layer", pa.int32())])
-
-
-def candidates_schema(d: int) -> pa.Schema:
-    return pa.schema([("cand_key", pa.string()), ("state_key", pa.string()), ("traj_id", pa.string()),
-                      ("step_id", pa.int32()), ("cand_idx", pa.int32()), ("action", pa.string()),
-                      ("event_timestamp", pa.timestamp("us", tz="UTC")), ("embedding", pa.list_(pa.float32(), d)),
-                      ("model_hash", pa.string()), ("layer", pa.int32())])
-
-
-def event_timestamp(step_id: int) -> datetime:
-    return EMBED_EPOCH + timedelta(seconds=int(step_id))
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -132,7 +111,7 @@ def _states_table(steps: list[dict[str, Any]], state_of: dict, f_s_of: dict, d: 
     keys = [(r["traj_id"], int(r["step_id"])) for r in steps]
     emb = np.stack([f_s_of[state_of[k]] for k in keys]).astype(np.float32) if keys else np.zeros((0, d), np.float32)
     return pa.table({
-        "state_key": [f"{t}/{s}" for t, s in keys], "traj_id": [t for t, _ in keys], "step_id": [s for _, s in keys],
+        "state_key": [state_key(t, s) for t, s in keys], "traj_id": [t for t, _ in keys], "step_id": [s for _, s in keys],
         "event_timestamp": [event_timestamp(s) for _, s in keys], "embedding": _vectors(emb, d),
         "model_hash": [model_hash] * len(keys), "layer": [layer] * len(keys),
     }, schema=states_schema(d))
@@ -147,8 +126,8 @@ def _candidates_table(steps: list[dict[str, Any]], cands: dict, state_of: dict, 
         traj, step = r["traj_id"], int(r["step_id"])
         skey = state_of[(traj, step)]
         for idx, text in cands.get((traj, step), []):
-            cols["cand_key"].append(f"{traj}/{step}/{idx}")
-            cols["state_key"].append(f"{traj}/{step}")
+            cols["cand_key"].append(cand_key(state_key(traj, step), idx))
+            cols["state_key"].append(state_key(traj, step))
             cols["traj_id"].append(traj)
             cols["step_id"].append(step)
             cols["cand_idx"].append(int(idx))
