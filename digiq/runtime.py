@@ -1,8 +1,8 @@
 """Run-time choices that depend on the machine: dtype, threads, seeds, cache folder.
 
-CPUs differ between machines of the same kind. On one, bf16 matmuls are faster than fp32 (AMX, avx512_bf16); on
-another (AVX2 only) a bf16 matmul is orders of magnitude slower. So ``dtype: auto`` is resolved once per run from
-the hardware (:func:`resolve_dtype`), never hard-coded, and the run records what it chose and why.
+CPUs differ between machines of the same kind: with bf16 instructions (AMX, avx512_bf16) bf16 matmuls beat fp32,
+without them they are far slower (docs/benchmarks.md). So ``dtype: auto`` is resolved once per run from the
+hardware (:func:`resolve_dtype`), never hard-coded and never timed, and the run records what it chose and why.
 """
 
 from __future__ import annotations
