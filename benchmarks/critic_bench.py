@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from digiq.critic import CriticConfig, Transitions, train_critic
+from digiq.config import CriticParams
+from digiq.critic import Transitions, train_critic
 
 
 def bare_heads(d: int, hidden: tuple[int, ...]) -> nn.ModuleList:
@@ -76,8 +77,8 @@ def bare_runner(d: int, hidden: tuple[int, ...], batch: int, with_td: bool) -> C
 
 def critic_runner(data: Transitions, hidden: tuple[int, ...], batch: int, target: str) -> Callable[[int], None]:
     def run(updates: int) -> None:
-        config = CriticConfig(target=target, hidden=hidden, batch_size=batch, updates=updates, device="cpu")
-        train_critic(data, config)
+        params = CriticParams(target=target, hidden=list(hidden), batch_size=batch, updates=updates, device="cpu")
+        train_critic(data, params, gamma=0.95, seed=0)
 
     return run
 
@@ -101,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    hidden = CriticConfig().hidden
+    hidden = tuple(CriticParams().hidden)
     data = random_transitions(args.transitions, args.d)
     runners = {
         "bare_mlp": bare_runner(args.d, hidden, args.batch, with_td=False),

@@ -63,19 +63,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     import duckdb
 
-    from digiq.pipelines import features as fx
+    from digiq import store_client as client
+    from digiq.feature_sources import FeatureInputs
+    from digiq.feature_write import materialize
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import project_params, write_synthetic_sources  # the tests' synthetic sources
 
     results: dict = {"config": vars(args) | {"json": str(args.json) if args.json else None}}
     work = Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
     try:
         shutil.copytree(ROOT / "features", work / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
         start = time.perf_counter()
-        paths = fx.write_synthetic_sources(work / "data", n_states=args.states, k=args.k, dim=args.dim, seed=args.seed)
+        paths = write_synthetic_sources(work / "data", n_states=args.states, k=args.k, dim=args.dim, seed=args.seed)
         results["synthetic_write_s"] = time.perf_counter() - start
         results["candidates_parquet_mb"] = paths["candidates"].stat().st_size / 2**20
-        inputs = fx.Inputs.from_params(fx.FeaturesParams(repo=str(work / "features"), embeddings=str(work / "data" / "embeddings")),
-                                       dataset=paths["dataset"], labels=paths["labels"])
-        results["materialize"] = fx.materialize(inputs, progress=True)
+        results["materialize"] = materialize(FeatureInputs.from_params(project_params(work)), progress=True)
         results["online_store_mb"] = (work / "features" / "data" / "finetuned" / "online_store.db").stat().st_size / 2**20
 
         # ---- source rows, for checking every answer
@@ -88,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         keys = [str(k) for k in rng.choice(state_keys, size=args.reps)]
 
         # ---- online: Feast (SQLite online store)
-        store = fx.open_store(work / "features", "finetuned")
-        with fx._quiet_feast():
-            online = time_calls(lambda key: fx.online_candidates(store, key)["embedding"], keys, expected)
-            t_state = time_calls(lambda key: fx.online_state(store, *key.split("/"), candidates=True)["candidates"]["embedding"],
+        store = client.open_store(work / "features", "finetuned")
+        with client.quiet_feast():
+            online = time_calls(lambda key: client.online_candidates(store, key)["embedding"], keys, expected)
+            t_state = time_calls(lambda key: client.online_state(store, *key.split("/"), candidates=True)["candidates"]["embedding"],
                                  keys[: args.file_reps], expected)
         results["online_feast_candidates"] = online
         results["online_feast_state_plus_candidates"] = t_state
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- point-in-time training set for every state
         for attempt in ("first", "second"):
             start = time.perf_counter()
-            frame = fx.training_frame(store)
+            frame = client.training_frame(store)
             results[f"training_frame_{attempt}"] = {"wall_s": time.perf_counter() - start, "rows": len(frame),
                                                     "candidate_rows": int(frame.candidate_mask.sum()), **frame.timings}
         order = np.argsort(frame.state_key)

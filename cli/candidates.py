@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 
 def register(app: typer.Typer) -> None:
@@ -16,20 +16,17 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def candidates(
-    dataset: Path | None = typer.Option(None, "--dataset", help="dataset folder [params: collect.out]"),
-    k: int | None = typer.Option(None, "--k", help="candidates per state, index 0 the dataset action [params: candidates.k]"),
-    seed: int | None = typer.Option(None, "--seed", help="base seed of the per-state draws [params: candidates.seed]"),
-    out: Path | None = typer.Option(None, "--out", help="candidate table (Parquet) [params: candidates.out]"),
     params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    out: Path | None = typer.Option(None, "--out", help="candidate table (Parquet)"),
+    seed: int | None = typer.Option(None, "--seed", help="base seed of the per-state draws"),
 ) -> None:
     """Sample K actions per stored state from π_β (index 0 = the dataset action); gate their diversity."""
     from digiq.pipelines import candidates as stage
 
-    cfg = load(params)
-    p = stage.candidates_params(cfg)
-    p = stage.validated(stage.CandidatesParams, {**p.model_dump(), "k": pick(k, p.k), "seed": pick(seed, p.seed),
-                                                 "out": str(pick(out, p.out))}, "candidates")
-    outcome = stage.run(pick(dataset, Path(cfg.collect.out)), p, behavior=cfg.collect.behavior, progress=True, report=_print)
+    cfg = load(params, overrides, {"candidates.out": out, "candidates.seed": seed})
+    outcome = stage.run(cfg, progress=True, report=_print)
+    p = cfg.candidates
     typer.echo(f"wrote {p.out}, {p.metrics}, {p.checks}/index.html ({outcome.seconds:.1f} s)")
 
 

@@ -8,40 +8,22 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, handle_errors, load, pick
+from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
 
 app = typer.Typer(no_args_is_help=True, help="Feast feature store: materialize frozen features, read them online.")
-
-
-def _settings(params_path: Path, repo: Path | None, variant: str | None):
-    from digiq.pipelines.features import features_params
-
-    params = load(params_path)
-    fp = features_params(params)
-    fp = fp.model_copy(update={"repo": str(pick(repo, fp.repo)), "variant": pick(variant, fp.variant)})
-    return params, fp
+VARIANT_OPTION = typer.Option(None, "--variant", help="embedding variant: data/embeddings/<variant>/")
 
 
 @app.command("materialize")
 @handle_errors
-def materialize(
-    variant: str = typer.Option(None, "--variant", help="embedding variant: data/embeddings/<variant>/ [params: features.variant]"),
-    repo: Path = typer.Option(None, "--repo", help="Feast repository folder [params: features.repo]"),
-    embeddings: Path = typer.Option(None, "--embeddings", help="folder of embedding variants [params: features.embeddings]"),
-    dataset: Path = typer.Option(None, "--dataset", help="trajectory dataset folder [params: collect.out]"),
-    labels: Path = typer.Option(None, "--labels", help="ε-label table [params: label.out]"),
-    metrics: Path = typer.Option(None, "--metrics", help="metrics JSON written at the end [params: features.metrics]"),
-    params_path: Path = PARAMS_OPTION,
-) -> None:
-    """Check the embedding/label/step tables, `feast apply` and materialize them into the online store."""
-    from digiq.pipelines import features as pipeline
+def materialize(params: Path = PARAMS_OPTION, overrides: list[str] | None = SET_OPTION, variant: str | None = VARIANT_OPTION) -> None:
+    """Check the embedding/label/step tables, derive the served sources, `feast apply` and materialize them."""
+    from digiq.pipelines import features as stage
 
-    params, fp = _settings(params_path, repo, variant)
-    fp = fp.model_copy(update={"embeddings": str(pick(embeddings, fp.embeddings))})
-    inputs = pipeline.Inputs.from_params(fp, dataset=pick(dataset, params.collect.out), labels=pick(labels, params.label.out))
-    result = pipeline.materialize(inputs, pick(metrics, fp.metrics), progress=True)
+    result = stage.run(load(params, overrides, {"features.variant": variant}), progress=True)
     rows = ", ".join(f"{name} {count}" for name, count in result["rows"].items())
-    typer.echo(f"materialized variant {result['variant']} (d = {result['dim']} per state, {result['dim_candidate']} per candidate): {rows} in {result['timings_s']['total']:.1f} s")
+    typer.echo(f"materialized variant {result['variant']} (d = {result['dim']} per state, {result['dim_candidate']} per candidate): "
+               f"{rows} in {result['timings_s']['total']:.1f} s")
 
 
 @app.command("get")
@@ -51,16 +33,15 @@ def get(
     step: int = typer.Option(..., "--step", help="step id"),
     candidates: bool = typer.Option(False, "--candidates", help="also read the state's K candidate actions and embeddings"),
     as_json: bool = typer.Option(False, "--json", help="print every value (full embeddings) as JSON"),
-    variant: str = typer.Option(None, "--variant", help="embedding variant [params: features.variant]"),
-    repo: Path = typer.Option(None, "--repo", help="Feast repository folder [params: features.repo]"),
-    params_path: Path = PARAMS_OPTION,
+    params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+    variant: str | None = VARIANT_OPTION,
 ) -> None:
     """Read one state's features (f(s), reward, done, s', ε-label; with --candidates f(s, a_k)) from the online store."""
-    from digiq.pipelines import features as pipeline
+    from digiq.store_client import online_state, open_store
 
-    _, fp = _settings(params_path, repo, variant)
-    store = pipeline.open_store(fp.repo, fp.variant)
-    row = pipeline.online_state(store, traj, step, candidates=candidates)
+    features = load(params, overrides, {"features.variant": variant}).features
+    row = online_state(open_store(features.repo, features.variant), traj, step, candidates=candidates)
     if as_json:
         typer.echo(json.dumps(_jsonable(row)))
     else:
@@ -106,8 +87,8 @@ def _print_state(row: dict[str, Any]) -> None:
     if "candidates" in row:
         cands = row["candidates"]
         listing = Table(title=f"{len(cands['cand_idx'])} candidates (0 = dataset action)")
-        for column in ("cand_idx", "action", "embedding"):
+        for column in ("cand_idx", "action", "draws", "embedding"):
             listing.add_column(column)
-        for idx, action, vector in zip(cands["cand_idx"], cands["action"], cands["embedding"]):
-            listing.add_row(str(idx), _short(action), _summary(vector))
+        for idx, action, draws, vector in zip(cands["cand_idx"], cands["action"], cands["draws"], cands["embedding"]):
+            listing.add_row(str(idx), _short(action), str(draws), _summary(vector))
         console.print(listing)

@@ -39,44 +39,41 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
-from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax
+from digiq.config import ActorParams, Method
+from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax, record_model
 from digiq.errors import DigiqError
 from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
                       resolve_device, save_pretrained, seeded_generator)
 from digiq.progress import progress_bar
 
-Method = Literal["digiq", "bc", "filtered-bc", "awr", "reinforce"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from digiq.training_data import TrainingData
+
 KIND = "digiq.policy"
+METHODS: tuple[str, ...] = get_args(Method)
+NEEDS_CRITIC = ("digiq", "awr", "reinforce")
+SAVED = ("n", "threshold", "awr_beta", "awr_max_weight", "use_state", "behavior_prior", "hidden", "standardize", "lr",
+         "grad_clip", "batch_size", "updates", "log_every", "device")
+ActorRecord = record_model("ActorRecord", ActorParams, SAVED, top_level=("seed",),
+                           method=(Method, Field("digiq", description="digiq (Best-of-N) | bc | filtered-bc | awr | reinforce")))
 
 
-class ActorConfig(BaseModel):
-    """Policy-extraction hyper-parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Method = Field("digiq", description="digiq (Best-of-N) | bc | filtered-bc | awr | reinforce")
-    n: int = Field(16, ge=1, description="Best-of-N / REINFORCE: candidates scored per state, dataset action included (paper 16 of 64)")
-    threshold: float = Field(0.10, description="Best-of-N: imitate the best candidate only if its advantage exceeds this (official 0.10)")
-    awr_beta: float = Field(0.05, gt=0.0, description="AWR temperature β in exp(A/β) (official awr_beta 0.05)")
-    awr_max_weight: float = Field(20.0, gt=0.0, description="AWR: weights are clipped at this value")
-    use_state: bool = Field(True, description="score [f(s), f(s, a)] (True) or f(s, a) alone (False)")
-    behavior_prior: bool = Field(True, description="weigh each candidate by the π_β draws it stands for: π ∝ n_k·exp g (False: plain softmax over distinct candidates)")
-    hidden: tuple[int, ...] = Field((256, 256), description="hidden layer widths of the scorer MLP")
-    standardize: bool = Field(False, description="standardise f(s) and f(s, a) with the training states' mean and std (saved with the weights)")
-    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
-    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
-    batch_size: int = Field(128, ge=1, description="states per update")
-    updates: int = Field(1000, ge=1, description="gradient updates")
-    log_every: int = Field(50, ge=1, description="updates per logged point (window means)")
-    seed: int = Field(0, ge=0, description="seed for weight init, the N-subsets and batch sampling")
-    device: str = Field("auto", description="'auto' (cuda when visible), 'cpu', 'cuda', …")
+def actor_record(params: ActorParams | None = None, method: str = "digiq", seed: int | None = None) -> BaseModel:
+    """What a policy extracted by ``method`` with ``params`` (defaults: the declared ones) and ``seed`` records."""
+    if method not in METHODS:
+        raise DigiqError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})", field="method")
+    return ActorRecord(**(params or ActorParams()).model_dump(include=set(SAVED)), method=method,
+                       **({} if seed is None else {"seed": seed}))
 
 
 # ----------------------------------------------------------------------------------------------- the policy
@@ -85,9 +82,10 @@ class ActorConfig(BaseModel):
 class CandidatePolicy(nn.Module):
     """An MLP scorer over [f(s), f(s, a_k)] (or f(s, a_k)) → logits over a state's candidate set."""
 
-    def __init__(self, d_s: int, d_sa: int, config: ActorConfig | None = None):
+    def __init__(self, d_s: int, d_sa: int, params: ActorParams | None = None, *, method: str = "digiq",
+                 seed: int | None = None):
         super().__init__()
-        self.config = config or ActorConfig()
+        self.config = actor_record(params, method, seed)
         self.d_s, self.d_sa = d_s, d_sa
         self.scorer = mlp(d_sa + (d_s if self.config.use_state else 0), self.config.hidden)
         self.norm_s, self.norm_sa = ((Standardize(d_s), Standardize(d_sa)) if self.config.standardize
@@ -103,8 +101,8 @@ class CandidatePolicy(nn.Module):
         """g(s, a_k) [B, K], computed only where ``cand_mask`` (default: everywhere) is True; 0 elsewhere.
 
         The first layer W·[f(s); f(s, a_k)] + b is computed as W_a·f(s, a_k) + (W_s·f(s) + b): the state's
-        half once per state instead of once per candidate. Skipping the masked slots matters: on the default
-        data a state has 11.3 distinct candidates of K = 64 on average.
+        half once per state instead of once per candidate. Skipping the masked slots matters: a state has far fewer
+        distinct candidates than K (docs/benchmarks.md).
         """
         if cand_mask is None:
             cand_mask = torch.ones(cand_sa.shape[:2], dtype=torch.bool, device=cand_sa.device)
@@ -148,8 +146,9 @@ class CandidatePolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> CandidatePolicy:
-        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=ActorConfig)
-        policy = cls(dims["d_s"], dims["d_sa"], config)  # type: ignore[arg-type]
+        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=ActorRecord)
+        policy = cls(dims["d_s"], dims["d_sa"], ActorParams(**config.model_dump(include=set(SAVED))), method=config.method,
+                     seed=config.seed)
         load_state(policy, state, directory)
         return policy.to(device).eval()
 
@@ -203,8 +202,8 @@ def reinforce_weights(adv: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
     return torch.where(subset, adv, torch.zeros_like(adv))
 
 
-def method_weights(config: ActorConfig, data: Transitions, adv: torch.Tensor | None, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """The imitation weights W [B, K] of ``config.method`` and its selection metrics."""
+def method_weights(config: BaseModel, data: Transitions, adv: torch.Tensor | None, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The imitation weights W [B, K] of ``config.method`` (an :func:`actor_record`) and its selection metrics."""
     data.require("cand_sa", "cand_mask")
     b, k = data.cand_mask.shape
     first = torch.zeros(b, k)
@@ -250,19 +249,21 @@ def _selection_metrics(method: str, weights: torch.Tensor, imitated: torch.Tenso
 
 def train_actor(
     data: Transitions,
-    config: ActorConfig | None = None,
+    params: ActorParams | None = None,
     critic: DoubleCritic | None = None,
     log_fn: LogFn | None = None,
     *,
+    method: str = "digiq",
+    seed: int | None = None,
     show_progress: bool = False,
 ) -> tuple[CandidatePolicy, dict[str, float], list[dict[str, float]]]:
-    """Extract a policy with ``config.method``; returns (policy, metrics, history).
+    """Extract a policy with ``method`` (seed ``seed``; None: the declared one); returns (policy, metrics, history).
 
     ``critic`` is required for digiq / awr / reinforce; given for bc / filtered-bc it only adds the mean
     advantage of the imitated actions to the metrics. Metrics: n_states, n_kept, frac_states_kept,
     mean_advantage_kept, train_loss (last window), agreement (policy argmax = imitated candidate, kept states).
     """
-    config = config or ActorConfig()
+    config = actor_record(params, method, seed)
     data.require("cand_sa", "cand_mask")
     device = resolve_device(config.device)
     generator = seeded_generator(config.seed)
@@ -275,7 +276,7 @@ def train_actor(
     table = [t[rows].to(device, dtype).contiguous() for t, dtype in
              ((data.s, torch.float32), (data.cand_sa, torch.float32), (data.cand_mask, torch.bool),
               (data.cand_count, torch.float32), (weights, torch.float32))]
-    policy = CandidatePolicy(data.s.shape[1], data.sa.shape[1], config).to(device)
+    policy = CandidatePolicy(data.s.shape[1], data.sa.shape[1], params, method=method, seed=config.seed).to(device)
     policy.fit_standardization(*table[:3])
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)
     sampler = EpochSampler(len(rows), config.batch_size, generator, device)
@@ -311,3 +312,42 @@ def _agreement(policy: CandidatePolicy, table: list[torch.Tensor]) -> float:
         return math.nan
     chosen = map_chunks(policy.act, s[rows], cand_sa[rows], mask[rows], count[rows], device=weights.device)
     return (chosen == first_argmax(weights[rows].cpu())).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------- the stage's pieces
+
+
+def load_critic(directory: str | Path, *, required: bool) -> DoubleCritic | None:
+    """The trained critic at ``directory``; None when absent and not required (DigiqError when required)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        if required:
+            raise DigiqError("no trained critic here (run `digiq critic` first)", file=directory / "config.json")
+        return None
+    return DoubleCritic.from_pretrained(directory)
+
+
+def check_dims(critic: DoubleCritic, data: TrainingData, critic_dir: str | Path) -> None:
+    """The critic reads features of the sizes the store serves (DigiqError naming its config otherwise)."""
+    d_s, d_sa = data.frame.state.shape[1], data.frame.action.shape[1]
+    if (critic.d_s, critic.d_sa) != (d_s, d_sa):
+        raise DigiqError(f"critic expects d_s={critic.d_s}, d_sa={critic.d_sa} but the store serves {d_s}, {d_sa} "
+                         "(trained on another variant? re-run `digiq critic`)", file=Path(critic_dir) / "config.json", field="dims")
+
+
+def policy_scores(policy: CandidatePolicy, data: TrainingData) -> pa.Table:
+    """traj_id, step_id, cand_idx, action, draws, prob and chosen over every distinct candidate."""
+    import pyarrow as pa
+
+    transitions = data.transitions()
+    logits = map_chunks(policy.logits, transitions.s, transitions.cand_sa, transitions.cand_mask, transitions.cand_count,
+                        device=next(policy.parameters()).device)
+    prob = torch.softmax(logits, dim=-1).double().numpy()
+    chosen = np.zeros(prob.shape, dtype=bool)
+    chosen[np.arange(len(prob)), first_argmax(logits).numpy()] = True
+    row, idx = np.nonzero(data.distinct)
+    return pa.table({
+        "traj_id": pa.array(data.traj_id[row].tolist(), pa.string()), "step_id": pa.array(data.step_id[row], pa.int64()),
+        "cand_idx": pa.array(idx, pa.int64()), "action": pa.array(data.frame.candidate_actions[row, idx].tolist(), pa.string()),
+        "draws": data.draws[row, idx].astype(np.int64), "prob": prob[row, idx], "chosen": chosen[row, idx],
+    })

@@ -1,6 +1,6 @@
 """Candidate actions: K actions per state from the behaviour policy π_β, index 0 = the dataset action.
 
-    table = make_candidates(Dataset("data/raw"), k=64, seed=0)     # CANDIDATES_SCHEMA, one row per candidate
+    table = make_candidates(Dataset("data/raw"), k=64, seed=0)     # the candidate table, one row per candidate
     summary = diversity(table)                                       # distinct actions per state
     check_diversity(table, min_mean_distinct=4, min_frac_two_distinct=0.9).raise_for_failures(path)
 
@@ -10,17 +10,19 @@ Sampling (Digi-Q samples K actions from π_β at every stored state, duplicates 
   draws ``π_β.sample(step, K − 1, rng)`` at the stored state (goal + DOM elements + previous actions);
 - ``rng`` is seeded per state from ``(seed, traj_id, step_id)`` (a SeedSequence over a sha256 of the key),
   so a state's candidates do not depend on which other states are sampled or in which order;
-- duplicates are kept as sampled; ``is_duplicate`` marks a candidate whose canonical action string equals
-  an earlier candidate of the same state, so ``n_distinct = K − Σ is_duplicate``.
+- duplicates are kept as sampled and de-duplicated once, here, by what they do: each candidate carries its
+  :func:`~digiq.feature_contract.semantic_key` and ``draws``, the draws of the state its class stands for at the
+  class's first candidate and 0 at a repeat (so ``n_distinct`` = the candidates with draws > 0). Training, the
+  diversity gate and the viewer read these columns; live evaluation applies the same rule to live draws.
 
-Imported official data (a dataset with its own ``candidates.parquet``, written by the importer from
-``action_list``) keeps its candidates: :func:`make_candidates` reads them and only adds ``is_duplicate``.
+Imported official data (a dataset with its own ``candidates.parquet``, written by the importer from ``action_list``)
+keeps its candidates: :func:`make_candidates` reads them and adds the semantic keys and draws.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 
 from digiq.actions import format_action, parse_action
 from digiq.errors import DigiqError
+from digiq.feature_contract import CANDIDATE_TABLE_SCHEMA, draw_counts, semantic_key
 
 if TYPE_CHECKING:
     from digiq.checks import SuiteResult
@@ -37,13 +40,7 @@ if TYPE_CHECKING:
     from digiq.store import Dataset
 
 IMPORTED_FILE = "candidates.parquet"  # written by digiq.importer next to manifest.json
-CANDIDATES_SCHEMA = pa.schema([
-    ("traj_id", pa.string()),
-    ("step_id", pa.int32()),
-    ("cand_idx", pa.int32()),
-    ("action", pa.string()),
-    ("is_duplicate", pa.bool_()),
-])
+STEP_COLUMNS = ["traj_id", "step_id", "task", "goal", "observation", "elements", "action"]
 
 
 def state_rng(seed: int, traj_id: str, step_id: int) -> np.random.Generator:
@@ -54,49 +51,8 @@ def state_rng(seed: int, traj_id: str, step_id: int) -> np.random.Generator:
 
 
 def canonical(action: str) -> str:
-    """The canonical AutoUI string of an action (what duplicates are compared on)."""
+    """The canonical AutoUI string of an action."""
     return format_action(parse_action(action))
-
-
-def semantic_key(action: Any, elements: list[dict[str, Any]] | None) -> str:
-    """What an action *does*, for de-duplicating candidates: a tap is the innermost tappable DOM element under its
-    point (``tap@<ref>``, ``tap@none`` off every control); any other action is its canonical string.
-
-    π_β jitters every tap inside its element, so as strings no two taps are ever equal, while a TYPE or PRESS_ENTER
-    drawn 20 times collapses to one candidate. De-duplicating by string therefore hands each discrete action the
-    whole mass of its copies and splits a tap's mass over its jittered copies: imitation over such a set (bc)
-    learns "pick the most-repeated string" (TYPE / ENTER / COMPLETE), not π_β's choice. Without elements
-    (imported data) this is the canonical string.
-    """
-    from digiq.envs.behavior import tapped_element
-
-    a = parse_action(action) if isinstance(action, str) else action
-    if a.kind != "tap" or not elements:
-        return format_action(a)
-    hit = tapped_element(a.touch_point, elements)
-    return f"tap@{hit['ref'] if hit is not None else 'none'}"
-
-
-def key_classes(keys: Iterable[Hashable]) -> dict[Hashable, tuple[int, int]]:
-    """Group a sequence by key, in first-occurrence order: key → (position of its first item, items sharing it).
-    One rule for training (:func:`digiq.pipelines.critic.candidate_classes`) and live evaluation
-    (:func:`digiq.evaluate.candidate_set`): the first draw of a class stands for all its draws."""
-    classes: dict[Hashable, tuple[int, int]] = {}
-    for position, key in enumerate(keys):
-        first, count = classes.get(key, (position, 0))
-        classes[key] = (first, count + 1)
-    return classes
-
-
-def duplicate_flags(actions: Iterable[str]) -> list[bool]:
-    """True for each action equal (canonically) to an earlier one of the same list."""
-    seen: set[str] = set()
-    flags = []
-    for action in actions:
-        key = canonical(action)
-        flags.append(key in seen)
-        seen.add(key)
-    return flags
 
 
 def sample_state(policy: BehaviorPolicy, row: dict[str, Any], k: int, seed: int) -> list[str]:
@@ -114,6 +70,24 @@ def sample_state(policy: BehaviorPolicy, row: dict[str, Any], k: int, seed: int)
     return [row["action"], *(format_action(a) for a in drawn)]
 
 
+def candidate_table(states: Iterable[tuple[dict[str, Any], list[str]]]) -> pa.Table:
+    """(step-table row, its candidate action strings in cand_idx order) pairs as the candidate table: each candidate
+    with its semantic key (taps by the row's DOM elements) and draw count."""
+    from digiq.envs.view import parse_elements
+
+    columns: dict[str, list[Any]] = {name: [] for name in CANDIDATE_TABLE_SCHEMA.names}
+    for row, actions in states:
+        elements = parse_elements(row.get("elements"))
+        keys = [semantic_key(action, elements) for action in actions]
+        columns["traj_id"] += [row["traj_id"]] * len(actions)
+        columns["step_id"] += [row["step_id"]] * len(actions)
+        columns["cand_idx"] += range(len(actions))
+        columns["action"] += actions
+        columns["semantic_key"] += keys
+        columns["draws"] += draw_counts(keys)
+    return pa.table(columns, schema=CANDIDATE_TABLE_SCHEMA)
+
+
 def make_candidates(dataset: Dataset, k: int, seed: int, *, policy: BehaviorPolicy | None = None,
                     progress: bool = False) -> pa.Table:
     """The candidate table of ``dataset`` (imported ``candidates.parquet`` when the dataset has one)."""
@@ -121,41 +95,39 @@ def make_candidates(dataset: Dataset, k: int, seed: int, *, policy: BehaviorPoli
     if imported.is_file():
         return read_imported(imported, dataset)
     from digiq.envs.behavior import BehaviorPolicy
+    from digiq.progress import progress_bar
 
     policy = policy or BehaviorPolicy()
-    columns = ["traj_id", "step_id", "task", "goal", "observation", "elements", "action"]
-    rows = dataset.table().select(columns).to_pylist()
-    traj, step, idx, actions, dup = [], [], [], [], []
-    for row in _progress(rows, "candidates", progress):
-        cands = sample_state(policy, row, k, seed)
-        traj += [row["traj_id"]] * len(cands)
-        step += [row["step_id"]] * len(cands)
-        idx += range(len(cands))
-        actions += cands
-        dup += duplicate_flags(cands)
-    return pa.table([traj, step, idx, actions, dup], schema=CANDIDATES_SCHEMA)
+    rows = dataset.table().select(STEP_COLUMNS).to_pylist()
+    states = []
+    with progress_bar("candidates", total=len(rows), enabled=progress, unit="states") as bar:
+        for row in rows:
+            states.append((row, sample_state(policy, row, k, seed)))
+            bar.advance()
+    return candidate_table(states)
 
 
 def read_imported(path: Path, dataset: Dataset) -> pa.Table:
-    """An importer-written candidate table (traj_id, step_id, cand_idx, action) with ``is_duplicate`` added."""
+    """An importer-written candidate table (traj_id, step_id, cand_idx, action) with semantic keys and draws added."""
     from digiq.parquet import read_table
 
     table = read_table(path, columns=["traj_id", "step_id", "cand_idx", "action"])
-    table = table.sort_by([("traj_id", "ascending"), ("step_id", "ascending"), ("cand_idx", "ascending")])
-    frame = table.to_pandas()
+    frame = table.sort_by([("traj_id", "ascending"), ("step_id", "ascending"), ("cand_idx", "ascending")]).to_pandas()
+    steps = dataset.table().select(["traj_id", "step_id", "elements", "action"]).to_pandas()
+    rows = {(r.traj_id, r.step_id): {"traj_id": r.traj_id, "step_id": r.step_id, "elements": r.elements} for r in steps.itertuples()}
+    groups = frame.groupby(["traj_id", "step_id"], sort=False)["action"]
     try:
-        frame["is_duplicate"] = frame.groupby(["traj_id", "step_id"], sort=False)["action"].transform(
-            lambda actions: duplicate_flags(actions.tolist()))
+        out = candidate_table((rows.get(key, {"traj_id": key[0], "step_id": key[1]}), actions.tolist()) for key, actions in groups)
     except DigiqError:
         raise _unparsable_candidate(frame, path) from None
-    steps = dataset.table().select(["traj_id", "step_id", "action"]).to_pandas()
+    out = out.set_column(out.schema.get_field_index("cand_idx"), "cand_idx", pa.array(frame["cand_idx"], pa.int32()))
     merged = steps.merge(frame[frame["cand_idx"] == 0], on=["traj_id", "step_id"], how="left", suffixes=("", "_c"))
     missing = merged[merged["action_c"].isna()]
     if len(missing):
         first = missing.iloc[0]
         raise DigiqError(f"state {first.traj_id}/{first.step_id} has no candidate 0 ({len(missing)} states)",
                          file=path, field="cand_idx")
-    return pa.Table.from_pandas(frame, schema=CANDIDATES_SCHEMA, preserve_index=False)
+    return out
 
 
 def _unparsable_candidate(frame: Any, path: Path) -> DigiqError:
@@ -170,12 +142,12 @@ def _unparsable_candidate(frame: Any, path: Path) -> DigiqError:
 
 def per_state(table: pa.Table) -> Any:
     """One row per state: traj_id, step_id, n_candidates, n_distinct, two_distinct (0/1)."""
-    frame = table.select(["traj_id", "step_id", "is_duplicate"]).to_pandas()
-    grouped = frame.groupby(["traj_id", "step_id"], sort=True)["is_duplicate"]
-    out = grouped.agg(n_candidates="size", n_duplicates="sum").reset_index()
-    out["n_distinct"] = (out["n_candidates"] - out["n_duplicates"]).astype("int64")
+    frame = table.select(["traj_id", "step_id", "draws"]).to_pandas()
+    frame["distinct"] = frame["draws"] > 0
+    out = frame.groupby(["traj_id", "step_id"], sort=True)["distinct"].agg(n_candidates="size", n_distinct="sum").reset_index()
+    out["n_distinct"] = out["n_distinct"].astype("int64")
     out["two_distinct"] = (out["n_distinct"] >= 2).astype("int64")
-    return out.drop(columns="n_duplicates")
+    return out
 
 
 def diversity(table: pa.Table) -> dict[str, Any]:
@@ -221,12 +193,4 @@ def write_candidates(table: pa.Table, path: str | Path) -> None:
     from digiq.atomic import atomic_path
 
     with atomic_path(Path(path)) as tmp:
-        pq.write_table(table.cast(CANDIDATES_SCHEMA), tmp)
-
-
-def _progress(rows: list[Any], label: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return rows
-    from rich.progress import track
-
-    return track(rows, description=label, transient=True)
+        pq.write_table(table.cast(CANDIDATE_TABLE_SCHEMA), tmp)

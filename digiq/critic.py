@@ -1,12 +1,11 @@
 """The Digi-Q critic: double Q/V heads on frozen features, trained offline by TD (or MC, the ablation).
 
-Equations (DESIGN §1; arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s], f(s, a) [d_sa].
+Equations (Digi-Q, arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s], f(s, a) [d_sa].
 
     Q_i(s, a) = MLP_Qi(z(f(s, a))),  V_i(s) = MLP_Vi(z(f(s))),  i ∈ {1, 2};  Q̄_i, V̄_i their Polyak copies.
     z(x) = (x − μ) / σ per feature, μ, σ of the training set (``standardize``, default on; the official code feeds
-    raw features). Frozen last-token features are mostly a shared offset: on the default data the mean vector has
-    norm 3.76 of a typical row's 4.00, per-dimension std 0.03–0.14. Raw, the heads barely separate states; the
-    critic ranked "tap Login" first on 52 % of empty login forms, 1 % standardised (docs/results.md).
+    raw features). Frozen last-token features are mostly an offset shared by every row: raw, the heads barely
+    separate states (docs/results.md).
 
     TD   y_Q = r + γ (1 − done) · min(V̄1(s'), V̄2(s'))          L_Q = Σ_i MSE(Q_i(s, a_data), y_Q)
          y_V = min(Q̄1(s, a_data), Q̄2(s, a_data))                L_V = Σ_i MSE(V_i(s), y_V)
@@ -20,14 +19,17 @@ Equations (DESIGN §1; arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s],
 
     A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
-Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); we follow DESIGN §1 and
-use the clipped minimum of both target heads, the usual guard against over-estimation.
+Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); here both targets take the clipped
+minimum of the two target heads, the usual guard against over-estimation.
 
 Usage::
 
-    critic, history = train_critic(transitions, CriticConfig(), log_fn=print)
+    critic, history = train_critic(transitions, params.critic, gamma=params.gamma, seed=params.seed, log_fn=print)
     critic.save_pretrained("models/critic");  critic = DoubleCritic.from_pretrained("models/critic")
-    metrics = critic_diagnostics(critic, transitions)
+
+Hyper-parameters are ``digiq.config.CriticParams`` (γ and the seed are the top-level ``Params`` ones);
+``critic.config`` is what ``config.json`` records of them (:data:`CriticRecord`). Diagnostics:
+:mod:`digiq.critic_diagnostics`.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 
 from digiq.atomic import atomic_path
+from digiq.config import CriticParams, Params
 from digiq.errors import DigiqError
 from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
                       resolve_device, save_pretrained, seeded_generator, soft_update)
@@ -55,24 +58,24 @@ LogFn = Callable[[dict[str, float], int], None]
 KIND = "digiq.critic"
 
 
-class CriticConfig(BaseModel):
-    """Critic hyper-parameters (defaults: official Digi-Q code where it has one)."""
+def record_model(name: str, section: type[BaseModel], keys: tuple[str, ...], *, top_level: tuple[str, ...] = (),
+                 **more: Any) -> type[BaseModel]:
+    """The model of what a saved ``config.json`` records: the ``keys`` of a params section, the ``top_level`` settings
+    of ``Params`` and the ``more`` fields ((type, Field) pairs), each as declared there, and nothing else."""
+    declared = [(section, key) for key in keys] + [(Params, key) for key in top_level]
+    fields_ = {key: (model.model_fields[key].annotation, copy.deepcopy(model.model_fields[key])) for model, key in declared}
+    return create_model(name, __config__=ConfigDict(extra="forbid", protected_namespaces=()), **fields_, **more)
 
-    model_config = ConfigDict(extra="forbid")
 
-    target: Literal["td", "mc"] = Field("td", description="'td': bootstrapped targets with target nets; 'mc': regress on the discounted return")
-    gamma: float = Field(0.95, ge=0.0, le=1.0, description="discount γ of the TD target (official 0.95)")
-    tau: float = Field(0.1, gt=0.0, le=1.0, description="Polyak rate of the target nets, θ̄ ← τθ + (1−τ)θ̄ (official 0.1)")
-    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (official critic_lr 1e-3)")
-    grad_clip: float = Field(0.01, gt=0.0, description="max grad norm of each head pair (official 0.01; Adam normalises the scale anyway)")
-    batch_size: int = Field(128, ge=1, description="transitions per update (official 128)")
-    hidden: tuple[int, ...] = Field((256, 256), description="hidden layer widths of each Q and V MLP")
-    updates: int = Field(3000, ge=1, description="gradient updates (epochs = updates · batch_size / n_transitions)")
-    log_every: int = Field(50, ge=1, description="updates per logged point (metrics are averaged over the window)")
-    seed: int = Field(0, ge=0, description="seed for weight init and batch sampling")
-    device: str = Field("auto", description="'auto' (cuda when visible), 'cpu', 'cuda', 'cuda:1', …")
-    cql_alpha: float = Field(0.0, ge=0.0, description="weight α of the conservative (CQL) term over π_β's candidates; 0: off (the paper)")
-    standardize: bool = Field(True, description="standardise each head's input features with the training set's mean and std (saved with the weights); False: raw features, as the official code")
+SAVED = ("target", "tau", "lr", "grad_clip", "batch_size", "hidden", "updates", "log_every", "device", "cql_alpha", "standardize")
+CriticRecord = record_model("CriticRecord", CriticParams, SAVED, top_level=("gamma", "seed"))
+
+
+def critic_record(params: CriticParams | None = None, gamma: float | None = None, seed: int | None = None) -> BaseModel:
+    """What a critic trained with ``params`` (defaults: the declared ones), ``gamma`` and ``seed`` records."""
+    given = {"gamma": gamma, "seed": seed}
+    return CriticRecord(**(params or CriticParams()).model_dump(include=set(SAVED)),
+                        **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -196,9 +199,10 @@ class QVHeads(nn.Module):
 class DoubleCritic(nn.Module):
     """Online heads (trained) + target heads (Polyak copies, never trained by gradient)."""
 
-    def __init__(self, d_s: int, d_sa: int, config: CriticConfig | None = None):
+    def __init__(self, d_s: int, d_sa: int, params: CriticParams | None = None, *, gamma: float | None = None,
+                 seed: int | None = None):
         super().__init__()
-        self.config = config or CriticConfig()
+        self.config = critic_record(params, gamma, seed)
         self.d_s, self.d_sa = d_s, d_sa
         self.online = QVHeads(d_s, d_sa, self.config.hidden, self.config.standardize)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
@@ -224,9 +228,10 @@ class DoubleCritic(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> DoubleCritic:
-        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticConfig,
+        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticRecord,
                                               absent_means={"standardize": False})  # saved before the option: raw inputs
-        critic = cls(dims["d_s"], dims["d_sa"], config)  # type: ignore[arg-type]
+        params = CriticParams(**config.model_dump(include=set(SAVED)))
+        critic = cls(dims["d_s"], dims["d_sa"], params, gamma=config.gamma, seed=config.seed)
         load_state(critic, state, directory)
         return critic.to(device).eval()
 
@@ -236,7 +241,7 @@ def advantage(critic: DoubleCritic, s: torch.Tensor, cand_sa: torch.Tensor) -> t
 
     "Max over heads" as in the official code (``torch.maximum(q1, q2) − torch.maximum(v1, v2)``).
     """
-    return map_chunks(lambda s_, sa_: critic.q_value(sa_) - critic.v_value(s_).unsqueeze(-1), s, cand_sa, device=_device_of(critic))
+    return map_chunks(lambda s_, sa_: critic.q_value(sa_) - critic.v_value(s_).unsqueeze(-1), s, cand_sa, device=device_of(critic))
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -270,13 +275,13 @@ def td_v_target(target: QVHeads, batch: Batch) -> torch.Tensor:
 class CriticTrainer:
     """One update = ``_update_q`` + ``_update_v`` (+ Polyak step); metrics go into one dict."""
 
-    def __init__(self, critic: DoubleCritic, config: CriticConfig):
-        self.critic, self.config = critic, config
+    def __init__(self, critic: DoubleCritic):
+        self.critic, self.config = critic, critic.config
         heads = critic.online
         self.q_params = [*heads.q1.parameters(), *heads.q2.parameters()]
         self.v_params = [*heads.v1.parameters(), *heads.v2.parameters()]
-        self.q_optimizer = torch.optim.Adam(self.q_params, lr=config.lr, fused=True)
-        self.v_optimizer = torch.optim.Adam(self.v_params, lr=config.lr, fused=True)
+        self.q_optimizer = torch.optim.Adam(self.q_params, lr=self.config.lr, fused=True)
+        self.v_optimizer = torch.optim.Adam(self.v_params, lr=self.config.lr, fused=True)
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         log: dict[str, torch.Tensor] = {}
@@ -332,15 +337,18 @@ def stack_batch(data: Transitions, device: str | torch.device, *, candidates: bo
 
 def train_critic(
     data: Transitions,
-    config: CriticConfig | None = None,
+    params: CriticParams | None = None,
     log_fn: LogFn | None = None,
     *,
+    gamma: float | None = None,
+    seed: int | None = None,
     val_data: Transitions | None = None,
     show_progress: bool = False,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 500,
 ) -> tuple[DoubleCritic, list[dict[str, float]]]:
-    """Train a :class:`DoubleCritic` for ``config.updates`` updates; returns it and the logged history.
+    """Train a :class:`DoubleCritic` for ``params.updates`` updates (discount ``gamma``, seed ``seed``; None: the
+    declared defaults); returns it and the logged history.
 
     Every ``log_every`` updates one point (means over the window, plus ``step``, ``epoch`` and, with
     ``val_data``, held-out losses) is appended to the history and passed to ``log_fn(point, step)``.
@@ -350,11 +358,11 @@ def train_critic(
     from it (its past points replayed through ``log_fn``): killed and re-run, it ends with exactly the
     critic and history of an uninterrupted run.
     """
-    config = config or CriticConfig()
+    config = critic_record(params, gamma, seed)
     device = resolve_device(config.device)
-    generator = seeded_generator(config.seed)
-    critic = DoubleCritic(data.s.shape[1], data.sa.shape[1], config).to(device)
-    trainer = CriticTrainer(critic, config)
+    generator = seeded_generator(config.seed)  # before the weights are drawn
+    critic = DoubleCritic(data.s.shape[1], data.sa.shape[1], params, gamma=config.gamma, seed=config.seed).to(device)
+    trainer = CriticTrainer(critic)
     table = stack_batch(data, device, candidates=config.cql_alpha > 0)
     critic.fit_standardization(table.s, table.sa)
     val_table = stack_batch(val_data, device) if val_data is not None else None
@@ -385,7 +393,7 @@ def train_critic(
     return critic.eval(), history
 
 
-def run_fingerprint(config: CriticConfig, table: Batch, val_table: Batch | None) -> str:
+def run_fingerprint(config: BaseModel, table: Batch, val_table: Batch | None) -> str:
     """sha256 of the config and the training (and validation) tensors: a checkpoint resumes only its own run."""
     digest = hashlib.sha256(config.model_dump_json().encode())
     for tensor in (t for t in (*table, *(val_table or ())) if t is not None):
@@ -427,18 +435,11 @@ class CriticCheckpoint:
         return int(blob["step"])
 
 
-# ----------------------------------------------------------------------------------------------- diagnostics
+# ----------------------------------------------------------------------------------------------- helpers
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def candidate_q(critic: DoubleCritic, data: Transitions) -> torch.Tensor:
-    """max(Q1, Q2) of every candidate [B, K] (invalid candidates: NaN)."""
-    data.require("cand_sa", "cand_mask")
-    q = map_chunks(critic.q_value, data.cand_sa, device=_device_of(critic))
-    return q.masked_fill(~data.cand_mask.cpu(), math.nan)
 
 
 def first_argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -446,95 +447,3 @@ def first_argmax(scores: torch.Tensor) -> torch.Tensor:
     filled = scores.nan_to_num(nan=-math.inf)
     is_max = filled == filled.max(dim=-1, keepdim=True).values
     return is_max.float().argmax(dim=-1)  # argmax of a 0/1 row returns the first 1
-
-
-def action_sensitivity(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
-    """Does Q use the action? Spread of Q over a state's candidates vs spread of Q across states.
-
-    - ``q_std_within_state``: mean over states (≥ 2 valid candidates) of the std of Q over that state's
-      valid candidates (population std);
-    - ``q_std_across_states``: std over states of the mean of Q over the state's valid candidates;
-    - ``action_sensitivity`` = within / across: 0 for a critic that ignores the action;
-    - ``argmax_not_dataset_frac``: states whose best candidate is not the dataset action (ties: index 0).
-
-    ``q``: :func:`candidate_q` of ``critic`` on ``data`` when the caller has it already.
-    """
-    q = candidate_q(critic, data) if q is None else q
-    rows = data.cand_mask.sum(dim=1) >= 2
-    q_rows = q[rows]
-    within = _nanstd(q_rows, dim=1).mean()
-    across = q_rows.nanmean(dim=1).std(unbiased=False)
-    return {
-        "action_sensitivity": (within / across.clamp_min(1e-12)).item(),
-        "q_std_within_state": within.item(),
-        "q_std_across_states": across.item(),
-        "argmax_not_dataset_frac": (first_argmax(q_rows) != 0).float().mean().item(),
-        "sensitivity_states": int(rows.sum()),
-    }
-
-
-def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
-    mean = x.nanmean(dim=dim, keepdim=True)
-    return ((x - mean) ** 2).nanmean(dim=dim).sqrt()
-
-
-def ranking_quality(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
-    """On states of successful trajectories: P[Q(s, a_data) > Q(s, a_random other valid candidate)].
-
-    Computed exactly (the mean over all other valid candidates, not a sample); ties count ½, so a
-    critic that ignores the action scores 0.5 and chance is 0.5.
-    """
-    data.require("cand_sa", "cand_mask", "traj_success")
-    rows = data.traj_success & (data.cand_mask.sum(dim=1) >= 2)
-    if not bool(rows.any()):
-        return {"ranking_quality": math.nan, "ranking_states": 0}
-    q = (candidate_q(critic, data) if q is None else q)[rows]
-    others = data.cand_mask[rows].clone()
-    others[:, 0] = False
-    q0 = q[:, :1]
-    wins = ((q0 > q).float() + 0.5 * (q0 == q).float()) * others
-    per_state = wins.sum(dim=1) / others.sum(dim=1)
-    return {"ranking_quality": per_state.mean().item(), "ranking_states": int(rows.sum())}
-
-
-def behavior_agreement(critic: DoubleCritic, data: Transitions, q: torch.Tensor | None = None) -> dict[str, float]:
-    """Does the critic's favourite agree with π_β's? On states with ≥ 2 valid candidates:
-
-    - ``argmax_is_behavior_mode_frac``: the argmax-Q candidate is the one π_β draws most (``cand_count``; ties:
-      lowest index for both);
-    - ``argmax_draws_mean`` / ``behavior_mode_draws_mean``: π_β draws of the argmax-Q candidate / of the mode.
-
-    A critic that keeps choosing what π_β rarely proposes is extrapolating (docs/results.md).
-    """
-    data.require("cand_sa", "cand_mask", "cand_count")
-    rows = data.cand_mask.sum(dim=1) >= 2
-    q = (candidate_q(critic, data) if q is None else q)[rows]
-    counts = data.cand_count[rows].masked_fill(~data.cand_mask[rows], math.nan)
-    best, mode = first_argmax(q), first_argmax(counts)
-    drawn = counts.nan_to_num(0.0)
-    return {
-        "argmax_is_behavior_mode_frac": (best == mode).float().mean().item(),
-        "argmax_draws_mean": drawn.gather(1, best[:, None]).mean().item(),
-        "behavior_mode_draws_mean": drawn.gather(1, mode[:, None]).mean().item(),
-    }
-
-
-def v_calibration(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
-    """V(s) = max(V1, V2)(s) against the observed discounted return G(s): Pearson r, mean error, MAE."""
-    v = map_chunks(critic.v_value, data.s, device=_device_of(critic))
-    g = data.mc_return.float().cpu()
-    err = v - g
-    corr = torch.corrcoef(torch.stack([v, g]))[0, 1] if len(g) > 1 else torch.tensor(math.nan)
-    return {"v_return_corr": corr.item(), "v_mean_error": err.mean().item(), "v_mae": err.abs().mean().item()}
-
-
-def critic_diagnostics(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
-    """All diagnostics that ``data`` allows (candidate-based ones need ``cand_sa``; ranking needs success)."""
-    out = v_calibration(critic, data)
-    if data.cand_sa is not None:
-        q = candidate_q(critic, data)
-        out |= action_sensitivity(critic, data, q) | behavior_agreement(critic, data, q)
-        if data.traj_success is not None:
-            out |= ranking_quality(critic, data, q)
-    return out
-

@@ -106,7 +106,7 @@ def check_params(path: Path) -> Finding:
 def check_feature_store(root: Path, params_path: Path) -> Finding:
     from digiq.config import load_params
     from digiq.errors import DigiqError
-    from digiq.pipelines.features import open_store
+    from digiq.store_client import open_store
 
     try:
         variant = load_params(params_path).features.variant

@@ -1,30 +1,29 @@
-"""digiq's Feast definitions: two entities, five feature views, two feature services.
+"""digiq's Feast definitions: two entities, five feature views, two feature services, all from the feature contract.
 
     entity     join key   keyed rows
     state      state_key  f"{traj_id}/{step_id}"             one per dataset step
     candidate  cand_key   f"{traj_id}/{step_id}/{cand_idx}"  K per step, cand_idx 0 = the dataset action
 
-    view                 entity     source (Parquet)                                  features
-    state_embedding      state      data/embeddings/<variant>/states.parquet        embedding f(s), model_hash, layer
-    candidate_embedding  candidate  data/embeddings/<variant>/candidates.parquet    embedding f(s, a), action, cand_idx, ... (offline only)
-    candidate_block      state      features/data/<variant>/sources/candidate_blocks  embeddings [K·d], actions [K]
-    transition           state      features/data/<variant>/sources/transitions     next_state_key, reward, done, mc_return, action, n_candidates
-    eps_label            state      features/data/<variant>/sources/labels          label (Yes/No), mse, epsilon, action_kind
+    view                 entity     source (Parquet)                                 features
+    state_embedding      state      data/embeddings/<variant>/states.parquet       embedding f(s), model_hash, layer
+    candidate_embedding  candidate  data/embeddings/<variant>/candidates.parquet   embedding f(s, a), action, cand_idx, ... (offline only)
+    candidate_block      state      data/features/<variant>/candidate_blocks       embeddings [K·d], actions, semantic_keys, draws [K]
+    transition           state      data/features/<variant>/transitions            next_state_key, reward, done, mc_return, action, n_candidates
+    eps_label            state      data/features/<variant>/labels                 label (Yes/No), mse, epsilon, action_kind
 
-``candidate_block`` holds the same vectors as ``candidate_embedding``, one row per state: the K
-candidate vectors concatenated in cand_idx order (reshape to [K, d]). Online reads of a state's
-candidates are then one entity lookup instead of K, so only it goes to the online store;
-``candidate_embedding`` serves point-in-time training sets (``get_historical_features``).
+Views, their columns and types are declared once, in ``digiq/feature_contract.py`` (``VIEWS``, ``source_schemas``);
+this module translates them into Feast objects. ``candidate_block`` holds the same vectors as
+``candidate_embedding``, one row per state, so that online reads of a state's candidates are one lookup instead of
+K; ``candidate_embedding`` serves point-in-time training sets only.
 
-Paths are resolved when this module is imported, never committed: DuckDB reads a FileSource path
-against the *working directory*, so every source path is made absolute here. The paths come from
-``data/<variant>/sources.json`` (written by ``digiq features materialize`` from params.yaml), else
-from the default layout: ``$DIGIQ_DATA`` or the ``data/`` folder beside this repository. The
-variant is ``$DIGIQ_FEATURE_VARIANT`` (default ``finetuned``). So ``feast apply`` run by hand in
-this folder registers exactly what the stage registered.
+Paths are resolved when this module is imported, never committed: DuckDB reads a FileSource path against the
+*working directory*, so every source path is absolute. They come from ``data/<variant>/sources.json`` (written by
+``digiq features materialize``), else from the default layout: ``$DIGIQ_DATA`` or the ``data/`` folder beside this
+repository. The variant is ``$DIGIQ_FEATURE_VARIANT`` (default ``finetuned``). So ``feast apply`` run by hand in this
+folder registers exactly what the stage registered.
 
-Embeddings are ``Array(Float32)``: the Parquet columns are Arrow ``fixed_size_list<float32>[d]``;
-Feast reads them as lists and serves them as lists of floats (bit-exact float32 values).
+Embeddings are ``Array(Float32)``: the Parquet columns are Arrow ``fixed_size_list<float32>[d]``; Feast reads them as
+lists and serves them as lists of floats (bit-exact float32 values).
 """
 
 from __future__ import annotations
@@ -34,84 +33,57 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Bool, Float32, Float64, Int32, String
+
+from digiq import feature_contract as fc
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_VARIANT = "finetuned"
 FOREVER = timedelta(0)  # Feast: a ttl of 0 means features never expire (one row per key, versioned by timestamp)
-
-
-def runtime_dir(variant: str, repo: Path = REPO) -> Path:
-    """Run-time state of one variant: registry, online store, derived sources (git-ignored)."""
-    return repo / "data" / variant
+ENTITIES = {"state_key": ("state", "a dataset step's screen: f'{traj_id}/{step_id}'"),
+            "cand_key": ("candidate", "one of the K candidate actions of a state: f'{traj_id}/{step_id}/{cand_idx}'")}
 
 
 def source_paths(variant: str, repo: Path = REPO) -> dict[str, str]:
-    """Absolute Parquet paths of the four sources of ``variant``."""
-    manifest = runtime_dir(variant, repo) / "sources.json"
+    """Absolute Parquet paths of the five sources of ``variant``: as last materialized, else the default layout."""
+    manifest = fc.runtime_dir(repo, variant) / "sources.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())
-    data = Path(os.environ.get("DIGIQ_DATA") or repo.parent / "data").resolve()
-    derived = runtime_dir(variant, repo).resolve() / "sources"
-    return {
-        "states": str(data / "embeddings" / variant / "states.parquet"),
-        "candidates": str(data / "embeddings" / variant / "candidates.parquet"),
-        "transitions": str(derived / "transitions.parquet"),
-        "labels": str(derived / "labels.parquet"),
-        "candidate_blocks": str(derived / "candidate_blocks.parquet"),
-    }
+    data = Path(os.environ.get("DIGIQ_DATA") or repo.parent / "data")
+    return fc.source_paths(data / "embeddings", data / "features", variant)
 
 
-def _source(name: str, path: str) -> FileSource:
-    return FileSource(name=f"{name}_source", path=path, timestamp_field="event_timestamp")
+def feast_type(dtype: pa.DataType) -> object:
+    """The Feast type serving an Arrow column type of the contract."""
+    if pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        return Array(feast_type(dtype.value_type))
+    scalars = {pa.string(): String, pa.int32(): Int32, pa.float32(): Float32, pa.float64(): Float64, pa.bool_(): Bool}
+    return scalars[dtype]
 
 
 def build(paths: dict[str, str]) -> dict[str, object]:
     """Every Feast object of the repository, reading the given source files."""
-    state = Entity(name="state", join_keys=["state_key"], value_type=ValueType.STRING,
-                   description="a dataset step's screen: f'{traj_id}/{step_id}'")
-    candidate = Entity(name="candidate", join_keys=["cand_key"], value_type=ValueType.STRING,
-                       description="one of the K candidate actions of a state: f'{traj_id}/{step_id}/{cand_idx}'")
-    state_embedding = FeatureView(
-        name="state_embedding", entities=[state], ttl=FOREVER, source=_source("states", paths["states"]),
-        schema=[Field(name="state_key", dtype=String), Field(name="embedding", dtype=Array(Float32)),
-                Field(name="model_hash", dtype=String), Field(name="layer", dtype=Int32)],
-        description="f(s): the frozen VLM's hidden state for the screen (and goal) of a step",
-    )
-    candidate_embedding = FeatureView(
-        name="candidate_embedding", entities=[candidate], ttl=FOREVER, source=_source("candidates", paths["candidates"]), online=False,
-        schema=[Field(name="cand_key", dtype=String), Field(name="embedding", dtype=Array(Float32)),
-                Field(name="state_key", dtype=String), Field(name="cand_idx", dtype=Int32),
-                Field(name="action", dtype=String), Field(name="model_hash", dtype=String), Field(name="layer", dtype=Int32)],
-        description="f(s, a) for each candidate action (AutoUI string); cand_idx 0 is the dataset action",
-    )
-    candidate_block = FeatureView(
-        name="candidate_block", entities=[state], ttl=FOREVER, source=_source("candidate_blocks", paths["candidate_blocks"]),
-        schema=[Field(name="state_key", dtype=String), Field(name="embeddings", dtype=Array(Float32)),
-                Field(name="actions", dtype=Array(String))],
-        description="the K candidate vectors f(s, a_k) of a state, concatenated in cand_idx order ([K·d]), and their actions",
-    )
-    transition = FeatureView(
-        name="transition", entities=[state], ttl=FOREVER, source=_source("transitions", paths["transitions"]),
-        schema=[Field(name="state_key", dtype=String), Field(name="next_state_key", dtype=String),
-                Field(name="reward", dtype=Float64), Field(name="done", dtype=Bool), Field(name="mc_return", dtype=Float64),
-                Field(name="action", dtype=String), Field(name="n_candidates", dtype=Int32)],
-        description="(r, done, s') of the dataset step; next_state_key is null when no next step is stored",
-    )
-    eps_label = FeatureView(
-        name="eps_label", entities=[state], ttl=FOREVER, source=_source("labels", paths["labels"]),
-        schema=[Field(name="state_key", dtype=String), Field(name="label", dtype=String), Field(name="mse", dtype=Float64),
-                Field(name="epsilon", dtype=Float64), Field(name="action_kind", dtype=String)],
-        description="ε-label of the dataset action: Yes when the downscaled pixel MSE exceeds ε (terminal steps have none)",
-    )
-    state_features = FeatureService(name="state_features", features=[state_embedding, transition, eps_label],
-                                     description="everything keyed by state_key")
-    candidate_features = FeatureService(name="candidate_features", features=[candidate_embedding],
-                                        description="everything keyed by cand_key (offline)")
-    return {"state": state, "candidate": candidate, "state_embedding": state_embedding,
-            "candidate_embedding": candidate_embedding, "candidate_block": candidate_block, "transition": transition, "eps_label": eps_label,
-            "state_features": state_features, "candidate_features": candidate_features}
+    schemas = fc.source_schemas()
+    entities = {key: Entity(name=name, join_keys=[key], value_type=ValueType.STRING, description=text)
+                for key, (name, text) in ENTITIES.items()}
+    views = {
+        view.name: FeatureView(
+            name=view.name, entities=[entities[view.key]], ttl=FOREVER, online=view.online, description=view.description,
+            source=FileSource(name=f"{view.source}_source", path=paths[view.source], timestamp_field="event_timestamp"),
+            schema=[Field(name=column, dtype=feast_type(schemas[view.source].field(column).type))
+                    for column in (view.key, *view.features)],
+        )
+        for view in fc.VIEWS
+    }
+    services = {
+        "state_features": FeatureService(name="state_features", description="everything keyed by state_key",
+                                         features=[views["state_embedding"], views["transition"], views["eps_label"]]),
+        "candidate_features": FeatureService(name="candidate_features", description="everything keyed by cand_key (offline)",
+                                             features=[views["candidate_embedding"]]),
+    }
+    return {entity.name: entity for entity in entities.values()} | views | services
 
 
 # Module-level objects are what `feast apply` / `feast plan` discover in this folder.

@@ -1,13 +1,161 @@
-"""Fixtures shared by the test modules: a toy MDP's transitions for the critic and actor tests."""
+"""Fixtures shared by the test modules: synthetic feature-store projects (the embed/label/collect/candidates contracts
+exactly, random vectors), a Typer app holding a few `digiq` commands, and a toy MDP's transitions for the critic
+and actor tests."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+
+from digiq import feature_contract as fc
+from digiq.atomic import atomic_path, write_json
 
 if TYPE_CHECKING:
     import torch
 
     from digiq.critic import Transitions
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CRITIC = {"hidden": [32], "batch_size": 32, "log_every": 20, "device": "cpu"}  # trains in seconds on the CPU
+
+
+def write_synthetic_sources(root: str | Path, *, n_states: int = 40, k: int = 64, dim: int = 384, max_len: int = 6,
+                            variant: str = "finetuned", seed: int = 0, gamma: float = 0.95,
+                            dim_candidate: int | None = None) -> dict[str, Path]:
+    """A data/ folder with exactly the collect/label/candidates/embed contracts (random vectors, fixed seed).
+
+    Writes ``raw/`` (a digiq dataset of ~n_states steps: trajectories of 1..max_len steps, half ending in success,
+    half cut off), ``labels.parquet`` (non-terminal steps), ``candidates.parquet`` and
+    ``embeddings/<variant>/{states,candidates,embedding.json}`` (f(s, a) of size ``dim_candidate``, default ``dim``)."""
+    from digiq.actions import format_action
+    from digiq.candidates import candidate_table, write_candidates
+    from digiq.schema import Action, Step, Trajectory
+    from digiq.store import Dataset, DatasetWriter
+
+    root = Path(root)
+    dim_candidate = dim_candidate or dim
+    rng = np.random.default_rng(seed)
+    writer = DatasetWriter(root / "raw", gamma=gamma, source="synthetic")
+    shot, sha = writer.put_image(np.zeros((4, 4, 3), dtype=np.uint8))
+    pool = [format_action(Action.tap(round(float(y), 4), round(float(x), 4))) for y, x in rng.random((256, 2))]
+    trajectories, lengths = [], []
+    while sum(lengths) < n_states:
+        lengths.append(int(min(rng.integers(1, max_len + 1), n_states - sum(lengths))))
+    for t, length in enumerate(lengths):
+        success = bool(rng.random() < 0.5)
+        steps = [Step(traj_id=f"traj{t:05d}", step_id=s, task="synthetic", goal="g", observation="o",
+                      screenshot=shot, screenshot_sha256=sha, action=Action.tap(0.5, 0.5),
+                      reward=float(success and s == length - 1), done=success and s == length - 1)
+                 for s in range(length)]
+        trajectories.append(Trajectory(traj_id=f"traj{t:05d}", task="synthetic", goal="g", steps=steps))
+    writer.write_shard("synthetic", trajectories)
+    writer.finalize()
+    steps_table = Dataset(root / "raw").table()
+    traj = np.asarray(steps_table["traj_id"].to_pylist(), dtype=object)
+    step = np.asarray(steps_table["step_id"], dtype=np.int32)
+    done = np.asarray(steps_table["done"], dtype=bool)
+    n = len(traj)
+    keys = np.array([fc.state_key(a, b) for a, b in zip(traj, step)], dtype=object)
+    stamps = pa.array([fc.EPOCH + timedelta(seconds=i) for i in range(n)], fc.TIMESTAMP)
+
+    def vectors(count: int, dim: int = dim) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(count * dim, dtype=np.float32)), dim)
+
+    actions = [pool[i] for i in rng.integers(0, len(pool), n * k)]  # drawn first: the same for every vector size
+    for i in range(n):  # candidate 0 is the dataset action
+        actions[i * k] = steps_table["action"][i].as_py()
+    meta = {"model_hash": pa.array(["synthetic0"] * n), "layer": pa.array(np.full(n, 4, dtype=np.int32))}
+    states = pa.table({"state_key": keys, "traj_id": traj, "step_id": step, "event_timestamp": stamps,
+                       "embedding": vectors(n), **meta})
+    rows = np.repeat(np.arange(n), k)
+    idx = np.tile(np.arange(k, dtype=np.int32), n)
+    candidates = pa.table({
+        "cand_key": [fc.cand_key(keys[r], i) for r, i in zip(rows, idx)], "state_key": keys[rows], "traj_id": traj[rows],
+        "step_id": step[rows], "cand_idx": idx, "action": actions, "event_timestamp": stamps.take(rows),
+        "embedding": vectors(n * k, dim_candidate), "model_hash": meta["model_hash"].take(rows), "layer": meta["layer"].take(rows),
+    })
+    keep = ~done  # terminal transitions carry no ε-label (MiniWoB's black final frame)
+    mse = rng.uniform(0.0, 80.0, int(keep.sum()))
+    labels = pa.table({"traj_id": traj[keep], "step_id": step[keep], "action_kind": ["tap"] * len(mse), "mse": mse,
+                       "label": np.where(mse > 30.0, "Yes", "No"), "epsilon": np.full(len(mse), 30.0),
+                       "scale": np.full(len(mse), 0.25)})
+    out = {"dataset": root / "raw", "labels": root / "labels.parquet", "candidate_table": root / "candidates.parquet",
+           "states": root / "embeddings" / variant / fc.STATES_FILE, "candidates": root / "embeddings" / variant / fc.CANDIDATES_FILE}
+    for name, tab in (("labels", labels), ("states", states), ("candidates", candidates)):
+        out[name].parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out[name]) as tmp:
+            pq.write_table(tab, tmp)
+    write_candidates(candidate_table((r, actions[i * k:(i + 1) * k]) for i, r in enumerate(steps_table.to_pylist())),
+                     out["candidate_table"])
+    write_json(out["states"].parent / fc.MANIFEST_FILE, {"dim_state": dim, "dim_candidate": dim_candidate, "variant": variant})
+    return out
+
+
+def project_params(project: Path, text: str = "", **sections: Any) -> Any:
+    """Params of a synthetic project (features/ and data/ under ``project``): ``text`` (params.yaml lines) and
+    ``sections`` ({section: {key: value}}) on top of the paths."""
+    import yaml
+
+    from digiq.config import validate_params
+
+    data = project / "data"
+    raw: dict[str, Any] = {
+        "collect": {"out": str(data / "raw")}, "label": {"out": str(data / "labels.parquet")},
+        "candidates": {"out": str(data / "candidates.parquet")},
+        "features": {"repo": str(project / "features"), "embeddings": str(data / "embeddings"), "derived": str(data / "features"),
+                     "metrics": str(project / "metrics" / "features.json")},
+    }
+    for section, values in {**(yaml.safe_load(text) or {}), **sections}.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return validate_params(raw)
+
+
+def copy_feature_repo(project: Path) -> Path:
+    """The repository's features/ (definitions, feature_store.yaml) copied into ``project``, without run-time state."""
+    shutil.copytree(ROOT / "features", project / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return project / "features"
+
+
+def feature_project(root: Path, *, materialized: bool = True, **synthetic: Any) -> Path:
+    """features/ copied from the repository and synthetic data/ under ``root``; the store materialized unless told
+    otherwise (``synthetic``: :func:`write_synthetic_sources`' options)."""
+    from digiq.feature_sources import FeatureInputs
+    from digiq.feature_write import materialize
+
+    copy_feature_repo(root)
+    write_synthetic_sources(root / "data", **synthetic)
+    if materialized:
+        materialize(FeatureInputs.from_params(project_params(root)))
+    return root
+
+
+def write_params(project: Path, text: str = "", **sections: Any) -> Path:
+    """``project``/params.yaml: the project's paths plus ``text`` (params.yaml lines) and ``sections``."""
+    import yaml
+
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(project_params(project, text, **sections).model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def command_app(*modules: Any) -> typer.Typer:
+    """A Typer group holding the commands ``modules`` register, as `digiq` does (so they are sub-commands)."""
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    for module in modules:
+        module.register(app)
+    return app
 
 
 def toy_transitions(episodes: int = 400, *, steps: int = 3, k: int = 8, d: int = 8, p_correct: float = 0.6,

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import toy_transitions
-from digiq.actor import (ActorConfig, CandidatePolicy, awr_weights, best_of_n_weights, imitation_loss, method_weights,
+from digiq.actor import (CandidatePolicy, actor_record, awr_weights, best_of_n_weights, imitation_loss, method_weights,
                          sample_n_subset, train_actor)
-from digiq.critic import CriticConfig, Transitions, candidate_q, first_argmax, train_critic
+from digiq.config import ActorParams, CriticParams
+from digiq.critic import Transitions, first_argmax, train_critic
+from digiq.critic_diagnostics import candidate_q
 from digiq.errors import DigiqError
 
 torch.set_num_threads(1)
@@ -66,7 +68,7 @@ def test_n_subset_proposes_candidates_as_often_as_pi_beta_draws_them():
 def test_best_of_one_only_ever_considers_the_dataset_action():
     data = tiny_data([True, True])
     adv = torch.tensor([[0.5, 0.9, 0.9], [0.05, 0.9, 0.9]])
-    weights, metrics = method_weights(ActorConfig(method="digiq", n=1), data, adv, torch.Generator().manual_seed(0))
+    weights, metrics = method_weights(actor_record(ActorParams(n=1), "digiq"), data, adv, torch.Generator().manual_seed(0))
     assert weights.tolist() == [[1, 0, 0], [0, 0, 0]]  # 0.5 > 0.1 kept; 0.05 not
     assert metrics["frac_states_kept"] == 0.5 and metrics["mean_advantage_kept"] == pytest.approx(0.5)
 
@@ -74,7 +76,7 @@ def test_best_of_one_only_ever_considers_the_dataset_action():
 def test_digiq_metrics_by_hand():
     data = tiny_data([True, False])
     adv = torch.tensor([[0.0, 0.4, 0.2], [0.0, 0.05, 0.3]])
-    weights, metrics = method_weights(ActorConfig(method="digiq", n=3), data, adv, torch.Generator().manual_seed(0))
+    weights, metrics = method_weights(actor_record(ActorParams(n=3), "digiq"), data, adv, torch.Generator().manual_seed(0))
     assert weights.tolist() == [[0, 1, 0], [0, 0, 1]]
     assert metrics == {"n_states": 2, "n_kept": 2, "frac_states_kept": 1.0, "frac_imitated_not_dataset": 1.0,
                        "mean_advantage_kept": pytest.approx(0.35)}  # (0.4 + 0.3)/2
@@ -83,9 +85,9 @@ def test_digiq_metrics_by_hand():
 def test_bc_and_filtered_bc_weights():
     data = tiny_data([True, False, True])
     gen = torch.Generator().manual_seed(0)
-    bc, bc_metrics = method_weights(ActorConfig(method="bc"), data, None, gen)
+    bc, bc_metrics = method_weights(actor_record(ActorParams(), "bc"), data, None, gen)
     assert bc.tolist() == [[1, 0, 0]] * 3 and bc_metrics["frac_states_kept"] == 1.0
-    fbc, fbc_metrics = method_weights(ActorConfig(method="filtered-bc"), data, None, gen)
+    fbc, fbc_metrics = method_weights(actor_record(ActorParams(), "filtered-bc"), data, None, gen)
     assert fbc.tolist() == [[1, 0, 0], [0, 0, 0], [1, 0, 0]]  # successful trajectories only
     assert fbc_metrics["n_kept"] == 2 and fbc_metrics["frac_states_kept"] == pytest.approx(2 / 3)
 
@@ -96,7 +98,7 @@ def test_awr_weights_by_hand_including_clipping():
     torch.testing.assert_close(w, torch.tensor([math.e, 1 / math.e, 10.0]))
     data = tiny_data([True, True, True])
     adv = torch.tensor([[0.1, 9.0, 9.0], [-0.1, 9.0, 9.0], [0.5, 9.0, 9.0]])
-    weights, metrics = method_weights(ActorConfig(method="awr", awr_beta=0.1, awr_max_weight=10.0), data, adv, torch.Generator())
+    weights, metrics = method_weights(actor_record(ActorParams(awr_beta=0.1, awr_max_weight=10.0), "awr"), data, adv, torch.Generator())
     torch.testing.assert_close(weights[:, 0], w)
     assert weights[:, 1:].eq(0).all()  # AWR weights the dataset action only
     # Σ w·A / Σ w = (0.1e − 0.1/e + 5)/(e + 1/e + 10)
@@ -113,7 +115,7 @@ def test_imitation_loss_by_hand():
 def test_reinforce_negative_advantage_pushes_the_action_down():
     data = tiny_data([False])
     adv = torch.tensor([[0.0, -1.0, 0.5]])
-    weights, metrics = method_weights(ActorConfig(method="reinforce", n=2), data, adv, torch.Generator().manual_seed(0))
+    weights, metrics = method_weights(actor_record(ActorParams(n=2), "reinforce"), data, adv, torch.Generator().manual_seed(0))
     assert weights[0, 0] == 0 and weights.ne(0).sum() == 1  # N = 2: dataset action (A = 0) + one other
     assert metrics["frac_states_kept"] == 1.0
     # by hand: logits z = [0, 0], π = [½, ½], W = [0, −1]: L = −(−1)·log π₁ = log ½
@@ -126,7 +128,7 @@ def test_reinforce_negative_advantage_pushes_the_action_down():
 
 
 def test_policy_masks_invalid_candidates_and_breaks_ties_low():
-    policy = CandidatePolicy(2, 2, ActorConfig(hidden=()))
+    policy = CandidatePolicy(2, 2, ActorParams(hidden=()))
     with torch.no_grad():
         policy.scorer[0].weight.zero_()
         policy.scorer[0].bias.zero_()  # every candidate scores 0: a three-way tie
@@ -138,13 +140,13 @@ def test_policy_masks_invalid_candidates_and_breaks_ties_low():
     draws = policy.act(s.expand(400, 2), cand.expand(400, 3, 2), mask.expand(400, 3), ones.expand(400, 3), mode="sample",
                        generator=torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {0, 2}
-    action_only = CandidatePolicy(2, 3, ActorConfig(use_state=False, hidden=(4,)))  # scores f(s, a) alone
+    action_only = CandidatePolicy(2, 3, ActorParams(use_state=False, hidden=(4,)))  # scores f(s, a) alone
     assert action_only.scorer[0].in_features == 3 and action_only.logits(s, torch.zeros(1, 3, 3), mask, ones).shape == (1, 3)
 
 
 def test_the_behavior_prior_pools_each_candidates_draws():
     # π(k | s) = n_k·exp g_k / Σ_j n_j·exp g_j: with g ≡ 0 it is π_β's empirical mix of draws, [3, 1] → [¾, ¼]
-    policy = CandidatePolicy(2, 2, ActorConfig(hidden=()))
+    policy = CandidatePolicy(2, 2, ActorParams(hidden=()))
     with torch.no_grad():
         policy.scorer[0].weight.zero_()
         policy.scorer[0].bias.zero_()
@@ -157,7 +159,7 @@ def test_the_behavior_prior_pools_each_candidates_draws():
     torch.testing.assert_close(policy.log_probs(s, cand, mask, torch.tensor([[3.0, 1.0, 0.0]])).exp(), torch.tensor([[3 / 7, 4 / 7, 1.0]]))
     with pytest.raises(DigiqError, match="cand_count"):
         policy.logits(s, cand, mask, None)
-    plain = CandidatePolicy(2, 2, ActorConfig(hidden=(), behavior_prior=False))
+    plain = CandidatePolicy(2, 2, ActorParams(hidden=(), behavior_prior=False))
     with torch.no_grad():
         plain.scorer[0].weight.zero_()
         plain.scorer[0].bias.zero_()
@@ -166,17 +168,17 @@ def test_the_behavior_prior_pools_each_candidates_draws():
 
 def test_methods_needing_a_critic_refuse_without_one():
     with pytest.raises(DigiqError, match="method: method 'awr' needs the critic"):
-        method_weights(ActorConfig(method="awr"), tiny_data([True]), None, torch.Generator())
+        method_weights(actor_record(ActorParams(), "awr"), tiny_data([True]), None, torch.Generator())
 
 
 @pytest.fixture(scope="module")
 def toy():
     data = toy_transitions(300, seed=0)
-    critic, _ = train_critic(data, CriticConfig(updates=500, hidden=(64, 64), device="cpu"))
+    critic, _ = train_critic(data, CriticParams(updates=500, hidden=[64, 64], device="cpu"), gamma=0.95, seed=0)  # toy_transitions' γ
     return data, critic
 
 
-ACTOR = ActorConfig(n=4, updates=300, hidden=(64,), device="cpu")
+ACTOR = ActorParams(n=4, updates=300, hidden=[64], device="cpu")
 
 
 def test_best_of_n_on_toy_mdp_imitates_the_critics_choice_and_is_deterministic(toy, tmp_path):
@@ -189,7 +191,7 @@ def test_best_of_n_on_toy_mdp_imitates_the_critics_choice_and_is_deterministic(t
     assert history[-1]["loss"] < history[0]["loss"] and metrics["agreement"] > 0.9
     # probability mass on the critic's best candidate: Best-of-N ≫ BC, which copies π_β's mix
     # (measured: 0.93 vs 0.53; π_β takes the right action 60 % of the time)
-    bc, _, _ = train_actor(data, ACTOR.model_copy(update={"method": "bc"}), critic=critic)
+    bc, _, _ = train_actor(data, ACTOR, critic=critic, method="bc")
     q_best = first_argmax(candidate_q(critic, data)).unsqueeze(1)
     mass = {name: pi.log_probs(data.s, data.cand_sa, data.cand_mask, data.cand_count).exp().gather(1, q_best).mean().item()
             for name, pi in (("digiq", policy), ("bc", bc))}
@@ -204,14 +206,14 @@ def test_best_of_n_on_toy_mdp_imitates_the_critics_choice_and_is_deterministic(t
 @pytest.mark.parametrize("method", ["bc", "filtered-bc", "awr", "reinforce"])
 def test_every_baseline_trains_on_the_toy_mdp(toy, method):
     data, critic = toy
-    _, metrics, history = train_actor(data, ACTOR.model_copy(update={"method": method, "updates": 100}), critic=critic)
+    _, metrics, history = train_actor(data, ACTOR.model_copy(update={"updates": 100}), critic=critic, method=method)
     assert math.isfinite(history[-1]["loss"]) and metrics["n_states"] == len(data)
     assert metrics["frac_states_kept"] == (pytest.approx(data.traj_success.float().mean().item()) if method == "filtered-bc" else 1.0)
 
 
 def test_the_split_first_layer_scores_like_the_concatenated_input():
     torch.manual_seed(0)
-    policy = CandidatePolicy(3, 4, ActorConfig(hidden=(5, 5)))
+    policy = CandidatePolicy(3, 4, ActorParams(hidden=(5, 5)))
     s, cand_sa, mask = torch.randn(2, 3), torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
     concatenated = torch.cat([s.unsqueeze(1).expand(-1, 6, -1), cand_sa], dim=-1)
     torch.testing.assert_close(policy.logits(s, cand_sa, mask, mask.float()), policy.scorer(concatenated).squeeze(-1))
@@ -221,7 +223,7 @@ def test_only_valid_candidates_are_scored_and_they_score_as_in_the_full_batch():
     """Masked slots are skipped (0 from ``scores``, −inf in the logits); valid ones equal the unmasked computation,
     and so do the gradients that reach the weights through them."""
     torch.manual_seed(0)
-    policy = CandidatePolicy(3, 4, ActorConfig(hidden=(5,), behavior_prior=False))
+    policy = CandidatePolicy(3, 4, ActorParams(hidden=(5,), behavior_prior=False))
     s, cand_sa = torch.randn(2, 3), torch.randn(2, 6, 4)
     mask = torch.tensor([[True, False, True, False, False, True], [True, True, False, False, False, False]])
     full = policy.scores(s, cand_sa)
@@ -244,11 +246,11 @@ def test_training_is_bit_identical_at_full_size_with_two_threads():
     data = toy_transitions(200, k=16, d=32, seed=1)
     data.cand_mask = torch.rand(data.cand_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.7  # ragged sets,
     data.cand_mask[:, 0] = True  # as after de-duplication: a state's rows rarely split evenly between the threads
-    config = ActorConfig(method="bc", updates=10, device="cpu")
+    params = ActorParams(updates=10, device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runs = [train_actor(data, config)[0].state_dict() for _ in range(3)]
+        runs = [train_actor(data, params, method="bc")[0].state_dict() for _ in range(3)]
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
@@ -258,7 +260,7 @@ def test_standardized_policy_scores_standardized_inputs_and_reloads_with_its_sca
     """With ``standardize`` the scorer sees (x − μ)/σ of f(s) and of the valid f(s, a), μ and σ from the training
     states; the split first layer still equals the concatenated input, and a saved policy reloads with the scaling."""
     data, critic = toy
-    policy, _, _ = train_actor(data, ACTOR.model_copy(update={"method": "bc", "updates": 20, "standardize": True}))
+    policy, _, _ = train_actor(data, ACTOR.model_copy(update={"updates": 20, "standardize": True}), method="bc")
     valid = data.cand_sa[data.cand_mask]
     torch.testing.assert_close(policy.norm_sa.mean, valid.mean(0))
     torch.testing.assert_close(policy.norm_s.std, data.s.std(0, unbiased=False).clamp_min(1e-6))

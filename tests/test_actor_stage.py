@@ -4,94 +4,62 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from digiq.actor import CandidatePolicy
+from conftest import SMALL_CRITIC, command_app, copy_feature_repo, feature_project, project_params, write_params
+from digiq.actor import METHODS, CandidatePolicy, check_dims
 from digiq.cli import actor as actor_cli
 from digiq.cli import critic as critic_cli
 from digiq.errors import DigiqError
 from digiq.pipelines import actor as stage
-from digiq.pipelines import critic as critic_stage
-from digiq.pipelines import features as fx
+from digiq.training_data import read_training_data
 from digiq.viewer.tables import load_policy_scores
 
-ROOT = Path(__file__).resolve().parents[1]
 N_STATES, K, DIM = 60, 8, 16
-PARAMS = """\
-seed: 1
-critic:
-  updates: 40
-  hidden: [32]
-  batch_size: 32
-  log_every: 20
-  device: cpu
-actor:
-  n: 4
-  threshold: 0.0
-  hidden: [32]
-  batch_size: 32
-  updates: 40
-  device: cpu
-"""
+PARAMS = {"seed": 1, "critic": {**SMALL_CRITIC, "updates": 40},
+          "actor": {"n": 4, "threshold": 0.0, "hidden": [32], "batch_size": 32, "updates": 40, "device": "cpu"}}
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:  # a group, so the commands are sub-commands as in `digiq actor`
-        """test app"""
-
-    critic_cli.register(app)
-    actor_cli.register(app)
-    return app
+def invoke(project: Path, *args: str):
+    return CliRunner().invoke(command_app(critic_cli, actor_cli), [*args, "--params", str(project / "params.yaml")])
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """Synthetic sources materialized in Feast + a critic trained by `digiq critic`."""
-    root = tmp_path_factory.mktemp("actor_project")
-    shutil.copytree(ROOT / "features", root / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
-    paths = fx.write_synthetic_sources(root / "data", n_states=N_STATES, k=K, dim=DIM, seed=2)
-    inputs = fx.Inputs(repo=(root / "features").resolve(), variant="finetuned", states=paths["states"].resolve(),
-                       candidates=paths["candidates"].resolve(), labels=paths["labels"].resolve(), dataset=paths["dataset"].resolve())
-    fx.materialize(inputs, progress=False)
-    (root / "params.yaml").write_text(PARAMS)
-    result = CliRunner().invoke(_app(), ["critic", "--repo", str(root / "features"), "--out", str(root / "models" / "critic"),
-                                         "--metrics", str(root / "metrics" / "critic.json"), "--live", str(root / "dvclive" / "critic"),
-                                         "--params", str(root / "params.yaml")])
+    root = feature_project(tmp_path_factory.mktemp("actor_project"), n_states=N_STATES, k=K, dim=DIM, seed=2)
+    write_params(root, **PARAMS)
+    result = invoke(root, "critic", "--out", str(root / "models" / "critic"), "-S", f"critic.metrics={root / 'metrics' / 'critic.json'}",
+                    "-S", f"critic.live_dir={root / 'dvclive' / 'critic'}")
     assert result.exit_code == 0, result.output
     return root
 
 
 @pytest.fixture(scope="module")
 def frame(project):
-    return critic_stage.load_stage_data(project / "features", "finetuned")
+    return read_training_data(project_params(project).features)
 
 
-def run_actor(project: Path, method: str, name: str | None = None, *extra: str):
-    name = name or method
-    args = ["actor", "--method", method, "--repo", str(project / "features"), "--critic", str(project / "models" / "critic"),
-            "--out", str(project / "models" / "actor" / name), "--metrics", str(project / "metrics" / "actor" / f"{name}.json"),
-            "--live", str(project / "dvclive" / "actor" / name), "--params", str(project / "params.yaml"), *extra]
-    return CliRunner().invoke(_app(), args)
+def run_actor(project: Path, method: str, run: str = "main", *extra: str):
+    """`digiq actor --method M` of ``project``: the policy in actors/<run>/<method>, metrics/<run>/<method>.json."""
+    return invoke(project, "actor", "--method", method, "--out", str(project / "actors" / run),
+                  "-S", f"critic.out={project / 'models' / 'critic'}", "-S", f"actor.metrics={project / 'metrics' / run}",
+                  "-S", f"actor.live_dir={project / 'dvclive' / run}", *extra)
 
 
-@pytest.mark.parametrize("method", stage.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_each_method_writes_policy_metrics_and_scores(project, frame, method):
     result = run_actor(project, method)
     assert result.exit_code == 0, result.output
-    out = project / "models" / "actor" / method
+    out = project / "actors" / "main" / method
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", stage.METRICS_FILE, stage.POLICY_SCORES}
-    metrics = json.loads((project / "metrics" / "actor" / f"{method}.json").read_text())
+    metrics = json.loads((project / "metrics" / "main" / f"{method}.json").read_text())
     assert metrics == json.loads((out / stage.METRICS_FILE).read_text())
     assert metrics["method"] == method and metrics["used_critic"] and metrics["n_states"] == N_STATES
     assert 0.0 < metrics["frac_states_kept"] <= 1.0 and np.isfinite(metrics["train_loss"])
@@ -117,15 +85,15 @@ def test_each_method_writes_policy_metrics_and_scores(project, frame, method):
     picked = scores[scores["chosen"]].set_index(["traj_id", "step_id"])["cand_idx"]
     assert [picked[(t, int(s))] for t, s in zip(frame.traj_id, frame.step_id)] == acts.tolist()
 
-    with open(project / "dvclive" / "actor" / method / "plots" / "metrics" / "train" / "loss.tsv") as f:
+    with open(project / "dvclive" / "main" / method / "plots" / "metrics" / "train" / "loss.tsv") as f:
         assert len(list(csv.DictReader(f, delimiter="\t"))) == 1  # log_every 50 > 40 updates: one point at the end
 
 
 def test_same_seed_same_policy(project):
-    for name in ("digiq_a", "digiq_b"):
-        result = run_actor(project, "digiq", name)
+    for run in ("a", "b"):
+        result = run_actor(project, "digiq", run)
         assert result.exit_code == 0, result.output
-    a, b = (project / "models" / "actor" / name for name in ("digiq_a", "digiq_b"))
+    a, b = (project / "actors" / run / "digiq" for run in ("a", "b"))
     for file in ("model.safetensors", stage.POLICY_SCORES):
         assert (a / file).read_bytes() == (b / file).read_bytes(), file
     strip = lambda m: {k: v for k, v in m.items() if k != "timings_s"}
@@ -133,32 +101,33 @@ def test_same_seed_same_policy(project):
 
 
 def test_missing_critic_is_refused_for_advantage_methods_only(project, tmp_path):
-    args = lambda method: ["actor", "--method", method, "--repo", str(project / "features"), "--critic", str(tmp_path / "none"),
-                           "--out", str(tmp_path / method), "--metrics", str(tmp_path / f"{method}.json"),
-                           "--live", str(tmp_path / "live" / method), "--params", str(project / "params.yaml")]
-    result = CliRunner().invoke(_app(), args("awr"))
+    def run(method: str):
+        return run_actor(project, method, "no_critic", "-S", f"critic.out={tmp_path / 'none'}")
+
+    result = run("awr")
     assert result.exit_code == 2 and "digiq critic" in result.output and "config.json" in result.output
-    assert not (tmp_path / "awr").exists()
-    result = CliRunner().invoke(_app(), args("bc"))
+    assert not (project / "actors" / "no_critic" / "awr").exists()
+    result = run("bc")
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "bc.json").read_text())
+    metrics = json.loads((project / "metrics" / "no_critic" / "bc.json").read_text())
     assert not metrics["used_critic"] and metrics["mean_advantage_kept"] is None
 
 
-def test_unknown_method_and_missing_store_are_clear_errors(project, tmp_path):
+def test_unknown_method_and_missing_sources_are_clear_errors(project, tmp_path):
     result = run_actor(project, "ppo")
-    assert result.exit_code == 2 and "digiq" in result.output and not (project / "models" / "actor" / "ppo").exists()
-    shutil.copytree(ROOT / "features", tmp_path / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
-    config = stage.actor_config(__import__("digiq.config", fromlist=["Params"]).Params(), "bc")
-    with pytest.raises(DigiqError, match="digiq features materialize --variant finetuned"):
-        stage.run(config, repo=tmp_path / "features", variant="finetuned", critic_dir=tmp_path / "none", out=tmp_path / "out")
+    assert result.exit_code == 2 and "unknown method 'ppo'" in result.output and not (project / "actors" / "main" / "ppo").exists()
+    copy_feature_repo(tmp_path)
+    params = project_params(tmp_path, actor={"out": str(tmp_path / "out")}, critic={"out": str(tmp_path / "none")})
+    with pytest.raises(DigiqError, match="digiq features materialize"):
+        stage.run(params, method="bc")
     assert not (tmp_path / "out").exists()
 
 
 def test_critic_of_another_dimension_is_refused(project, frame, tmp_path):
-    from digiq.critic import CriticConfig, DoubleCritic
+    from digiq.config import CriticParams
+    from digiq.critic import DoubleCritic
 
-    DoubleCritic(DIM + 1, DIM + 1, CriticConfig(hidden=(4,))).save_pretrained(tmp_path / "critic")
+    DoubleCritic(DIM + 1, DIM + 1, CriticParams(hidden=[4])).save_pretrained(tmp_path / "critic")
     with pytest.raises(DigiqError, match="re-run `digiq critic`"):
-        stage.check_dims(DoubleCritic.from_pretrained(tmp_path / "critic"), frame, tmp_path / "critic")
+        check_dims(DoubleCritic.from_pretrained(tmp_path / "critic"), frame, tmp_path / "critic")
     assert torch.get_num_threads() >= 1

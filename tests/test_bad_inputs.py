@@ -29,9 +29,9 @@ import torch
 from typer.testing import CliRunner
 
 from digiq.cli.main import app
-from digiq.config import FeaturesParams
+from digiq.config import load_params
 from digiq.importer import ImportOptions, import_official
-from digiq.pipelines.features import Inputs, materialize, write_synthetic_sources
+from conftest import write_synthetic_sources
 from fixtures_official import make_screenshots, official_trajectories, save_official, write_hostile
 
 torch.set_num_threads(1)
@@ -146,15 +146,20 @@ def _label(tmp: Path) -> tuple[list[str], list[Path]]:
 
 def _candidates(tmp: Path, params: Path | None = None) -> tuple[list[str], list[Path]]:
     outs = [tmp / "candidates.parquet", tmp / "metrics", tmp / "data"]  # metrics/ and data/checks/: the params defaults
-    return ["candidates", "--dataset", str(tmp / "raw"), "--out", str(outs[0]), "--params", str(params or tmp / "none.yaml")], outs
+    return ["candidates", "-S", f"collect.out={tmp / 'raw'}", "--out", str(outs[0]), "--params", str(params or tmp / "none.yaml")], outs
+
+
+def _feature_sources(tmp: Path) -> list[str]:
+    """-S overrides pointing the feature store at the synthetic sources fs/ and the repository features/."""
+    fs = tmp / "fs"
+    return [f"features.repo={tmp / 'features'}", f"features.embeddings={fs / 'embeddings'}", f"features.derived={tmp / 'derived'}",
+            f"collect.out={fs / 'raw'}", f"label.out={fs / 'labels.parquet'}", f"candidates.out={fs / 'candidates.parquet'}"]
 
 
 def _materialize(tmp: Path) -> tuple[list[str], list[Path]]:
-    outs = [tmp / "features.json", tmp / "features" / "data"]
-    args = ["features", "materialize", "--repo", str(tmp / "features"), "--embeddings", str(tmp / "fs" / "embeddings"),
-            "--dataset", str(tmp / "fs" / "raw"), "--labels", str(tmp / "fs" / "labels.parquet"), "--metrics", str(outs[0]),
-            "--params", str(tmp / "none.yaml")]
-    return args, outs
+    outs = [tmp / "features.json", tmp / "features" / "data", tmp / "derived"]
+    sets = [arg for override in [*_feature_sources(tmp), f"features.metrics={outs[0]}"] for arg in ("-S", override)]
+    return ["features", "materialize", *sets, "--params", str(tmp / "none.yaml")], outs
 
 
 def _import(tmp: Path, source: Path) -> tuple[list[str], list[Path]]:
@@ -384,14 +389,15 @@ def feature_repo_missing_definitions(base: Path, tmp: Path) -> Case:
 def feature_store_source_missing(base: Path, tmp: Path) -> Case:
     """A materialized feature repository whose registered states table has since been deleted."""
     _copy(base, tmp, "fs", "features")
-    fp = FeaturesParams(repo=str(tmp / "features"), embeddings=str(tmp / "fs" / "embeddings"))
-    materialize(Inputs.from_params(fp, dataset=tmp / "fs" / "raw", labels=tmp / "fs" / "labels.parquet"), progress=False)
+    from digiq.pipelines import features as stage
+
+    stage.run(load_params(tmp / "none.yaml", [*_feature_sources(tmp), f"features.metrics={tmp / 'features.json'}"]))
     states = tmp / EMBEDDINGS / "states.parquet"
     states.unlink()
     out = tmp / "critic"
-    args = ["critic", "--repo", str(tmp / "features"), "--out", str(out), "--updates", "2", "--metrics", str(tmp / "critic.json"),
-            "--live", str(tmp / "live"), "--params", str(tmp / "none.yaml")]
-    return Case(args, str(states), "state_embedding", [out, tmp / "critic.json", tmp / "live"], "missing")
+    overrides = [*_feature_sources(tmp), "critic.updates=2", f"critic.metrics={tmp / 'critic.json'}", f"critic.live_dir={tmp / 'live'}"]
+    args = ["critic", *[arg for override in overrides for arg in ("-S", override)], "--out", str(out), "--params", str(tmp / "none.yaml")]
+    return Case(args, str(states), "features.embeddings", [out, tmp / "critic.json", tmp / "live"], "missing")
 
 
 # --------------------------------------------------------------------------- official files

@@ -12,8 +12,10 @@ from PIL import Image, ImageDraw
 
 from digiq import candidates as C
 from digiq.actions import format_action
+from digiq.config import Params
 from digiq.errors import DigiqError
-from digiq.pipelines.candidates import CandidatesParams, run
+from digiq.feature_contract import CANDIDATE_TABLE_SCHEMA, draw_counts, semantic_key
+from digiq.pipelines.candidates import run
 from digiq.schema import Action, ActionType, Step, Trajectory
 from digiq.store import Dataset, DatasetWriter
 
@@ -72,22 +74,32 @@ def test_candidates_are_deterministic_and_index_0_is_the_dataset_action(dataset)
     a = C.make_candidates(dataset, 16, seed=7)
     b = C.make_candidates(dataset, 16, seed=7)
     assert a.equals(b)
-    assert a.schema == C.CANDIDATES_SCHEMA
+    assert a.schema == CANDIDATE_TABLE_SCHEMA
     assert a.num_rows == 9 * 16
-    steps = {(r["traj_id"], r["step_id"]): r["action"] for r in dataset.table().to_pylist()}
+    steps = {(r["traj_id"], r["step_id"]): r for r in dataset.table().to_pylist()}
     rows = a.to_pylist()
     for r in rows:
         if r["cand_idx"] == 0:
-            assert r["action"] == steps[(r["traj_id"], r["step_id"])]
-            assert not r["is_duplicate"]
+            assert r["action"] == steps[(r["traj_id"], r["step_id"])]["action"]
+            assert r["draws"] >= 1
     assert not C.make_candidates(dataset, 16, seed=8).equals(a)  # the seed matters
-    # duplicates are counted against earlier candidates of the same state
-    for key in steps:
-        acts = [r for r in rows if (r["traj_id"], r["step_id"]) == key]
-        seen = set()
-        for r in acts:
-            assert r["is_duplicate"] == (C.canonical(r["action"]) in seen)
-            seen.add(C.canonical(r["action"]))
+    # each candidate carries what it does (taps: the element under the point); the first of a class its draws, repeats 0
+    for key, step in steps.items():
+        state = [r for r in rows if (r["traj_id"], r["step_id"]) == key]
+        keys = [semantic_key(r["action"], json.loads(step["elements"])) for r in state]
+        assert [r["semantic_key"] for r in state] == keys and [r["draws"] for r in state] == draw_counts(keys)
+    assert sum(r["draws"] == 0 for r in rows) > 0  # π_β repeats itself
+
+
+def test_draw_counts_and_taps_on_one_element_are_one_candidate():
+    assert draw_counts(["a", "b", "a", "c", "a"]) == [3, 1, 0, 1, 0]
+    elements = json.dumps([{"ref": 7, "tag": "button", "bbox": [0.2, 0.2, 0.4, 0.6]}])
+    taps = [format_action(Action.tap(*p)) for p in [(0.3, 0.3), (0.25, 0.5), (0.9, 0.9), (0.35, 0.21)]]
+    table = C.candidate_table([({"traj_id": "t0", "step_id": 0, "elements": elements}, taps)])
+    assert table.column("semantic_key").to_pylist() == ["tap@7", "tap@7", "tap@none", "tap@7"]
+    assert table.column("draws").to_pylist() == [3, 0, 1, 0]
+    as_strings = C.candidate_table([({"traj_id": "t0", "step_id": 0}, taps)])  # no DOM: the canonical strings, all distinct
+    assert as_strings.column("draws").to_pylist() == [1, 1, 1, 1]
 
 
 def test_a_states_candidates_do_not_depend_on_the_other_states(dataset):
@@ -108,10 +120,9 @@ def test_gate_passes_and_fails_with_a_readable_message(dataset, tmp_path):
     assert 2 <= summary["mean_distinct"] <= 32 and summary["frac_two_distinct"] == 1.0
     ok = C.check_diversity(table, 2.0, 0.9, docs_dir=tmp_path / "docs")
     assert ok.success and (tmp_path / "docs" / "index.html").is_file()
-    p = CandidatesParams(k=32, min_mean_distinct=1000.0, out=str(tmp_path / "c.parquet"),
-                         metrics=str(tmp_path / "m.json"), checks=str(tmp_path / "checks"))
+    params = stage_params(dataset, tmp_path, k=32, min_mean_distinct=1000.0)
     with pytest.raises(DigiqError, match=r"action_diversity failed: mean distinct actions per state ≥ 1000 \(observed"):
-        run(dataset.root, p)
+        run(params)
     assert not (tmp_path / "c.parquet").exists()  # nothing written past a failed gate
     assert json.loads((tmp_path / "m.json").read_text())["gate"]["success"] is False
     # k = 1: only the dataset action, one distinct action per state → the ≥ 2 floor fails
@@ -120,11 +131,15 @@ def test_gate_passes_and_fails_with_a_readable_message(dataset, tmp_path):
     assert not failed.success and any("≥ 2 distinct" in f for f in failed.failures)
 
 
+def stage_params(dataset: Dataset, tmp_path: Path, **candidates) -> Params:
+    """Params of the candidates stage on ``dataset``, its outputs under ``tmp_path``."""
+    outputs = {"out": str(tmp_path / "c.parquet"), "metrics": str(tmp_path / "m.json"), "checks": str(tmp_path / "checks")}
+    return Params.model_validate({"collect": {"out": str(dataset.root)}, "candidates": {**outputs, **candidates}})
+
+
 def test_stage_writes_table_and_metrics(dataset, tmp_path):
-    p = CandidatesParams(k=8, out=str(tmp_path / "c.parquet"), metrics=str(tmp_path / "m.json"),
-                         checks=str(tmp_path / "checks"), min_mean_distinct=1.0)
-    outcome = run(dataset.root, p)
-    table = pq.read_table(p.out)
+    outcome = run(stage_params(dataset, tmp_path, k=8, min_mean_distinct=1.0))
+    table = pq.read_table(tmp_path / "c.parquet")
     assert table.num_rows == 72 and table.schema.field("cand_idx").type == "int32"
     assert outcome.metrics["states"] == 9 and outcome.metrics["gate"]["success"]
 
@@ -142,8 +157,10 @@ def test_imported_candidates_are_kept(dataset, tmp_path):
 
     pq.write_table(pa.Table.from_pylist(rows), root / C.IMPORTED_FILE)
     table = C.make_candidates(Dataset(root), 64, seed=0)
-    assert table.num_rows == 3 * len(steps)
-    assert table.column("is_duplicate").to_pylist()[:3] == [False, False, True]
+    assert table.num_rows == 3 * len(steps) and table.column("action").to_pylist()[:3] == [steps[0]["action"], tap, tap]
+    keys = table.column("semantic_key").to_pylist()[:3]
+    assert keys == [semantic_key(a, json.loads(steps[0]["elements"])) for a in (steps[0]["action"], tap, tap)]
+    assert table.column("draws").to_pylist()[:3] == draw_counts(keys) and keys[1] == keys[2]
 
 
 def test_cli_candidates(dataset, tmp_path, monkeypatch):
@@ -157,7 +174,7 @@ def test_cli_candidates(dataset, tmp_path, monkeypatch):
         cli.register(app)
     monkeypatch.chdir(tmp_path)  # metrics/ and data/checks/ are relative to the working directory
     out = tmp_path / "c.parquet"
-    result = CliRunner().invoke(app, ["candidates", "--dataset", str(dataset.root), "--k", "16", "--out", str(out),
+    result = CliRunner().invoke(app, ["candidates", "-S", f"collect.out={dataset.root}", "-S", "candidates.k=16", "--out", str(out),
                                       "--params", str(tmp_path / "none.yaml")])
     assert result.exit_code == 0, result.output
     assert pq.read_table(out).num_rows == 9 * 16
@@ -176,12 +193,12 @@ ELEMENTS = [
 
 def test_taps_are_the_same_candidate_when_they_hit_the_same_element():
     jittered = [Action.tap(0.21, 0.25), Action.tap(0.29, 0.45), format_action(Action.tap(0.25, 0.3))]
-    assert {C.semantic_key(a, ELEMENTS) for a in jittered} == {"tap@3"}
-    assert C.semantic_key(Action.tap(0.52, 0.55), ELEMENTS) == "tap@4"  # the innermost tappable element
-    assert C.semantic_key(Action.tap(0.8, 0.8), ELEMENTS) == "tap@none"  # only non-tappable containers there
+    assert {semantic_key(a, ELEMENTS) for a in jittered} == {"tap@3"}
+    assert semantic_key(Action.tap(0.52, 0.55), ELEMENTS) == "tap@4"  # the innermost tappable element
+    assert semantic_key(Action.tap(0.8, 0.8), ELEMENTS) == "tap@none"  # only non-tappable containers there
     enter = Action(action_type=ActionType.PRESS_ENTER)
-    assert C.semantic_key(enter, ELEMENTS) == format_action(enter)
-    assert C.semantic_key(Action.tap(0.21, 0.25), []) == format_action(Action.tap(0.21, 0.25))  # no DOM (imported data)
+    assert semantic_key(enter, ELEMENTS) == format_action(enter)
+    assert semantic_key(Action.tap(0.21, 0.25), []) == format_action(Action.tap(0.21, 0.25))  # no DOM (imported data)
 
 
 def test_live_candidate_sets_drop_taps_on_an_already_drawn_element():

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from digiq.config import CriticParams
 from conftest import toy_transitions
-from digiq.critic import (Batch, CriticConfig, CriticTrainer, DoubleCritic, Transitions, action_sensitivity, advantage,
-                          behavior_agreement, candidate_q, conservative_gap, critic_diagnostics, ranking_quality,
-                          td_q_target, td_v_target, train_critic, v_calibration)
+from digiq.critic import (Batch, CriticTrainer, DoubleCritic, Transitions, advantage, conservative_gap, td_q_target, td_v_target,
+                          train_critic)
+from digiq.critic_diagnostics import (action_sensitivity, behavior_agreement, candidate_q, critic_diagnostics, ranking_quality,
+                                      v_calibration)
 from digiq.errors import DigiqError
 from digiq.nn import EpochSampler, soft_update
 
@@ -28,9 +30,9 @@ def set_linear(head: nn.Sequential, weight: list[float], bias: float = 0.0) -> N
         head[0].bias.fill_(bias)
 
 
-def linear_critic(d_s: int = 2, d_sa: int = 2, **config) -> DoubleCritic:
+def linear_critic(d_s: int = 2, d_sa: int = 2, gamma: float = 0.95, **params) -> DoubleCritic:
     """Heads computing x · weight + bias on the raw features (no standardization layer), all weights 0."""
-    critic = DoubleCritic(d_s, d_sa, CriticConfig(hidden=(), device="cpu", standardize=False, **config))
+    critic = DoubleCritic(d_s, d_sa, CriticParams(hidden=[], device="cpu", standardize=False, **params), gamma=gamma)
     for heads in (critic.online, critic.target):
         for head in (heads.q1, heads.q2, heads.v1, heads.v2):
             set_linear(head, [0.0] * head[0].in_features)
@@ -71,7 +73,7 @@ def test_trainer_td_losses_against_hand_targets():
     set_linear(critic.target.v2, [0.0, 1.0])
     set_linear(critic.target.q1, [1.0, 0.0])
     set_linear(critic.target.q2, [0.0, 1.0])
-    log = CriticTrainer(critic, critic.config).update(hand_batch())
+    log = CriticTrainer(critic).update(hand_batch())
     # online heads output 0 before the update: L_Q = 2 · mean(y_Q²) = 2 · (2.4² + 1²)/2 = 6.76
     # L_V = 2 · mean(y_V²) = 2 · (1² + 2²)/2 = 5.0
     assert log["q_loss"].item() == pytest.approx(6.76)
@@ -84,7 +86,7 @@ def test_trainer_mc_regresses_both_heads_on_the_return():
     critic = linear_critic(target="mc")
     set_linear(critic.target.v1, [1.0, 0.0])  # targets must be ignored in MC
     before = [p.clone() for p in critic.target.parameters()]
-    log = CriticTrainer(critic, critic.config).update(hand_batch())
+    log = CriticTrainer(critic).update(hand_batch())
     # Q = V = 0: L = 2 · mean(G²) = 2 · (1² + 0.5²)/2 = 1.25 for both
     assert log["q_loss"].item() == pytest.approx(1.25)
     assert log["v_loss"].item() == pytest.approx(1.25)
@@ -110,22 +112,22 @@ def test_trainer_adds_the_weighted_conservative_term_to_the_q_loss():
     critic = linear_critic(gamma=0.95, cql_alpha=0.5)
     set_linear(critic.target.v1, [1.0, 0.0])
     set_linear(critic.target.v2, [0.0, 1.0])
-    log = CriticTrainer(critic, critic.config).update(hand_batch_with_candidates())
+    log = CriticTrainer(critic).update(hand_batch_with_candidates())
     # online Q ≡ 0 before the update: each head's gap = mean(log 3, log 2); L_Q = 6.76 (TD, as above) + 0.5 · 2 · gap
     gap = (math.log(3) + math.log(2)) / 2
     assert log["cql_gap"].item() == pytest.approx(gap)
     assert log["q_loss"].item() == pytest.approx(6.76 + 0.5 * 2 * gap)
     with pytest.raises(DigiqError, match="cand_sa"):
         train_critic(dataclasses.replace(toy_transitions(20), cand_sa=None, cand_mask=None, cand_count=None),
-                     TOY.model_copy(update={"cql_alpha": 1.0}))
+                     TOY.model_copy(update={"cql_alpha": 1.0}), **TOY_RUN)
 
 
 def test_conservative_term_lowers_untaken_candidates_but_still_finds_the_right_action():
     """Toy MDP: π_β's action is wrong in ~40 % of states, the right one lies among the other candidates. The
     conservative term lowers the candidates the data never takes, yet the critic still ranks the right action first."""
     data = toy_transitions(400, seed=0)
-    plain, _ = train_critic(data, TOY)
-    conservative, history = train_critic(data, TOY.model_copy(update={"cql_alpha": 1.0}))
+    plain, _ = train_critic(data, TOY, **TOY_RUN)
+    conservative, history = train_critic(data, TOY.model_copy(update={"cql_alpha": 1.0}), **TOY_RUN)
     q_plain, q_cons = candidate_q(plain, data), candidate_q(conservative, data)
     # measured (seed 0): mean Q of the other candidates 0.065 → −0.59, of the dataset action 0.30 → 0.29;
     # states ranking another candidate first 0.42 → 0.40 (the right action where π_β erred); ranking ≥ 0.99 in both
@@ -149,7 +151,7 @@ def test_soft_update_is_polyak_average():
 def test_trainer_moves_targets_by_tau_after_each_update():
     critic = linear_critic(tau=0.1)
     old_target = [p.clone() for p in critic.target.parameters()]
-    CriticTrainer(critic, critic.config).update(hand_batch())
+    CriticTrainer(critic).update(hand_batch())
     for old, new, online in zip(old_target, critic.target.parameters(), critic.online.parameters()):
         torch.testing.assert_close(new, 0.1 * online + 0.9 * old)
 
@@ -243,7 +245,7 @@ def test_transitions_refuse_bad_input_naming_the_field():
 
 def test_save_pretrained_round_trip_from_any_path(tmp_path):
     data = toy_transitions(30, seed=1)
-    critic, _ = train_critic(data, CriticConfig(updates=20, hidden=(16,), device="cpu", seed=3))
+    critic, _ = train_critic(data, CriticParams(updates=20, hidden=[16], device="cpu"), gamma=0.95, seed=3)
     critic.save_pretrained(tmp_path / "a" / "critic")
     shutil.move(tmp_path / "a", tmp_path / "elsewhere")  # no absolute paths inside
     loaded = DoubleCritic.from_pretrained(tmp_path / "elsewhere" / "critic")
@@ -262,7 +264,7 @@ def test_standardized_heads_see_unit_scale_inputs_and_keep_the_scaling_through_s
     scale = torch.tensor([1e-3, 1.0, 1e3, 0.0]).repeat(data.sa.shape[1] // 4)
     data = dataclasses.replace(data, sa=data.sa * scale, cand_sa=data.cand_sa * scale, s=data.s * 100.0 + 5.0,
                                s_next=data.s_next * 100.0 + 5.0)
-    critic, _ = train_critic(data, CriticConfig(updates=30, hidden=(8,), device="cpu", standardize=True))
+    critic, _ = train_critic(data, CriticParams(updates=30, hidden=[8], device="cpu", standardize=True), **TOY_RUN)
     for heads in (critic.online, critic.target):
         z = heads.q1[0](data.sa)
         torch.testing.assert_close(z.mean(0), torch.zeros_like(scale), atol=1e-4, rtol=0)
@@ -279,13 +281,13 @@ def test_a_critic_saved_before_the_standardize_option_loads_with_raw_inputs(tmp_
     """Folders written before ``standardize`` existed have no such key and no input layers: they load as they were
     trained (raw inputs), not with the new default."""
     data = toy_transitions(30, seed=1)
-    critic, _ = train_critic(data, CriticConfig(updates=10, hidden=(8,), device="cpu", standardize=False))
+    critic, _ = train_critic(data, CriticParams(updates=10, hidden=[8], device="cpu", standardize=False), **TOY_RUN)
     critic.save_pretrained(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "config.json").read_text())
     del meta["config"]["standardize"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
     loaded = DoubleCritic.from_pretrained(tmp_path / "old")
-    assert loaded.config.standardize is False and CriticConfig().standardize is True
+    assert loaded.config.standardize is False and CriticParams().standardize is True
     torch.testing.assert_close(advantage(loaded, data.s, data.cand_sa), advantage(critic, data.s, data.cand_sa), rtol=0, atol=0)
 
 
@@ -300,7 +302,7 @@ def test_standardization_lets_the_critic_use_a_small_scale_feature():
     data = Transitions(s=s, sa=sa, s_next=s, reward=signal, done=torch.ones(n), mc_return=signal)
 
     def q_error(standardize: bool) -> float:
-        critic, _ = train_critic(data, CriticConfig(updates=300, hidden=(32,), device="cpu", standardize=standardize))
+        critic, _ = train_critic(data, CriticParams(updates=300, hidden=[32], device="cpu", standardize=standardize), **TOY_RUN)
         return (critic.q_value(sa) - signal).abs().mean().item()
 
     assert q_error(True) < 0.1 < q_error(False)
@@ -322,14 +324,15 @@ def test_from_pretrained_refuses_broken_folders(tmp_path):
         DoubleCritic.from_pretrained(tmp_path / "c")
 
 
-TOY = CriticConfig(updates=600, hidden=(64, 64), device="cpu", seed=0)
+TOY = CriticParams(updates=600, hidden=[64, 64], device="cpu")
+TOY_RUN = {"gamma": 0.95, "seed": 0}  # toy_transitions' γ
 
 
 def test_toy_mdp_critic_uses_the_action_and_is_deterministic():
     data = toy_transitions(400, seed=0)
     points: list[int] = []
-    critic, history = train_critic(data, TOY, log_fn=lambda point, step: points.append(step))
-    again, _ = train_critic(data, TOY)
+    critic, history = train_critic(data, TOY, log_fn=lambda point, step: points.append(step), **TOY_RUN)
+    again, _ = train_critic(data, TOY, **TOY_RUN)
     assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), again.state_dict().values()))
     assert points == list(range(50, 601, 50)) and history[-1]["step"] == 600
     assert history[-1]["q_loss"] < history[0]["q_loss"]
@@ -342,7 +345,7 @@ def test_toy_mdp_critic_uses_the_action_and_is_deterministic():
 
 def test_toy_mdp_mc_ablation_and_validation_losses():
     data, val = toy_transitions(300, seed=0), toy_transitions(100, seed=1)
-    critic, history = train_critic(data, TOY.model_copy(update={"target": "mc"}), val_data=val)
+    critic, history = train_critic(data, TOY.model_copy(update={"target": "mc"}), val_data=val, **TOY_RUN)
     assert {"val_q_loss", "val_v_loss"} <= set(history[-1])
     assert critic_diagnostics(critic, val)["ranking_quality"] > 0.8  # held-out episodes
 
@@ -352,7 +355,7 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_critic(tmp
     the past points replayed to log_fn; a checkpoint of other data or config is ignored."""
     data, val = toy_transitions(200, seed=0), toy_transitions(60, seed=1)
     config = TOY.model_copy(update={"updates": 400})
-    reference, ref_history = train_critic(data, config, val_data=val)
+    reference, ref_history = train_critic(data, config, val_data=val, **TOY_RUN)
     ckpt = tmp_path / "critic.ckpt"
 
     def stop_at_230(point, step):
@@ -360,14 +363,14 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_critic(tmp
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # logged points come every 50 updates: the one at 250 stops it
-        train_critic(data, config, stop_at_230, val_data=val, checkpoint=ckpt, checkpoint_every=100)
+        train_critic(data, config, stop_at_230, val_data=val, checkpoint=ckpt, checkpoint_every=100, **TOY_RUN)
     assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] == 200
     points: list[int] = []
     resumed, history = train_critic(data, config, lambda point, step: points.append(step), val_data=val,
-                                    checkpoint=ckpt, checkpoint_every=100)
+                                    checkpoint=ckpt, checkpoint_every=100, **TOY_RUN)
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
     assert history == ref_history and points == list(range(50, 401, 50))
     other = toy_transitions(200, seed=2)
-    fresh, _ = train_critic(other, config, val_data=val, checkpoint=ckpt, checkpoint_every=100)
-    plain, _ = train_critic(other, config, val_data=val)
+    fresh, _ = train_critic(other, config, val_data=val, checkpoint=ckpt, checkpoint_every=100, **TOY_RUN)
+    plain, _ = train_critic(other, config, val_data=val, **TOY_RUN)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fresh.state_dict().values()))

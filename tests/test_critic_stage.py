@@ -14,62 +14,35 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from conftest import SMALL_CRITIC, command_app, feature_project, project_params, write_params
 from digiq.cli import critic as critic_cli
 from digiq.critic import DoubleCritic
 from digiq.errors import DigiqError
 from digiq.pipelines import critic as stage
-from digiq.pipelines import features as fx
+from digiq.feature_contract import split_state_keys, state_key
+from digiq.stage_outputs import finite_or_none
+from digiq.training_data import read_training_data, split_trajectories, trajectory_success
 from digiq.viewer.tables import load_candidate_scores, load_step_scores
 
-ROOT = Path(__file__).resolve().parents[1]
 N_STATES, K, DIM = 60, 8, 16
-PARAMS = """\
-seed: 2
-critic:
-  updates: 60
-  hidden: [32]
-  batch_size: 32
-  log_every: 20
-  device: cpu
-"""
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:  # a group, so `critic` is a sub-command as in `digiq critic`
-        """test app"""
-
-    critic_cli.register(app)
-    return app
-
-
-def make_project(root: Path, *, materialized: bool = True) -> Path:
-    """features/ copied from the repo, synthetic data/, params.yaml; the store materialized unless told otherwise."""
-    shutil.copytree(ROOT / "features", root / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
-    paths = fx.write_synthetic_sources(root / "data", n_states=N_STATES, k=K, dim=DIM, seed=1)
-    (root / "params.yaml").write_text(PARAMS)
-    if materialized:
-        inputs = fx.Inputs(repo=(root / "features").resolve(), variant="finetuned", states=paths["states"].resolve(),
-                           candidates=paths["candidates"].resolve(), labels=paths["labels"].resolve(), dataset=paths["dataset"].resolve())
-        fx.materialize(inputs, progress=False)
-    return root
+PARAMS = {"seed": 2, "critic": {**SMALL_CRITIC, "updates": 60}}
 
 
 def run_critic(project: Path, name: str, *extra: str):
-    args = ["critic", "--repo", str(project / "features"), "--out", str(project / name / "critic"),
-            "--metrics", str(project / name / "critic.json"), "--live", str(project / name / "dvclive"),
-            "--params", str(project / "params.yaml"), *extra]
-    return CliRunner().invoke(_app(), args)
+    """`digiq critic` of ``project``, its outputs under ``project/name``."""
+    out = project / name
+    args = ["critic", "--params", str(project / "params.yaml"), "--out", str(out / "critic"),
+            "-S", f"critic.metrics={out / 'critic.json'}", "-S", f"critic.live_dir={out / 'dvclive'}", *extra]
+    return CliRunner().invoke(command_app(critic_cli), args)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("critic_project"))
+    project = feature_project(tmp_path_factory.mktemp("critic_project"), n_states=N_STATES, k=K, dim=DIM, seed=1)
+    write_params(project, **PARAMS)
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +55,7 @@ def td_run(project) -> Path:
 
 @pytest.fixture(scope="module")
 def frame(project):
-    return stage.load_stage_data(project / "features", "finetuned")
+    return read_training_data(project_params(project).features)
 
 
 def _without_timings(metrics: dict) -> dict:
@@ -146,43 +119,50 @@ def test_same_seed_same_outputs_and_mc_target(project, td_run):
     for name in ("model.safetensors", stage.STEP_SCORES, stage.CANDIDATE_SCORES):
         assert (project / "td" / "critic" / name).read_bytes() == (project / "td_again" / "critic" / name).read_bytes(), name
 
-    mc = run_critic(project, "mc", "--target", "mc")
+    mc = run_critic(project, "mc", "-S", "critic.target=mc")
     assert mc.exit_code == 0, mc.output
     metrics = json.loads((project / "mc" / "critic.json").read_text())
     assert metrics["target"] == "mc" and DoubleCritic.from_pretrained(project / "mc" / "critic").config.target == "mc"
     table = pq.read_table(project / "mc" / "critic" / stage.STEP_SCORES).to_pandas()
-    frame = stage.load_stage_data(project / "features", "finetuned")
+    frame = read_training_data(project_params(project).features)
     returns = {(t, int(s)): g for t, s, g in zip(frame.traj_id, frame.step_id, frame.frame.mc_return)}
     np.testing.assert_allclose(table["td_error"], [returns[k] for k in zip(table["traj_id"], table["step_id"])] - table["q"], rtol=1e-5, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------- inputs and errors
 
-def test_missing_store_is_one_clear_error(tmp_path):
-    project = make_project(tmp_path, materialized=False)
+def test_candidates_are_the_candidate_tables_classes(project, frame):
+    """The critic trains on the candidates stage's de-duplication, served by the store (no second rule)."""
+    table = pq.read_table(project / "data" / "candidates.parquet").to_pandas().groupby(["traj_id", "step_id"])["draws"].agg(list)
+    expected = np.array([table[(t, int(s))] for t, s in zip(frame.traj_id, frame.step_id)], dtype=np.float32)
+    assert np.array_equal(frame.draws, expected) and np.array_equal(frame.distinct, expected > 0)
+    assert (frame.draws.sum(1) == K).all() and (frame.distinct.sum(1) < K).any()  # some candidates are repeats
+
+
+def test_missing_sources_are_one_clear_error(tmp_path):
+    project = feature_project(tmp_path, materialized=False, n_states=N_STATES, k=K, dim=DIM, seed=1)
     with pytest.raises(DigiqError) as caught:
-        stage.load_stage_data(project / "features", "finetuned")
-    assert "digiq features materialize --variant finetuned" in str(caught.value) and "registry.db" in str(caught.value)
-    (project / "params.yaml").write_text(PARAMS + f"features: {{embeddings: {project / 'absent'}}}\n")
-    result = run_critic(project, "out")  # no store, and no embeddings to rebuild it from
-    assert result.exit_code == 2 and "missing input table" in result.output and "Traceback" not in result.output
+        read_training_data(project_params(project).features)
+    assert "digiq features materialize" in str(caught.value) and "transitions.parquet" in str(caught.value)
+    write_params(project, **PARAMS, features={"embeddings": str(project / "absent")})
+    result = run_critic(project, "out")
+    assert result.exit_code == 2 and "missing feature source 'states'" in result.output and "Traceback" not in result.output
     assert str(project / "absent") in result.output and not (project / "out").exists()  # nothing half-written
 
 
-def test_a_fresh_workspace_rebuilds_the_store_from_the_embeddings(tmp_path):
-    """A queued `dvc exp run` copy or a clone after `dvc pull` has the embeddings but no Feast run-time state."""
-    project = make_project(tmp_path, materialized=False)
-    data = project / "data"
-    (project / "params.yaml").write_text(PARAMS + f"collect: {{out: {data / 'raw'}}}\nlabel: {{out: {data / 'labels.parquet'}}}\n"
-                                                  f"features: {{embeddings: {data / 'embeddings'}}}\n")
+def test_a_fresh_workspace_trains_from_the_tracked_sources_alone(tmp_path):
+    """A queued `dvc exp run` copy or a clone after `dvc pull` has the sources DVC tracks but no Feast run-time state."""
+    project = feature_project(tmp_path, n_states=N_STATES, k=K, dim=DIM, seed=1)
+    shutil.rmtree(project / "features" / "data")
+    write_params(project, **PARAMS)
     result = run_critic(project, "out")
     assert result.exit_code == 0, result.output
-    assert "materializing it from" in result.output and (project / "features" / "data" / "finetuned" / "registry.db").is_file()
+    assert not (project / "features" / "data").exists()
 
 
 def test_bad_target_is_refused(project):
-    result = run_critic(project, "bad", "--target", "sarsa")
-    assert result.exit_code == 2 and "td or mc" in result.output
+    result = run_critic(project, "bad", "-S", "critic.target=sarsa")
+    assert result.exit_code == 2 and "critic.target" in result.output and "'td' or 'mc'" in result.output
     assert not (project / "bad").exists()
 
 
@@ -190,56 +170,19 @@ def test_bad_target_is_refused(project):
 
 def test_split_holds_out_whole_trajectories_deterministically():
     traj = np.array([f"t{i // 3}" for i in range(30)], dtype=object)  # 10 trajectories of 3 steps
-    held = stage.split_trajectories(traj, 0.2, seed=0)
-    assert (held == stage.split_trajectories(traj, 0.2, seed=0)).all()
+    held = split_trajectories(traj, 0.2, seed=0)
+    assert (held == split_trajectories(traj, 0.2, seed=0)).all()
     assert len(set(traj[held])) == 2 and not set(traj[held]) & set(traj[~held])
-    assert not stage.split_trajectories(traj, 0.0, seed=0).any()
-    assert stage.split_trajectories(np.array(["a", "b"], dtype=object), 0.01, seed=0).sum() == 1  # ≥ 1 held out, never all
+    assert not split_trajectories(traj, 0.0, seed=0).any()
+    assert split_trajectories(np.array(["a", "b"], dtype=object), 0.01, seed=0).sum() == 1  # ≥ 1 held out, never all
     with pytest.raises(DigiqError, match="val_fraction"):
-        stage.split_trajectories(traj, 1.0, seed=0)
+        split_trajectories(traj, 1.0, seed=0)
 
 
-def test_non_finite_metrics_become_null():
-    assert stage.finite_or_none({"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5}) == {"a": None, "b": [1.0, None], "c": 0.5}
-
-
-def test_candidate_classes_success_and_keys():
-    actions = np.array([["a", "b", "a", None], ["c", "c", "d", "c"]], dtype=object)
-    mask = np.array([[True, True, True, False], [True, True, True, True]])
-    distinct, draws = stage.candidate_classes(actions, mask)
-    assert distinct.tolist() == [[True, True, False, False], [True, False, True, False]]
-    assert draws.tolist() == [[2, 1, 0, 0], [3, 0, 1, 0]]
+def test_non_finite_metrics_become_null_success_and_keys():
+    assert finite_or_none({"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5}) == {"a": None, "b": [1.0, None], "c": 0.5}
     traj = np.array(["x", "x", "y", "z", "z"], dtype=object)
-    assert stage.trajectory_success(traj, np.array([0.0, 1.0, 0.0, 0.0, 0.0])).tolist() == [True, True, False, False, False]
-    traj_id, step_id = stage.split_keys(np.array(["a/b/0", "c/12"], dtype=object))
+    assert trajectory_success(traj, np.array([0.0, 1.0, 0.0, 0.0, 0.0])).tolist() == [True, True, False, False, False]
+    traj_id, step_id = split_state_keys(np.array(["a/b/0", "c/12"], dtype=object))
     assert traj_id.tolist() == ["a/b", "c"] and step_id.tolist() == [0, 12]
-
-
-def test_candidates_are_deduplicated_by_the_element_a_tap_hits(tmp_path):
-    from digiq.actions import format_action
-    from digiq.schema import Action, Step, Trajectory
-    from digiq.store import DatasetWriter
-
-    elements = json.dumps([{"ref": 7, "tag": "button", "bbox": [0.2, 0.2, 0.4, 0.6]}])
-    writer = DatasetWriter(tmp_path / "raw", gamma=0.95, source="synthetic")
-    shot, sha = writer.put_image(np.zeros((4, 4, 3), dtype=np.uint8))
-    step = Step(traj_id="t0", step_id=0, task="x", goal="g", observation="o", screenshot=shot, screenshot_sha256=sha,
-                action=Action.tap(0.3, 0.3), reward=1.0, done=True, elements=elements)
-    writer.write_shard("x", [Trajectory(traj_id="t0", task="x", goal="g", steps=[step])])
-    writer.finalize()
-    taps = [format_action(Action.tap(*p)) for p in [(0.3, 0.3), (0.25, 0.5), (0.9, 0.9), (0.35, 0.21)]]
-    actions = np.array([taps + [None]], dtype=object)
-    mask = np.array([[True] * 4 + [False]])
-
-    keys = stage.semantic_keys(actions, mask, np.array(["t0"]), np.array([0]), tmp_path / "raw")
-    assert keys.tolist() == [["tap@7", "tap@7", "tap@none", "tap@7", None]]
-    assert [c.tolist() for c in stage.candidate_classes(keys, mask)] == [[[True, False, True, False, False]], [[3, 0, 1, 0, 0]]]
-    assert stage.candidate_classes(actions, mask)[0].tolist() == [[True, True, True, True, False]]  # as strings: all differ
-
-
-def test_a_store_that_does_not_name_its_dataset_is_one_clear_error(tmp_path):
-    project = make_project(tmp_path)
-    sources = project / "features" / "data" / "finetuned" / "sources.json"
-    sources.write_text(json.dumps({k: v for k, v in json.loads(sources.read_text()).items() if k != "dataset"}))
-    with pytest.raises(DigiqError, match=r"sources\.json: dataset: .*digiq features materialize --variant finetuned"):
-        stage.load_stage_data(project / "features", "finetuned")
+    assert [k.tolist() for k in split_state_keys([state_key("a/b", 3)])] == [["a/b"], [3]]  # built and parsed by one contract

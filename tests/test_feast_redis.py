@@ -13,10 +13,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import copy_feature_repo, write_synthetic_sources
+from digiq import store_client as client
 from digiq.cli.features import app
-from digiq.pipelines import features as fx
 
-from test_features import DIM, K, _copy_repo, _materialize_args, _sources
+from test_features import DIM, K, _materialize_args, _sources
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server (make setup)")
 
@@ -52,21 +53,20 @@ def redis_url(tmp_path):
 
 def test_materialized_features_round_trip_through_redis(tmp_path, redis_url):
     project = tmp_path / "project"
-    _copy_repo(project)
-    fx.write_synthetic_sources(project / "data", n_states=12, k=K, dim=DIM, seed=5)
+    copy_feature_repo(project)
+    write_synthetic_sources(project / "data", n_states=12, k=K, dim=DIM, seed=5)
     online = {"type": "redis", "connection_string": redis_url}
-    (project / "params.yaml").write_text(yaml.safe_dump({"features": {"online_store": online}}))
-    result = CliRunner().invoke(app, _materialize_args(project))
+    result = CliRunner().invoke(app, _materialize_args(project, yaml.safe_dump({"features": {"online_store": online}})))
     assert result.exit_code == 0, result.output
     state_dir = project / "features" / "data" / "finetuned"
     assert not (state_dir / "online_store.db").exists()  # nothing went to SQLite
     assert yaml.safe_load((state_dir / "feature_store.yaml").read_text())["online_store"] == online
 
-    store = fx.open_store(project / "features", "finetuned")
+    store = client.open_store(project / "features", "finetuned")
     src = _sources(project)
     for key in src["states"].index:
         traj, step = key.rsplit("/", 1)
-        row = fx.online_state(store, traj, int(step), candidates=True)
+        row = client.online_state(store, traj, int(step), candidates=True)
         np.testing.assert_array_equal(row["embedding"], src["states"].loc[key, "embedding"])
         expected = np.stack(src["candidates"].loc[[f"{key}/{k}" for k in range(K)], "embedding"].to_list())
         assert np.array_equal(row["candidates"]["embedding"], expected)

@@ -28,9 +28,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from conftest import copy_feature_repo, project_params, write_params, write_synthetic_sources
+from digiq import feature_contract as fc
+from digiq import feature_sources as sources
+from digiq import store_client as client
 from digiq.cli.features import app
 from digiq.errors import DigiqError
-from digiq.pipelines import features as fx
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE_REPO = ROOT / "features"
@@ -38,23 +41,17 @@ N_STATES, K, DIM = 40, 64, 8
 FEAST = str(Path(sys.executable).with_name("feast"))
 
 
-def _copy_repo(dest: Path) -> Path:
-    shutil.copytree(FEATURE_REPO, dest / "features", ignore=shutil.ignore_patterns("data", "__pycache__"))
-    return dest / "features"
-
-
-def _materialize_args(project: Path, *extra: str) -> list[str]:
-    return ["materialize", "--repo", str(project / "features"), "--embeddings", str(project / "data" / "embeddings"),
-            "--dataset", str(project / "data" / "raw"), "--labels", str(project / "data" / "labels.parquet"),
-            "--metrics", str(project / "metrics" / "features.json"), "--params", str(project / "params.yaml"), *extra]
+def _materialize_args(project: Path, text: str = "") -> list[str]:
+    """`digiq features materialize` of ``project`` (its paths and ``text`` in its params.yaml)."""
+    return ["materialize", "--params", str(write_params(project, text))]
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project folder (features/ copied from the repo, data/ synthetic) materialized by `digiq features materialize`."""
     project = tmp_path_factory.mktemp("project")
-    _copy_repo(project)
-    fx.write_synthetic_sources(project / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
+    copy_feature_repo(project)
+    write_synthetic_sources(project / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
     result = CliRunner().invoke(app, _materialize_args(project))
     assert result.exit_code == 0, result.output
     return project
@@ -62,7 +59,7 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(project):
-    return fx.open_store(project / "features", "finetuned")
+    return client.open_store(project / "features", "finetuned")
 
 
 def _sources(project: Path) -> dict[str, pd.DataFrame]:
@@ -85,38 +82,38 @@ def test_materialize_writes_metrics_and_runtime_state(project):
     assert set(metrics["timings_s"]) >= {"apply", "materialize_candidate_block", "total"}
     assert "materialize_candidate_embedding" not in metrics["timings_s"]  # offline only: served online by candidate_block
     state_dir = project / "features" / "data" / "finetuned"
-    assert {p.name for p in state_dir.iterdir()} == {"registry.db", "online_store.db", "sources", "sources.json", "feature_store.yaml"}
-    sources = json.loads((state_dir / "sources.json").read_text())
-    assert all(Path(p).is_absolute() and Path(p).is_file() for name, p in sources.items() if name != "dataset")
-    assert sources["dataset"] == str((project / "data" / "raw").resolve())  # the steps the store was derived from
+    assert {p.name for p in state_dir.iterdir()} == {"registry.db", "online_store.db", "sources.json", "feature_store.yaml"}
+    applied = json.loads((state_dir / "sources.json").read_text())
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in applied.values())
+    assert applied == fc.source_paths(project / "data" / "embeddings", project / "data" / "features", "finetuned")
+    assert {p.name for p in (project / "data" / "features" / "finetuned").iterdir()} == {f"{name}.parquet" for name in fc.DERIVED}
 
 
 def test_state_and_action_features_of_different_sizes(tmp_path):
     """no_vlm's f(s) and f(s, a) differ in size (384 and 795 on the default data); a table whose size is not the
     one its embedding run recorded is refused."""
     project = tmp_path / "p"
-    _copy_repo(project)
-    sources = fx.write_synthetic_sources(project / "data", n_states=12, k=4, dim=DIM, dim_candidate=DIM + 5, seed=1)
+    copy_feature_repo(project)
+    paths = write_synthetic_sources(project / "data", n_states=12, k=4, dim=DIM, dim_candidate=DIM + 5, seed=1)
     result = CliRunner().invoke(app, _materialize_args(project))
     assert result.exit_code == 0, result.output
     assert json.loads((project / "metrics" / "features.json").read_text())["dim_candidate"] == DIM + 5
-    frame = fx.training_frame(fx.open_store(project / "features", "finetuned"))
+    frame = client.training_frame(client.open_store(project / "features", "finetuned"))
     assert frame.state.shape[1] == frame.next_state.shape[1] == DIM
     assert frame.candidates.shape[2] == frame.action.shape[1] == DIM + 5
-    manifest = sources["states"].parent / "embedding.json"
+    manifest = paths["states"].parent / "embedding.json"
     manifest.write_text(json.dumps({"dim_state": DIM, "dim_candidate": DIM}))
     with pytest.raises(DigiqError, match=f"embedding size {DIM + 5} differs from the {DIM} that embedding.json records"):
-        fx.check_and_derive(fx.Inputs(repo=project / "features", variant="finetuned", states=sources["states"],
-                                      candidates=sources["candidates"], labels=sources["labels"], dataset=sources["dataset"]))
+        sources.check_and_derive(sources.FeatureInputs.from_params(project_params(project)))
 
 
 def test_an_unreadable_embedding_manifest_is_one_error_naming_it(tmp_path):
     states, candidates = tmp_path / "states.parquet", tmp_path / "candidates.parquet"
-    fx.check_recorded_dims(states, candidates, 4, 7)  # no manifest: any sizes
+    sources.check_recorded_dims(states, candidates, 4, 7)  # no manifest: any sizes
     for text in ("{not json", json.dumps({"dim_state": 4})):
         (tmp_path / "embedding.json").write_text(text)
         with pytest.raises(DigiqError, match="re-run `digiq embed`") as err:
-            fx.check_recorded_dims(states, candidates, 4, 7)
+            sources.check_recorded_dims(states, candidates, 4, 7)
         assert err.value.file == str(tmp_path / "embedding.json") and err.value.field == "dim_state"
 
 
@@ -134,7 +131,7 @@ def test_online_state_and_its_64_candidates_equal_the_sources(project, store):
     src = _sources(project)
     key = "traj00002/0"
     traj, step = key.split("/")
-    row = fx.online_state(store, traj, int(step), candidates=True)
+    row = client.online_state(store, traj, int(step), candidates=True)
     np.testing.assert_array_equal(row["embedding"], src["states"].loc[key, "embedding"])
     assert row["embedding"].dtype == np.float32
     cand_keys = [f"{key}/{k}" for k in range(K)]
@@ -147,19 +144,22 @@ def test_online_state_and_its_64_candidates_equal_the_sources(project, store):
                        params=[traj, int(step)]).df().iloc[0]
     assert (row["reward"], row["done"], row["mc_return"], row["action"]) == (steps.reward, steps.done, steps.mc_return, steps.action)
     assert row["candidates"]["action"][0] == steps.action
+    table = pq.read_table(project / "data" / "candidates.parquet").to_pandas().set_index(["traj_id", "step_id"]).loc[(traj, int(step))]
+    assert row["candidates"]["semantic_key"] == table["semantic_key"].to_list()  # the candidates stage's classes
+    assert row["candidates"]["draws"] == table["draws"].to_list() and sum(row["candidates"]["draws"]) == K
 
 
 def test_online_unknown_state_is_one_clear_error(project, store):
     with pytest.raises(DigiqError, match="no features online for state 'nope/0'"):
-        fx.online_state(store, "nope", 0)
-    result = CliRunner().invoke(app, ["get", "--traj", "t", "--step", "0", "--variant", "absent", "--repo", str(project / "features")])
+        client.online_state(store, "nope", 0)
+    result = CliRunner().invoke(app, ["get", "--traj", "t", "--step", "0", "--variant", "absent", "-S", f"features.repo={project / 'features'}"])
     assert result.exit_code == 2
     assert "features materialize --variant absent" in result.output and "registry.db" in result.output
 
 
 def test_cli_get_json_is_the_online_row(project):
     result = CliRunner().invoke(app, ["get", "--traj", "traj00001", "--step", "0", "--candidates", "--json",
-                                      "--repo", str(project / "features"), "--params", str(project / "params.yaml")])
+                                      "--params", str(project / "params.yaml")])
     assert result.exit_code == 0, result.output
     row = json.loads(result.output)
     src = _sources(project)
@@ -190,7 +190,7 @@ def _direct_join(project: Path) -> pd.DataFrame:
 def test_training_frame_equals_a_direct_join_row_by_row(project, store):
     expected = _direct_join(project)
     order = list(expected.index[::-1])  # not the sources' order: rows must come back as asked
-    frame = fx.training_frame(store, pd.DataFrame({"state_key": order}))
+    frame = client.training_frame(store, pd.DataFrame({"state_key": order}))
     assert list(frame.state_key) == order
     assert frame.candidates.shape == (N_STATES, K, DIM) and frame.candidate_mask.all()
     for i, key in enumerate(order):
@@ -206,43 +206,58 @@ def test_training_frame_equals_a_direct_join_row_by_row(project, store):
         assert (frame.reward[i], frame.done[i], frame.mc_return[i]) == (want.reward, want.done, want.mc_return), key
         assert frame.label[i] == (want.label if isinstance(want.label, str) else None), key
     assert frame.done.any() and (~frame.has_next & ~frame.done).any()  # terminal and cut-off steps both present
+    draws = pq.read_table(project / "data" / "candidates.parquet").to_pandas().groupby(["traj_id", "step_id"])["draws"].agg(list)
+    assert [list(row) for row in frame.candidate_draws] == [draws[(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))] for k in order]
 
 
 def test_training_frame_takes_traj_step_columns_and_honours_as_of(store):
-    frame = fx.training_frame(store, pd.DataFrame({"traj_id": ["traj00001", "traj00000"], "step_id": [0, 0]}))
+    frame = client.training_frame(store, pd.DataFrame({"traj_id": ["traj00001", "traj00000"], "step_id": [0, 0]}))
     assert list(frame.state_key) == ["traj00001/0", "traj00000/0"]
     with pytest.raises(DigiqError, match="no state embedding for 'traj00001/0'"):
-        fx.training_frame(store, pd.DataFrame({"state_key": ["traj00001/0"]}), as_of=fx.FEATURE_EPOCH.replace(year=2000))
+        client.training_frame(store, pd.DataFrame({"state_key": ["traj00001/0"]}), as_of=fc.EPOCH.replace(year=2000))
 
 
 # ----------------------------------------------------------------------------- bad input
 
 def test_missing_or_malformed_source_names_the_file(tmp_path):
-    data = tmp_path / "data"
-    paths = fx.write_synthetic_sources(data, n_states=6, k=2, dim=4)
-    _copy_repo(tmp_path)
-    inputs = fx.Inputs.from_params(fx.FeaturesParams(repo=str(tmp_path / "features"), embeddings=str(data / "embeddings")),
-                                   dataset=paths["dataset"], labels=paths["labels"])
+    from digiq.pipelines import features as stage
+
+    paths = write_synthetic_sources(tmp_path / "data", n_states=6, k=2, dim=4)
+    copy_feature_repo(tmp_path)
+    params = project_params(tmp_path, features={"metrics": str(tmp_path / "m.json")})
     paths["candidates"].unlink()
     with pytest.raises(DigiqError) as err:
-        fx.materialize(inputs, tmp_path / "m.json", progress=False)
+        stage.run(params)
     assert str(paths["candidates"].resolve()) in str(err.value) and "missing input table" in str(err.value)
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "features" / "data").exists()
+    assert not (tmp_path / "data" / "features").exists()
 
     states = pq.read_table(paths["states"])
     as_list = states.set_column(4, "embedding", states["embedding"].cast(pa.list_(pa.float32())))
     pq.write_table(as_list, paths["states"])
     with pytest.raises(DigiqError, match=r"states\.parquet: embedding: expected fixed_size_list<float32>\[d\]"):
-        fx.materialize(inputs, progress=False)
+        stage.run(params)
 
-    result = CliRunner().invoke(app, ["materialize", "--repo", str(tmp_path / "features"), "--embeddings", str(data / "embeddings"),
-                                      "--dataset", str(paths["dataset"]), "--labels", str(paths["labels"])])
+    result = CliRunner().invoke(app, _materialize_args(tmp_path))
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "states.parquet: embedding: expected fixed_size_list" in result.output
 
 
+def test_a_candidate_table_older_than_the_semantic_key_is_refused(tmp_path):
+    paths = write_synthetic_sources(tmp_path / "data", n_states=4, k=3, dim=4)
+    copy_feature_repo(tmp_path)
+    pq.write_table(pq.read_table(paths["candidate_table"]).drop_columns(["semantic_key", "draws"]), paths["candidate_table"])
+    with pytest.raises(DigiqError, match=r"candidates\.parquet: semantic_key: missing column .*re-run `digiq candidates`"):
+        sources.check_and_derive(sources.FeatureInputs.from_params(project_params(tmp_path)))
+    table = pq.read_table(paths["candidates"])
+    pq.write_table(table.set_column(5, "action", pa.array(["other"] * table.num_rows)), paths["candidates"])
+    write_synthetic_sources(tmp_path / "fresh", n_states=4, k=3, dim=4)
+    with pytest.raises(DigiqError, match=r"candidates\.parquet: action: candidate 'traj00000/0/0' of the embeddings is not this table's"):
+        sources.check_candidate_table(paths["candidates"], tmp_path / "fresh" / "candidates.parquet")
+
+
 def test_candidate_blocks_concatenate_each_version_in_cand_idx_order(tmp_path):
-    paths = fx.write_synthetic_sources(tmp_path, n_states=3, k=4, dim=2, seed=1)
+    paths = write_synthetic_sources(tmp_path, n_states=3, k=4, dim=2, seed=1)
     cands = pq.read_table(paths["candidates"])
     later = cands.filter(pc.field("state_key") == cands["state_key"][0].as_py())
     later = later.set_column(later.schema.get_field_index("event_timestamp"), "event_timestamp",
@@ -250,22 +265,23 @@ def test_candidate_blocks_concatenate_each_version_in_cand_idx_order(tmp_path):
     shuffled = pa.concat_tables([cands, later]).take(np.random.default_rng(0).permutation(cands.num_rows + later.num_rows))
     pq.write_table(shuffled, paths["candidates"])
 
-    blocks = fx.derive_candidate_blocks(paths["candidates"])
-    assert blocks.schema == fx.CANDIDATE_BLOCKS_SCHEMA
+    blocks = sources.derive_candidate_blocks(paths["candidates"], paths["candidate_table"])
+    assert blocks.schema == fc.CANDIDATE_BLOCKS_SCHEMA
     assert blocks.num_rows == pc.count_distinct(cands["state_key"]).as_py() + 1  # the re-embedded state has two versions
     source = shuffled.to_pandas()
     for row in blocks.to_pylist():
         rows = source[(source.state_key == row["state_key"]) & (source.event_timestamp == row["event_timestamp"])].sort_values("cand_idx")
         assert row["actions"] == rows.action.to_list()
+        assert sum(row["draws"]) == len(rows) and len(row["semantic_keys"]) == len(rows)
         assert np.array_equal(np.asarray(row["embeddings"], dtype=np.float32), np.concatenate(rows.embedding.to_list()))
 
 
 def test_keys_must_follow_the_contract(tmp_path):
-    paths = fx.write_synthetic_sources(tmp_path, n_states=4, k=3, dim=4)
+    paths = write_synthetic_sources(tmp_path, n_states=4, k=3, dim=4)
     cands = pq.read_table(paths["candidates"]).filter(pc.field("cand_idx") != 1)
     pq.write_table(cands, paths["candidates"])
     with pytest.raises(DigiqError, match=r"candidates\.parquet: cand_idx: the candidates of state .* are not numbered 0\.\.K-1"):
-        fx.check_keys(paths["states"], paths["candidates"])
+        sources.check_keys(paths["states"], paths["candidates"])
 
 
 # ----------------------------------------------------------------------------- plain Feast CLI
@@ -273,8 +289,8 @@ def test_keys_must_follow_the_contract(tmp_path):
 def test_feast_feature_views_list_in_the_repo(project):
     out = subprocess.run([FEAST, "feature-views", "list"], cwd=project / "features", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for view in fx.VIEWS:
-        assert re.search(rf"^{view}\s", out.stdout, re.M), out.stdout
+    for view in fc.VIEWS:
+        assert re.search(rf"^{view.name}\s", out.stdout, re.M), out.stdout
 
 
 def _free_port() -> int:
@@ -329,9 +345,9 @@ def test_docs_python_snippet_runs(project, monkeypatch, capsys):
 
 def test_docs_cli_lines_run(tmp_path, monkeypatch):
     """The documented commands, run with the default (relative) paths in a fresh project with two variants."""
-    _copy_repo(tmp_path)
-    fx.write_synthetic_sources(tmp_path / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
-    other = fx.write_synthetic_sources(tmp_path / "other", n_states=N_STATES, k=K, dim=4, seed=3, variant="off_the_shelf")
+    copy_feature_repo(tmp_path)
+    write_synthetic_sources(tmp_path / "data", n_states=N_STATES, k=K, dim=DIM, seed=3)
+    other = write_synthetic_sources(tmp_path / "other", n_states=N_STATES, k=K, dim=4, seed=3, variant="off_the_shelf")
     shutil.copytree(other["states"].parent, tmp_path / "data" / "embeddings" / "off_the_shelf")
     monkeypatch.chdir(tmp_path)
     lines = [line.split("#")[0].split(">")[0].strip() for line in _blocks("bash")[0].splitlines()]
@@ -341,5 +357,5 @@ def test_docs_cli_lines_run(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 0, (command, result.output)
     assert json.loads(result.output)["state_key"] == "traj00001/0"
-    other = fx.training_frame(fx.open_store("features", "off_the_shelf"))
+    other = client.training_frame(client.open_store("features", "off_the_shelf"))
     assert other.state.shape == (N_STATES, 4)
