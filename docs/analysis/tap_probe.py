@@ -57,7 +57,8 @@ def tap_labels(con: duckdb.DuckDBPyConnection) -> dict[Key, dict[str, Any]]:
     steps = con.sql(f"select traj_id, step_id, task, goal, elements from 'data/raw/steps/**/*.parquet' where task in {TASKS}")
     states = {(t, s): (task, re.findall(r'"([^"]+)"', goal)[0].strip(), json.loads(el)) for t, s, task, goal, el in steps.fetchall()}
     candidates = con.sql("select c.traj_id, c.step_id, c.cand_idx, c.action, s.q from 'data/candidates.parquet' c "
-                         "join 'models/critic/candidate_scores.parquet' s using (traj_id, step_id, cand_idx) where not c.is_duplicate")
+                         "join 'models/critic/candidate_scores.parquet' s using (traj_id, step_id, cand_idx) "
+                         "qualify row_number() over (partition by c.traj_id, c.step_id, c.action order by c.cand_idx) = 1")
     labels = {}
     for t, s, k, action, q in candidates.fetchall():
         if (t, s) not in states or (a := parse_action(action)).kind != "tap":
