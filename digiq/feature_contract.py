@@ -112,7 +112,8 @@ LABELS_SCHEMA = pa.schema([
 
 
 def source_schemas(dim_state: int = 1, dim_candidate: int = 1) -> dict[str, pa.Schema]:
-    """The schema of each Feast source, by the name :func:`source_paths` gives its file."""
+    """The schema of each Feast source, by the name :func:`source_paths` gives its file (the vector sizes matter only
+    to writers: readers check the column types)."""
     return {"states": states_schema(dim_state), "candidates": candidates_schema(dim_candidate),
             "transitions": TRANSITIONS_SCHEMA, "labels": LABELS_SCHEMA, "candidate_blocks": CANDIDATE_BLOCKS_SCHEMA}
 

@@ -51,7 +51,7 @@ class FeatureInputs:
         return cls(repo=Path(f.repo).resolve(), variant=f.variant, states=Path(paths["states"]),
                    candidates=Path(paths["candidates"]), candidate_table=Path(params.candidates.out).resolve(),
                    labels=Path(params.label.out).resolve(), dataset=Path(params.collect.out).resolve(),
-                   derived=Path(paths["transitions"]).parent, online_store=f.online_store)
+                   derived=Path(f.derived).resolve() / f.variant, online_store=f.online_store)
 
     def source_paths(self) -> dict[str, str]:
         """The five Feast sources, by name."""
@@ -309,8 +309,8 @@ def summary(inputs: FeatureInputs, dims: dict[str, int], derived: dict[str, pa.T
     transitions = derived["transitions"]
     with duckdb_connection() as con:
         models = con.execute(f"SELECT DISTINCT model_hash, layer FROM read_parquet('{inputs.states}') ORDER BY ALL").fetchall()
-        count = lambda path, key: int(_first(con, f"SELECT count(DISTINCT {key}) FROM read_parquet('{path}')"))  # noqa: E731
-        rows = {"state_embedding": count(inputs.states, "state_key"), "candidate_embedding": count(inputs.candidates, "cand_key")}
+        rows = {"state_embedding": _count_keys(con, inputs.states, "state_key"),
+                "candidate_embedding": _count_keys(con, inputs.candidates, "cand_key")}
     return {
         "variant": inputs.variant,
         **dims,
@@ -321,3 +321,7 @@ def summary(inputs: FeatureInputs, dims: dict[str, int], derived: dict[str, pa.T
         "terminal_or_cut_off": int(pc.sum(pc.is_null(transitions["next_state_key"])).as_py()),
         "models": [{"model_hash": h, "layer": layer} for h, layer in models],
     }
+
+
+def _count_keys(con: Any, path: Path, key: str) -> int:
+    return int(_first(con, f"SELECT count(DISTINCT {key}) FROM read_parquet('{path}')"))

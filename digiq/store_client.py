@@ -311,15 +311,15 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     timings: dict[str, float] = {}
     t = time.perf_counter()
     check_offline_sources(store)
-    source = lambda view: store.get_feature_view(view).batch_source.path  # noqa: E731
+    source = {view.name: store.get_feature_view(view.name).batch_source.path for view in fc.VIEWS}
     entities = _entity_frame(store, entity_df, as_of)
     keys = entities["state_key"].to_numpy()
     states = _historical(store, entities, STATE_REFS + ["candidate_block:draws"])
     timings["state_features_s"] = time.perf_counter() - t
     state, valid = _matrix(states["state_embedding__embedding"])
-    _require(valid, keys, "state embedding", source("state_embedding"), "state_key")
+    _require(valid, keys, "state embedding", source["state_embedding"], "state_key")
     n_cands = np.asarray(states["transition__n_candidates"].fill_null(0), dtype=np.int64)
-    _require(n_cands > 0, keys, "transition (or no candidates)", source("transition"), "state_key")
+    _require(n_cands > 0, keys, "transition (or no candidates)", source["transition"], "state_key")
 
     t = time.perf_counter()
     next_keys = states["transition__next_state_key"].to_numpy(zero_copy_only=False)
@@ -328,7 +328,7 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     if has_next.any():
         nxt = entities[has_next].assign(state_key=next_keys[has_next])
         found, valid = _matrix(_historical(store, nxt, ["state_embedding:embedding"])["state_embedding__embedding"], state.shape[1])
-        _require(valid, next_keys[has_next], "next-state embedding", source("state_embedding"), "state_key")
+        _require(valid, next_keys[has_next], "next-state embedding", source["state_embedding"], "state_key")
         next_state[has_next] = found
     timings["next_state_s"] = time.perf_counter() - t
 
