@@ -19,7 +19,8 @@ from digiq import extractor as X
 from digiq.config import EmbedParams, Params
 from digiq.errors import DigiqError
 from digiq.pipelines import embed as stage
-from digiq.pipelines.features import CANDIDATES_COLUMNS, STATES_COLUMNS, check_keys, check_table
+from digiq.feature_contract import CANDIDATES_FILE, EPOCH, STATES_FILE, candidates_schema, states_schema
+from digiq.feature_sources import check_keys, check_table
 
 K = 8
 
@@ -50,20 +51,20 @@ def test_tables_match_the_feast_contract_and_repeat_exactly(setup):
     root, dataset, cand_path, model = setup
     first = run(dataset.root, params(root, cand_path, model, "a"))
     second = run(dataset.root, params(root, cand_path, model, "b"))
-    states, cands = first.out / E.STATES_FILE, first.out / E.CANDIDATES_FILE
-    check_table(states, STATES_COLUMNS)
-    check_table(cands, CANDIDATES_COLUMNS)
+    states, cands = first.out / STATES_FILE, first.out / CANDIDATES_FILE
+    check_table(states, states_schema(32))
+    check_table(cands, candidates_schema(32))
     check_keys(states, cands)  # the Feast stage's own key checks
     s, c = pq.read_table(states), pq.read_table(cands)
-    assert s.schema == E.states_schema(32) and c.schema == E.candidates_schema(32)
+    assert s.schema == states_schema(32) and c.schema == candidates_schema(32)
     assert s.num_rows == 9 and c.num_rows == 9 * K
-    assert s.column("event_timestamp").to_pylist()[1] == E.EMBED_EPOCH.replace(second=1)
+    assert s.column("event_timestamp").to_pylist()[1] == EPOCH.replace(second=1)
     steps = {f"{r['traj_id']}/{r['step_id']}": r["action"] for r in dataset.table().to_pylist()}
     assert set(s.column("state_key").to_pylist()) == set(steps)
     assert all(row["action"] == steps[row["state_key"]] for row in c.to_pylist() if row["cand_idx"] == 0)
     assert set(s.column("layer").to_pylist()) == {2} and len(set(c.column("model_hash").to_pylist())) == 1
-    assert pq.read_table(second.out / E.STATES_FILE).equals(s)
-    assert pq.read_table(second.out / E.CANDIDATES_FILE).equals(c)
+    assert pq.read_table(second.out / STATES_FILE).equals(s)
+    assert pq.read_table(second.out / CANDIDATES_FILE).equals(c)
     m = first.metrics
     assert m["states"] == 9 and m["candidates"] == 9 * K and m["d_state"] == 32 and m["dtype"] == "float32"
     assert m["dtype_reason"] == "embed.dtype: float32"
@@ -97,22 +98,22 @@ def test_interrupted_run_resumes_after_a_deleted_chunk(setup):
     (parts / "states-000000.parquet").unlink()  # a lost chunk is recomputed, a finished one is not
     resumed = run(dataset.root, p)
     assert resumed.metrics["resumed_chunks"] == 1 and resumed.metrics["chunks"] == 3
-    for name in (E.STATES_FILE, E.CANDIDATES_FILE):
+    for name in (STATES_FILE, CANDIDATES_FILE):
         assert pq.read_table(resumed.out / name).equals(pq.read_table(reference.out / name))
 
 
 def test_no_vlm_variant(setup):
     root, dataset, cand_path, model = setup
     outcome = run(dataset.root, params(root, cand_path, model, "novlm", variant="no_vlm"))
-    s = pq.read_table(outcome.out / E.STATES_FILE)
-    c = pq.read_table(outcome.out / E.CANDIDATES_FILE)
+    s = pq.read_table(outcome.out / STATES_FILE)
+    c = pq.read_table(outcome.out / CANDIDATES_FILE)
     d_v = 32  # CLIP hidden size
     assert outcome.out.name == "no_vlm"
     assert s.schema.field("embedding").type.list_size == d_v
     assert c.schema.field("embedding").type.list_size == 2 * d_v + len(X.ACTION_KINDS) + 4 + X.TEXT_BUCKETS
     emb = E.embedding_matrix(c)
     np.testing.assert_allclose(emb[:, :d_v], np.repeat(E.embedding_matrix(s), K, axis=0), rtol=1e-6)
-    check_keys(outcome.out / E.STATES_FILE, outcome.out / E.CANDIDATES_FILE)
+    check_keys(outcome.out / STATES_FILE, outcome.out / CANDIDATES_FILE)
 
 
 def test_degenerate_layer_is_refused(setup):
@@ -126,7 +127,7 @@ def test_degenerate_layer_is_refused(setup):
 def test_nan_and_dimension_checks(setup):
     root, dataset, cand_path, model = setup
     out = run(dataset.root, params(root, cand_path, model, "checks")).out
-    s, c = pq.read_table(out / E.STATES_FILE), pq.read_table(out / E.CANDIDATES_FILE)
+    s, c = pq.read_table(out / STATES_FILE), pq.read_table(out / CANDIDATES_FILE)
     emb = E.embedding_matrix(s).copy()
     emb[3, 5] = np.nan
     bad = s.set_column(s.schema.get_field_index("embedding"), s.schema.field("embedding"),
@@ -168,5 +169,5 @@ def test_cli_embed_runs_and_refuses_a_bad_variant(setup, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "embed.variant" in bad.output
     ok = CliRunner().invoke(app, [*base, "--variant", "off_the_shelf", "-S", "embed.layer=1"])
     assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "data" / "embeddings" / "off_the_shelf" / E.CANDIDATES_FILE).is_file()
+    assert (tmp_path / "data" / "embeddings" / "off_the_shelf" / CANDIDATES_FILE).is_file()
     assert (tmp_path / "metrics" / "embed-off_the_shelf.json").is_file()
