@@ -17,8 +17,9 @@ the collection, the candidate stage and live evaluation alike. The default data 
 ``submit_partial: 1.5`` (= ``submit_ready``): an *impatient* π_β that treats a partly filled form as
 finished. Its most likely action is then wrong in some states (tap "Login" once the username is typed),
 while its noise still proposes the right one: the systematic, state-dependent mistakes an offline
-critic can correct and imitation copies (docs/results.md). With ``submit_partial`` at ``submit_early``
-(−2.5, the ``Scores`` default) π_β's most likely action solves 89 % of the default episodes.
+critic can correct and imitation copies. With ``submit_partial`` at ``submit_early`` (−2.5, the ``Scores``
+default) π_β's most likely action already solves most default episodes, leaving a critic little to correct
+(docs/results.md, "Settings and why": ``collect.behavior``).
 
 ``sample(view_or_step, k, rng)`` works offline on a stored step (goal + elements JSON + previous
 actions from the observation text) and is what the candidate stage uses for K = 64.

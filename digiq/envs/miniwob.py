@@ -1,11 +1,11 @@
-"""MiniWoB++ in headless Chromium, speaking the AitW action language (DESIGN.md §2, §4–§6).
+"""MiniWoB++ in headless Chromium, speaking the AitW action language.
 
     with MiniWoBEnv("click-button") as env:
         obs = env.reset(seed=7)
         result = env.step(Action.tap(0.40, 0.12))
 
 The adapter wraps ``gymnasium.make("miniwob/<task>-v1")``. Its browser is started by a subclass of
-miniwob's SeleniumInstance (DESIGN §5 Chromium flags plus flags for reproducible pixels, a fresh
+miniwob's SeleniumInstance (``CHROMIUM_FLAGS``, flags for reproducible pixels among them, a fresh
 profile per browser, cleaned up even after a crash), and a few settings make episodes faithful and
 reproducible:
 
@@ -24,8 +24,8 @@ reproducible:
   task area, so an episode is a function of (task, seed, actions) only — not of the episodes the same
   browser ran before. Without the reload, state leaks: MiniWoB marks the button that ended an episode
   "tampered" in the next one, jQuery UI widgets keep their state and id counters, focus stays where
-  it was. The reload costs ~75–90 ms of browser CPU per episode (measured here), about 15 % of
-  collection throughput.
+  it was. The reload costs browser CPU on every episode, a visible share of collection throughput
+  (docs/benchmarks.md).
 
 How actions map onto the page and how its DOM is read: :mod:`digiq.envs.page`; ending the browsers and
 deleting the profiles a crash left behind: :mod:`digiq.envs.browser_cleanup`.
@@ -62,8 +62,8 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--no-first-run",
     "--disable-dev-shm-usage",
-    # deterministic pixels: with partial raster, re-rastered tiles differ by 1 level at anti-aliased
-    # edges depending on timing (measured: 2 of 10 concurrent runs differed); fixed colour profile/text AA
+    # deterministic pixels: with partial raster, re-rastered tiles can differ by 1 level at anti-aliased
+    # edges depending on timing (docs/benchmarks.md); fixed colour profile/text AA
     "--disable-partial-raster",
     "--force-color-profile=srgb",
     "--disable-lcd-text",

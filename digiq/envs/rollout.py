@@ -1,6 +1,6 @@
 """One episode of a policy in a MiniWoB env, and its conversion to a stored trajectory.
 
-Conventions of the stored data (DESIGN.md §4, §6):
+Conventions of the stored data:
 * reward 1 on the last step when MiniWoB's raw reward is > 0 (success), else 0 everywhere;
 * ``done`` is True on the last step of every trajectory — the page ended the episode, the policy
   declared completion, or the step cap was reached (as in the official DigiRL/Digi-Q data);

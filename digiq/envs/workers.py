@@ -300,7 +300,7 @@ def _die_with_parent() -> None:
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
     # More SIGTERMs can follow (the kernel re-sends the parent-death signal when the orphan is
-    # re-parented; seen here: 2–3 per worker): ignore them, or they cut the browser cleanup short.
+    # re-parented, more than once per worker: docs/benchmarks.md): ignore them, or they cut the browser cleanup short.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
