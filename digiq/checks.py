@@ -5,7 +5,7 @@
                                              "labels are Yes/No")], docs_dir=Path("data/checks/label"))
     result.raise_for_failures("data/labels.parquet")   # DigiqError: one line naming each failed check
 
-``great_expectations`` costs ~2.4 s to import (measured here), so it is imported inside ``run_suite`` only.
+``great_expectations`` is slow to import (docs/benchmarks.md), so it is imported inside ``run_suite`` only.
 With ``docs_dir``, the folder is replaced atomically by a local Data Docs site (``index.html``; its CSS
 comes from a CDN, so it looks unstyled offline) plus ``result.json`` (``SuiteResult.to_json()``).
 """
@@ -129,7 +129,7 @@ def _disable_progress_bars(context: Any) -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence GX's loggers and warnings for the duration (DESIGN §6: its output is noise in a stage log).
+    """Silence GX's loggers and warnings for the duration (its output is noise in a stage log).
 
     Some GX modules set their own logger level (INFO), so every ``great_expectations.*`` logger is raised to ERROR.
     """

@@ -1,4 +1,4 @@
-"""Import the official Digi-Q / DigiRL trajectory files (DESIGN.md §4) into a digiq dataset.
+"""Import the official Digi-Q / DigiRL trajectory files into a digiq dataset.
 
     report = import_official("trajectories.pt", images="screenshots/", out="data/official")
 

@@ -1,4 +1,4 @@
-"""ε-labels of visual change (Digi-Q representation fine-tuning; DESIGN §1.1): did the action change the screen?
+"""ε-labels of visual change (Digi-Q's representation fine-tuning, arXiv 2502.15760): did the action change the screen?
 
 For a transition (s, a, s') both screenshots are downscaled by ``scale`` (official 0.25), then
 
@@ -6,8 +6,8 @@ For a transition (s, a, s') both screenshots are downscaled by ``scale`` (offici
     label      = "Yes" if mse > ε else "No"                                   (official ε = 30)
 
 Only non-terminal transitions with a real next frame are labelled: MiniWoB returns an all-black frame on
-termination (DESIGN §6), so a terminal transition's MSE says "the episode ended", not "the action changed
-the screen". Terminal steps and steps whose ``next_screenshot`` is None are excluded and counted.
+termination (:mod:`digiq.envs.miniwob`), so a terminal transition's MSE says "the episode ended", not "the action
+changed the screen". Terminal steps and steps whose ``next_screenshot`` is None are excluded and counted.
 
 Downscaling uses PIL's BOX filter: each output pixel is the exact area mean of the input pixels it covers.
 Every input pixel contributes once (nearest would drop or keep a 1-px caret or a thin border by chance),
@@ -121,7 +121,7 @@ def select_transitions(dataset: Dataset) -> Transitions:
 class _Frames:
     """Decode and downscale each screenshot once (keyed by sha256), keeping the most recent ones.
 
-    PNG decoding dominates the cost (~0.4 ms per MiniWoB screen here, far more for phone screens);
+    PNG decoding dominates the cost (per MiniWoB screen: docs/benchmarks.md; phone screens cost far more);
     PIL releases the GIL while decoding, so missing frames are decoded on a small thread pool.
     """
 

@@ -1,4 +1,4 @@
-"""Small neural-network pieces shared by the critic and the policy, written once (DESIGN §8).
+"""Small neural-network pieces shared by the critic and the policy, written once.
 
 - :func:`mlp` — the Q/V heads and the candidate scorer, optionally behind a :class:`Standardize` input layer;
 - :func:`soft_update` — Polyak averaging of target networks, θ̄ ← τθ + (1 − τ)θ̄;

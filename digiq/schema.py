@@ -1,4 +1,4 @@
-"""Data contracts (DESIGN.md §4): the AitW/AutoUI action language, steps and trajectories.
+"""Data contracts: the AitW/AutoUI action language, steps and trajectories.
 
 Coordinates are ``[y, x]`` in ``[0, 1]`` as in Android-in-the-Wild. Non-point actions carry
 ``(-1.0, -1.0)`` exactly as the official data writes them.

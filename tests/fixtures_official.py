@@ -1,4 +1,4 @@
-"""Build files in the exact shape of the official Digi-Q / DigiRL releases (DESIGN.md §4).
+"""Build files in the exact shape of the official Digi-Q / DigiRL releases.
 
 The shape follows the official code: DigiRL's ``batch_interact_environment`` (step dicts with
 observation, next_observation, image_features, image_path, next_image_features, task, reward, done,

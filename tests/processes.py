@@ -2,7 +2,7 @@
 points, and the Chromium processes a stage may leave behind.
 
 Stage processes come from a multiprocessing fork server that has imported torch, transformers, Feast and the
-CLI once, so each start costs milliseconds instead of ~15 s of imports on 2 cores; the child runs the real
+CLI once, so each start costs milliseconds instead of those imports (docs/benchmarks.md); the child runs the real
 `digiq` Typer app with the given arguments, and is a plain process to SIGKILL.
 """
 

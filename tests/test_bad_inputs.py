@@ -1,4 +1,4 @@
-"""A catalogue of malformed inputs (issue 9): each one goes through the real `digiq` CLI and must fail cleanly.
+"""A catalogue of malformed inputs: each one goes through the real `digiq` CLI and must fail cleanly.
 
 For every case: a non-zero exit code; exactly one line on stderr, ``error: …``, that names the offending
 file and then the field (column, key or parameter; a truncated Parquet file has lost the footer that holds

@@ -187,7 +187,7 @@ def test_sample_works_offline_on_a_stored_step_and_is_fast():
     candidates = [policy.sample(step, 64, rng) for step in steps]
     seconds = time.perf_counter() - started
     assert sum(map(len, candidates)) == 2000 * 64
-    assert seconds < 15, f"2000 states × 64 candidates took {seconds:.1f} s"  # ~2 s measured on 2 shared cores
+    assert seconds < 15, f"2000 states × 64 candidates took {seconds:.1f} s"  # loose: the cores are shared (docs/benchmarks.md)
 
 
 def test_policies_plug_in_by_name_or_import_path():

@@ -157,7 +157,7 @@ def test_crashed_and_hung_browsers_are_restarted_and_episodes_replayed(reference
         collection.behavior_run(section, out, params.gamma, BrowserConfig(time_limit_s=section.time_limit_s)),
         policy=PolicySpec(f"{__name__}:FlakyPolicy", {"noise": section.noise, "crash_marker": str(tmp_path / "crash"),
                                                       "hang_marker": str(tmp_path / "hang")}),
-        hang_timeout_s=20.0,  # a restarted browser on a loaded 2-core machine needed over 8 s
+        hang_timeout_s=20.0,  # a restarted browser on a loaded 2-core machine is slow to start (docs/benchmarks.md)
     )
     restarts: list[str] = []
     summaries = run_units(units, run, workers=2, on_restart=restarts.append)

@@ -115,7 +115,7 @@ def test_real_episode_maps_actions_rewards_and_closes_the_browser():
         browser_pids = _descendants(driver_pid)
         assert len(browser_pids) >= 2  # chromedriver and Chromium
         cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in browser_pids if Path(f"/proc/{p}/cmdline").exists()]
-        assert any(b"--disable-quic" in c and b"--user-data-dir=" in c for c in cmdlines)  # DESIGN §5 flags reach Chromium
+        assert any(b"--disable-quic" in c and b"--user-data-dir=" in c for c in cmdlines)  # CHROMIUM_FLAGS reach Chromium
 
         obs = env.reset(seed=3)
         assert obs.screenshot.shape == (210, 160, 3) and obs.screenshot.dtype == np.uint8

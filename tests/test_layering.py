@@ -1,5 +1,5 @@
-"""The library's import boundaries (DESIGN.md §3): dependencies point cli -> pipelines -> digiq, never back, and Feast
-is reached through one store-client module only. Imports inside functions count too."""
+"""The library's import boundaries (docs/pipeline.md, "Development"): dependencies point cli -> pipelines -> digiq,
+never back, and Feast is reached through one store-client module only. Imports inside functions count too."""
 
 import ast
 from pathlib import Path

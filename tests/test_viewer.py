@@ -101,7 +101,7 @@ def make_side_tables(root: Path) -> dict[str, Path]:
             if (traj_id, i) == ("ok-1", 0):
                 values = {k: OK1_STEP0[k] for k in ("v", "q", "advantage", "td_error")}
             steps.append({"traj_id": traj_id, "step_id": i, **values})
-            if i < len(actions) - 1:  # terminal transitions carry no ε-label (DESIGN §6)
+            if i < len(actions) - 1:  # terminal transitions carry no ε-label (digiq.labels)
                 mse = OK1_STEP0["mse"] if (traj_id, i) == ("ok-1", 0) else 10.0 * (i + 1)
                 labels.append({"traj_id": traj_id, "step_id": i, "mse": mse, "label": "Yes" if mse > 30 else "No", "epsilon": 30.0})
             qs = [values["q"], 0.3, 0.2, 0.9, 0.1, 0.05]

@@ -22,7 +22,7 @@ def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto", device: str = 
              adapter: str | Path | None = None, **model_kwargs: Any) -> VLM:
     """Load the checkpoint folder ``path`` (AutoProcessor + AutoModelForImageTextToText) as a :class:`VLM`.
 
-    ``dtype``: "auto" (chosen at run time, :func:`digiq.runtime.choose_dtype`), "float32", "bfloat16",
+    ``dtype``: "auto" (chosen at run time, :func:`digiq.runtime.resolve_dtype`), "float32", "bfloat16",
     "float16" or a torch dtype. ``device``: "auto" (cuda when visible), "cpu", "cuda", "cuda:1"….
     ``adapter``: optional PEFT adapter folder (e.g. LoRA from fine-tuning) applied on top.
     The tokenizer pads on the left; the model is in eval mode.

@@ -1,6 +1,6 @@
 """``VLM``: a LLaVA-style model plus its processor, with the fast paths Digi-Q needs.
 
-The costly part of f(s, a) is the screenshot, and each state has up to 64 candidate actions (DESIGN §6). So:
+The costly part of f(s, a) is the screenshot, and each state has up to K = 64 candidate actions (docs/pipeline.md). So:
 
 1. :meth:`VLM.encode_images` runs the (frozen) vision tower and the projector **once per screenshot** and
    returns the projected image tokens ``[B, n_image_tokens, lm_hidden]``.
