@@ -22,7 +22,7 @@ SET_OPTION = typer.Option(None, "-S", "--set", metavar="SECTION.KEY=VALUE",
 def load(params_path: Path, overrides: list[str] | None = None, flags: dict[str, Any] | None = None):
     """The validated params: the file (defaults where it is absent), then ``-S`` overrides, then the command's
     everyday flags given as ``{"section.key": value}`` (a flag left out is None and changes nothing)."""
-    from digiq.config import load_params
+    from digiq.params_file import load_params
 
     given = [f"{key}={_override_value(value)}" for key, value in (flags or {}).items() if value is not None]
     return load_params(params_path, [*(overrides or []), *given])
@@ -34,13 +34,9 @@ def comma_list(text: str | None) -> list[str] | None:
 
 
 def _override_value(value: Any) -> str:
-    from digiq.config import hydra_value
+    from digiq.params_file import hydra_value
 
     return hydra_value(str(value) if isinstance(value, Path) else value)
-
-
-def pick(value: Any, default: Any) -> Any:  # removed once every command takes -S overrides
-    return default if value is None else value
 
 
 def handle_errors(fn: F) -> F:

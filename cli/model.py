@@ -73,7 +73,7 @@ def preset(
     params.yaml with the preset merged in is valid:  digiq model preset P | xargs dvc exp run -n NAME"""
     import shlex
 
-    from digiq.config import dvc_set_flags, preset_overrides
+    from digiq.params_file import dvc_set_flags, preset_overrides
 
     for flag, value in zip(*[iter(dvc_set_flags(preset_overrides(path, params)))] * 2, strict=True):
         typer.echo(f"{flag} {shlex.quote(value)}")

@@ -22,6 +22,7 @@ def params_command(
     """Print the settings in effect (the params file with -S overrides applied) as params.yaml.
 
     `digiq params --defaults > params.yaml` regenerates the repository's file from the configs."""
-    from digiq.config import Params, params_yaml
+    from digiq.config import Params
+    from digiq.params_file import params_yaml
 
     typer.echo(params_yaml(Params() if defaults else load(params, overrides)), nl=False)

@@ -91,7 +91,7 @@ def check_disk(root: Path) -> Finding:
 
 
 def check_params(path: Path) -> Finding:
-    from digiq.config import load_params
+    from digiq.params_file import load_params
     from digiq.errors import DigiqError
 
     if not path.is_file():
@@ -104,7 +104,7 @@ def check_params(path: Path) -> Finding:
 
 
 def check_feature_store(root: Path, params_path: Path) -> Finding:
-    from digiq.config import load_params
+    from digiq.params_file import load_params
     from digiq.errors import DigiqError
     from digiq.store_client import open_store
 

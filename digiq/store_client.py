@@ -69,7 +69,7 @@ def read_yaml(path: Path) -> Any:
     """A Feast YAML file; a syntax error is one DigiqError naming the file, line and column (as for params.yaml)."""
     import yaml
 
-    from digiq.config import yaml_error
+    from digiq.params_file import yaml_error
 
     try:
         return yaml.safe_load(path.read_text())

@@ -103,7 +103,7 @@ def project_params(project: Path, text: str = "", **sections: Any) -> Any:
     ``sections`` ({section: {key: value}}) on top of the paths."""
     import yaml
 
-    from digiq.config import validate_params
+    from digiq.params_file import validate_params
 
     data = project / "data"
     raw: dict[str, Any] = {

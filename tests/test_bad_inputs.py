@@ -29,7 +29,7 @@ import torch
 from typer.testing import CliRunner
 
 from digiq.cli.main import app
-from digiq.config import load_params
+from digiq.params_file import load_params
 from digiq.importer import ImportOptions, import_official
 from conftest import write_synthetic_sources
 from fixtures_official import make_screenshots, official_trajectories, save_official, write_hostile

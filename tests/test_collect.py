@@ -15,7 +15,8 @@ import pytest
 from processes import browsers, digiq_executable, tree_hashes, wait_for_no_browsers
 
 from digiq import collection
-from digiq.config import Params, validate_params
+from digiq.config import Params
+from digiq.params_file import validate_params
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy
 from digiq.envs.miniwob import BrowserConfig
 from digiq.envs.policy import PolicySpec

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digiq.config import Params, load_params, params_yaml
+from digiq.config import Params
+from digiq.params_file import load_params, params_yaml
 from digiq.errors import DigiqError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_the_llava_7b_preset_applies_through_dvcs_own_override_parser(tmp_path):
 
     from dvc.utils.hydra import apply_overrides
 
-    from digiq.config import dvc_set_flags, preset_overrides
+    from digiq.params_file import dvc_set_flags, preset_overrides
 
     preset = REPO / "profiles" / "llava-1.5-7b.yaml"
     overrides = preset_overrides(preset, REPO / "params.yaml")
@@ -90,7 +91,7 @@ def test_the_llava_7b_preset_applies_through_dvcs_own_override_parser(tmp_path):
     ("finetune:\n  mode: full\n  base_dtype: bfloat16\n", "finetune.base_dtype", "use mode lora"),
 ])
 def test_a_bad_preset_is_refused_naming_file_and_key(tmp_path, text, field, hint):
-    from digiq.config import preset_overrides
+    from digiq.params_file import preset_overrides
 
     preset = tmp_path / "preset.yaml"
     preset.write_text(text)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digiq.config import Params, load_params
+from digiq.config import Params
+from digiq.params_file import load_params
 from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, scores_with
 from digiq.envs.view import StepView
 from digiq.errors import DigiqError

@@ -216,7 +216,8 @@ def test_the_stage_refuses_a_base_prompted_in_another_order(base, data, tmp_path
     from typer.testing import CliRunner
 
     from digiq.cli.main import app
-    from digiq.config import Params, params_yaml
+    from digiq.config import Params
+    from digiq.params_file import params_yaml
 
     params_path = tmp_path / "params.yaml"
     params_path.write_text(params_yaml(Params(model={"base": str(base), "prompt_order": "image_first"})))

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from digiq import labels as L
 from digiq.cli.label import register
-from digiq.config import LabelParams, validate_params
+from digiq.config import LabelParams
+from digiq.params_file import validate_params
 from digiq.errors import DigiqError
 from digiq.pipelines import label as stage
 from digiq.schema import Action, Step, Trajectory
