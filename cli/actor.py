@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import Flag, device, out, stage_command, variant
 
 
 def register(app: typer.Typer) -> None:
-    app.command("actor")(actor)
+    method = Flag("--method", "policy extraction method, one of actor.methods' choices (digiq = Best-of-N)", default=...)
+    stage_command(app, "actor", actor, method, out("actor.out", "policy folders, one sub-folder per method"),
+                  variant("features.variant"), device("actor.device"))
 
 
-@handle_errors
-def actor(
-    method: str = typer.Option(..., "--method", help="policy extraction method, one of actor.methods' choices (digiq = Best-of-N)"),
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    out: Path | None = typer.Option(None, "--out", help="policy folders, one sub-folder per method"),
-    variant: str | None = typer.Option(None, "--variant", help="embedding variant served by Feast"),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
-) -> None:
+def actor(params: Any, method: str) -> None:
     """Train a candidate-scoring policy by weighted imitation (digiq = Best-of-N on the critic's advantage)."""
     from digiq.pipelines import actor as stage
 
-    cfg = load(params, overrides, {"actor.out": out, "features.variant": variant, "actor.device": device})
-    outcome = stage.run(cfg, method=method, progress=True)
+    outcome = stage.run(params, method=method, progress=True)
     m = outcome.metrics
     advantage = m.get("mean_advantage_kept")
     typer.echo(f"actor {method}: kept {m['n_kept']}/{m['n_states']} states ({100 * m['frac_states_kept']:.1f} %), "

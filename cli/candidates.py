@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import out, seed, stage_command
 
 
 def register(app: typer.Typer) -> None:
-    app.command("candidates")(candidates)
+    stage_command(app, "candidates", candidates, out("candidates.out", "candidate table (Parquet)"),
+                  seed("candidates.seed", "base seed of the per-state draws"))
 
 
-@handle_errors
-def candidates(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    out: Path | None = typer.Option(None, "--out", help="candidate table (Parquet)"),
-    seed: int | None = typer.Option(None, "--seed", help="base seed of the per-state draws"),
-) -> None:
+def candidates(params: Any) -> None:
     """Sample K actions per stored state from π_β (index 0 = the dataset action); gate their diversity."""
     from digiq.pipelines import candidates as stage
 
-    cfg = load(params, overrides, {"candidates.out": out, "candidates.seed": seed})
-    outcome = stage.run(cfg, progress=True, report=_print)
-    p = cfg.candidates
+    outcome = stage.run(params, progress=True, report=_print)
+    p = params.candidates
     typer.echo(f"wrote {p.out}, {p.metrics}, {p.checks}/index.html ({outcome.seconds:.1f} s)")
 
 

@@ -7,58 +7,39 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, comma_list, handle_errors, load
-
-TASKS_HELP = "MiniWoB task names, comma-separated"
-
+from digiq.cli.common import Flag, episodes, out, seed, stage_command, tasks, workers
 
 def register(app: typer.Typer) -> None:
-    app.command("collect")(collect)
-    app.command("rollout")(rollout)
+    stage_command(app, "collect", collect, tasks("collect.tasks"), episodes("collect.episodes_per_task"), seed("collect.seed"),
+                  workers("collect.workers"), out("collect.out", "dataset folder"))
+    stage_command(app, "rollout", rollout,
+                  Flag("--policy", "registered policy name or package.module:factory", default="behavior"),
+                  Flag("--policy-arg", "passed to the policy factory (repeatable)", type=list[str], metavar="KEY=VALUE"),
+                  tasks("collect.tasks"), workers("collect.workers"),
+                  Flag("--episodes", "episodes per task", type=int, default=20),
+                  Flag("--seed", "base seed (pick one the training data was not collected with)", type=int, default=1000),
+                  Flag("--out", "write the results as JSON here", type=Path))
 
 
-@handle_errors
-def collect(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    tasks: str | None = typer.Option(None, "--tasks", help=TASKS_HELP),
-    episodes: int | None = typer.Option(None, "--episodes", help="episodes per task"),
-    seed: int | None = typer.Option(None, "--seed", help="base seed"),
-    workers: int | None = typer.Option(None, "--workers", help="browser processes"),
-    out: Path | None = typer.Option(None, "--out", help="dataset folder"),
-) -> None:
+def collect(params: Any) -> None:
     """Collect the offline dataset: π_β in headless Chromium, parallel workers, resumable shards, GX checks."""
     from digiq.pipelines import collect as stage
 
-    cfg = load(params, overrides, {"collect.tasks": comma_list(tasks), "collect.episodes_per_task": episodes,
-                                   "collect.seed": seed, "collect.workers": workers, "collect.out": out})
-    outcome = stage.run(cfg, progress=True, report=_print_collect)
-    section = cfg.collect
+    outcome = stage.run(params, progress=True, report=_print_collect)
+    section = params.collect
     typer.echo(f"wrote {section.out} ({outcome.collected_units} shards collected, {outcome.kept_units} kept), "
                f"{section.checks}/index.html, {section.metrics}")
 
 
-@handle_errors
-def rollout(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    policy: str = typer.Option("behavior", "--policy", help="registered policy name or package.module:factory"),
-    policy_arg: list[str] | None = typer.Option(None, "--policy-arg", help="KEY=VALUE passed to the policy factory (repeatable)"),
-    tasks: str | None = typer.Option(None, "--tasks", help=f"{TASKS_HELP} (default: the collect tasks)"),
-    episodes: int = typer.Option(20, "--episodes", help="episodes per task"),
-    seed: int = typer.Option(1000, "--seed", help="base seed (pick one the training data was not collected with)"),
-    workers: int | None = typer.Option(None, "--workers", help="browser processes (default: collect.workers)"),
-    out: Path | None = typer.Option(None, "--out", help="write the results as JSON here"),
-) -> None:
+def rollout(params: Any, policy: str, policy_arg: list[str] | None, episodes: int, seed: int, out: Path | None) -> None:
     """Run a policy online (with the collect section's episode settings) and print its success rate per task."""
     from digiq.envs.policy import PolicySpec
     from digiq.pipelines import rollout as stage
 
-    cfg = load(params, overrides, {"collect.tasks": comma_list(tasks), "collect.workers": workers})
     kwargs = _policy_kwargs(policy_arg or [])
     if policy == "behavior":
-        kwargs.setdefault("noise", cfg.collect.noise)
-    result = stage.run(cfg, policy=PolicySpec(policy, kwargs), episodes=episodes, seed=seed, out=out, progress=True)
+        kwargs.setdefault("noise", params.collect.noise)
+    result = stage.run(params, policy=PolicySpec(policy, kwargs), episodes=episodes, seed=seed, out=out, progress=True)
     _print_rollout(result, policy)
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +28,78 @@ def load(params_path: Path, overrides: list[str] | None = None, flags: dict[str,
 
     given = [f"{key}={_override_value(value)}" for key, value in (flags or {}).items() if value is not None]
     return load_params(params_path, [*(overrides or []), *given])
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option: an everyday shortcut for one setting (``key``), or, with no key, an option that is not a
+    setting and reaches the command's function as a keyword argument."""
+
+    name: str
+    help: str
+    key: str | None = None
+    type: Any = str
+    default: Any = None
+    convert: Callable[[Any], Any] | None = None
+    metavar: str | None = None
+
+    @property
+    def param(self) -> str:
+        return self.name.split("/")[0].lstrip("-").replace("-", "_")
+
+    def parameter(self) -> inspect.Parameter:
+        annotation = self.type if self.default is not None else self.type | None
+        option = typer.Option(self.default, self.name, help=self.help, metavar=self.metavar)
+        return inspect.Parameter(self.param, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+    def setting(self, given: Any) -> Any:
+        return self.convert(given) if self.convert and given is not None else given
+
+
+def out(key: str, help: str) -> Flag:
+    return Flag("--out", help, key, Path)
+
+
+def variant(key: str) -> Flag:
+    return Flag("--variant", "embedding variant: finetuned | off_the_shelf | no_vlm", key)
+
+
+def device(key: str) -> Flag:
+    return Flag("--device", "auto | cpu | cuda | cuda:N", key)
+
+
+def seed(key: str, help: str = "base seed") -> Flag:
+    return Flag("--seed", help, key, int)
+
+
+def workers(key: str) -> Flag:
+    return Flag("--workers", "parallel browser processes", key, int)
+
+
+def episodes(key: str) -> Flag:
+    return Flag("--episodes", "episodes per task", key, int)
+
+
+def tasks(key: str) -> Flag:
+    return Flag("--tasks", "MiniWoB task names, comma-separated", key, convert=comma_list)
+
+
+def stage_command(app: typer.Typer, name: str, action: Callable[..., None], *flags: Flag) -> None:
+    """Register ``digiq NAME [--params FILE] [-S key=value]… [flags]``: ``action(params, **options)`` gets the
+    validated settings (file, then ``-S``, then the flags that set one) and the options that are not settings.
+    Its docstring is the command's help."""
+
+    def command(params: Path, overrides: list[str] | None, **given: Any) -> None:
+        settings = {flag.key: flag.setting(given[flag.param]) for flag in flags if flag.key}
+        options = {flag.param: given[flag.param] for flag in flags if not flag.key}
+        action(load(params, overrides, settings), **options)
+
+    common = [inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=PARAMS_OPTION, annotation=Path),
+              inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, default=SET_OPTION, annotation=list[str] | None)]
+    command.__signature__ = inspect.Signature([*common, *(flag.parameter() for flag in flags)])  # type: ignore[attr-defined]
+    command.__annotations__ = {}  # typer reads the types from the signature
+    command.__doc__ = action.__doc__
+    app.command(name)(handle_errors(command))
 
 
 def comma_list(text: str | None) -> list[str] | None:

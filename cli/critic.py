@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import device, out, stage_command, variant
 
 
 def register(app: typer.Typer) -> None:
-    app.command("critic")(critic)
+    stage_command(app, "critic", critic, out("critic.out", "critic folder: weights, config, step and candidate scores"),
+                  variant("features.variant"), device("critic.device"))
 
 
-@handle_errors
-def critic(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    out: Path | None = typer.Option(None, "--out", help="critic folder: weights, config, step and candidate scores"),
-    variant: str | None = typer.Option(None, "--variant", help="embedding variant served by Feast"),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
-) -> None:
+def critic(params: Any) -> None:
     """Train Q1, Q2, V1, V2 on frozen f(s), f(s, a) with Polyak target nets; write weights, scores, diagnostics."""
     from digiq.pipelines import critic as stage
 
-    cfg = load(params, overrides, {"critic.out": out, "features.variant": variant, "critic.device": device})
-    outcome = stage.run(cfg, progress=True)
+    outcome = stage.run(params, progress=True)
     _print_summary(outcome.metrics)
-    typer.echo(f"wrote {outcome.out}, {cfg.critic.metrics}, {cfg.critic.live_dir}")
+    typer.echo(f"wrote {outcome.out}, {params.critic.metrics}, {params.critic.live_dir}")
 
 
 def _fmt(value: Any) -> str:

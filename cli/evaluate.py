@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, comma_list, handle_errors, load
+from digiq.cli.common import Flag, comma_list, episodes, out, seed, stage_command, tasks, workers
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate")(evaluate)
+    stage_command(app, "evaluate", evaluate, Flag("--methods", "comma-separated methods", "evaluate.methods", convert=comma_list),
+                  tasks("evaluate.tasks"), episodes("evaluate.episodes_per_task"), seed("evaluate.seed", "base seed of evaluation episodes"),
+                  workers("evaluate.workers"), out("evaluate.out", "metrics JSON"),
+                  Flag("--progress/--no-progress", "show a progress bar", type=bool, default=True))
 
 
-@handle_errors
-def evaluate(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    methods: str | None = typer.Option(None, "--methods", help="comma-separated methods"),
-    tasks: str | None = typer.Option(None, "--tasks", help="comma-separated MiniWoB tasks"),
-    episodes: int | None = typer.Option(None, "--episodes", help="episodes per (method, task)"),
-    seed: int | None = typer.Option(None, "--seed", help="base seed of evaluation episodes"),
-    workers: int | None = typer.Option(None, "--workers", help="parallel browsers"),
-    out: Path | None = typer.Option(None, "--out", help="metrics JSON"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
-) -> None:
+def evaluate(params: Any, progress: bool) -> None:
     """Success rate (95 % Wilson CI), mean episode length and episodes, per method and task → metrics/eval.json."""
     from digiq.pipelines import evaluate as stage
 
-    settings = load(params, overrides, {"evaluate.methods": comma_list(methods), "evaluate.tasks": comma_list(tasks),
-                                        "evaluate.episodes_per_task": episodes, "evaluate.seed": seed,
-                                        "evaluate.workers": workers, "evaluate.out": out})
-    metrics = stage.run(settings, progress=progress)
+    metrics = stage.run(params, progress=progress)
     _print(metrics)
-    typer.echo(f"wrote {settings.evaluate.out}, {settings.evaluate.plots}")
+    typer.echo(f"wrote {params.evaluate.out}, {params.evaluate.plots}")
 
 
 def _print(metrics: dict[str, Any]) -> None:

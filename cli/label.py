@@ -7,32 +7,26 @@ from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import Flag, out, stage_command
 
 
 def register(app: typer.Typer) -> None:
-    app.command("label")(label)
+    sweep = Flag("--sweep", "only print/plot the Yes fraction against label.sweep_epsilons (writes no labels)", type=bool, default=False)
+    stage_command(app, "label", label, out("label.out", "label table (Parquet)"), sweep)
 
 
-@handle_errors
-def label(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    out: Path | None = typer.Option(None, "--out", help="label table (Parquet)"),
-    sweep: bool = typer.Option(False, "--sweep", help="only print/plot the Yes fraction against label.sweep_epsilons (writes no labels)"),
-) -> None:
+def label(params: Any, sweep: bool) -> None:
     """ε-labels: MSE of the downscaled screenshots of each non-terminal transition, Yes when above ε."""
     from digiq.pipelines import label as stage
 
-    cfg = load(params, overrides, {"label.out": out})
-    section = cfg.label
+    section = params.label
     if sweep:
-        table, counts, png = stage.run_sweep(cfg, progress=True)
+        table, counts, png = stage.run_sweep(params, progress=True)
         _print_sweep(table, counts, section.epsilon)
         typer.echo(f"wrote {Path(section.plots) / stage.SWEEP_CSV}")
         typer.echo(f"wrote {png}" if png else "matplotlib is not installed: no PNG plot (render the CSV with `dvc plots show`)")
         return
-    outcome = stage.run(cfg, progress=True, report=_print_summary)
+    outcome = stage.run(params, progress=True, report=_print_summary)
     typer.echo(f"wrote {section.out}, {section.metrics}, {section.checks}/index.html, "
                f"{Path(section.plots) / stage.SWEEP_CSV} ({outcome.seconds:.1f} s)")
 

@@ -7,30 +7,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import PARAMS_OPTION, handle_errors, out, seed, stage_command
 
 app = typer.Typer(no_args_is_help=True, help="Build the default VLM; summarise a checkpoint folder.")
 
 
-@app.command("build")
-@handle_errors
-def build(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    out: Path | None = typer.Option(None, "--out", help="checkpoint folder to write, replaced atomically"),
-    seed: int | None = typer.Option(None, "--seed", help="seed of the random parts (decoder layers, projector)"),
-) -> None:
+def build(params: Any) -> None:
     """Build the default LLaVA (pretrained DINOv2-S vision tower + MiniLM embeddings; seeded Llama layers or
     MiniLM's own)."""
     from digiq.pipelines.build_model import run
 
-    p = load(params, overrides, {"model.base": out, "model.seed": seed})
-    record, m = run(p, progress=True), p.model
+    record, m = run(params, progress=True), params.model
     typer.echo(f"wrote {m.base}: {record['parameters']:,} parameters, {m.image_size} px, seed {m.seed}, prompt order "
                f"{m.prompt_order}, {m.text_model} layers{_reading_words(m.tap_target, m.field_values)}")
+
+
+stage_command(app, "build", build, out("model.base", "checkpoint folder to write, replaced atomically"),
+              seed("model.seed", "seed of the random parts (decoder layers, projector)"))
 
 
 def _reading_words(tap_target: bool, field_values: bool) -> str:

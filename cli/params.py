@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import typer
 
-from digiq.cli.common import PARAMS_OPTION, SET_OPTION, handle_errors, load
+from digiq.cli.common import Flag, stage_command
 
 
 def register(app: typer.Typer) -> None:
-    app.command("params")(params_command)
+    stage_command(app, "params", show, Flag("--defaults", "the declared defaults, ignoring the params file and -S", type=bool, default=False))
 
 
-@handle_errors
-def params_command(
-    params: Path = PARAMS_OPTION,
-    overrides: list[str] | None = SET_OPTION,
-    defaults: bool = typer.Option(False, "--defaults", help="the declared defaults, ignoring the params file"),
-) -> None:
+def show(params: Any, defaults: bool) -> None:
     """Print the settings in effect (the params file with -S overrides applied) as params.yaml.
 
     `digiq params --defaults > params.yaml` regenerates the repository's file from the configs."""
     from digiq.config import Params
     from digiq.params_file import params_yaml
 
-    typer.echo(params_yaml(Params() if defaults else load(params, overrides)), nl=False)
+    typer.echo(params_yaml(Params() if defaults else params), nl=False)
