@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     assert all(m["episodes"] == 2 for m in evaluation["methods"].values())
     assert "Digi-Q" in (root / "reports/report.md").read_text()
     page = (root / "reports/report.html").read_text()
-    assert "data:image/svg+xml;base64," in page and 'src="http' not in page  # plots embedded, nothing fetched
+    assert re.search(r"<figure>\s*<svg\b", page) and 'src="http' not in page  # charts inline, nothing fetched
 
     again = _dvc(root, "status")
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from processes import Files, Replacements, kill_at, run_stage, sha256, start_stage, temp_files, tree_hashes, wait_for_no_browsers
-from test_critic_stage import make_project
+from conftest import feature_project, write_params as write_project_params
 from test_finetune import base, data  # noqa: F401 - module fixtures: tiny LLaVA checkpoint, labelled PNG dataset
 from tiny_llava import save_tiny_llava
 
@@ -133,13 +133,13 @@ CRITIC = {"seed": 2, "critic": {"updates": 600, "hidden": [32], "batch_size": 32
 
 
 def test_critic_killed_twice_resumes_to_the_same_critic(tmp_path):
-    project = make_project(tmp_path / "project")
-    write_params(project / "params.yaml", CRITIC)
+    project = feature_project(tmp_path / "project", n_states=60, k=8, dim=16, seed=1)
+    params = write_project_params(project, **CRITIC)
 
     def argv(name: str) -> list[str]:
-        return ["critic", "--repo", str(project / "features"), "--out", str(project / name / "critic"),
-                "--metrics", str(project / name / "critic.json"), "--live", str(project / name / "dvclive"),
-                "--params", str(project / "params.yaml")]
+        out = project / name
+        return ["critic", "--params", str(params), "--out", str(out / "critic"),
+                "-S", f"critic.metrics={out / 'critic.json'}", "-S", f"critic.live_dir={out / 'dvclive'}"]
 
     run_stage(argv("reference"), tmp_path / "reference.log")
     root = project / "killed"
