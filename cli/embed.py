@@ -26,3 +26,4 @@ def embed(params: Any) -> None:
                f"{m['resumed_chunks']}/{m['chunks']} chunks resumed) in {m['seconds']:.1f} s = {m['samples_per_s']:.1f} samples/s; "
                f"d = {m['d_state']}/{m['d_candidate']}, {m['dtype']} ({m['dtype_reason']}), layer {m['layer']}, "
                f"model {m['model_hash']}")
+    typer.echo(f"wrote {outcome.out}/{{states,candidates}}.parquet, {params.embed.metrics}/embed-{params.embed.variant}.json")
