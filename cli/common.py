@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +128,3 @@ def handle_errors(fn: F) -> F:
 
 def fail(message: str, *, file: str | Path | None = None, field: str | None = None) -> None:
     raise DigiqError(message, file=file, field=field)
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
