@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from digiq.channels import Inputs
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
@@ -267,15 +268,18 @@ class CriticParams(Section):
     standardize: bool = Field(True, description="standardise the heads' input features (training mean/std, saved with the weights); false: raw features, as the official code")
 
 
-Method = Literal["digiq", "bc", "filtered-bc", "awr", "reinforce"]
+Method = Literal["digiq", "bc", "filtered-bc", "awr", "awr-bon", "pg-bon", "reinforce", "digirl"]
 
 
 class ActorParams(Section):
-    methods: list[Method] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce"], description="foreach stage items: digiq (Best-of-N) | bc | filtered-bc | awr | reinforce")
-    n: int = Field(16, ge=1, description="Best-of-N / REINFORCE: candidates scored per state, dataset action included (paper 16 of 64)")
-    threshold: float = Field(0.10, description="Best-of-N: imitate the best candidate only if its advantage exceeds this (official 0.10)")
-    awr_beta: float = Field(0.05, gt=0, description="AWR temperature β in exp(A/β) (official 0.05)")
-    awr_max_weight: float = Field(20.0, gt=0, description="AWR: weights are clipped at this value")
+    methods: list[Method] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "awr-bon", "pg-bon", "reinforce", "digirl"], description="foreach stage items: digiq (Best-of-N) | bc | filtered-bc | awr (dataset action) | awr-bon | pg-bon (official AWR / PG on the Best-of-N action) | reinforce | digirl")
+    inputs: Inputs = Field(default_factory=Inputs, description="channels of the scorer's input [x_V(s), x_Q(s, a_k)] (digiq/channels.py); evaluation composes the same")
+    n: int = Field(16, ge=1, description="Best-of-N / REINFORCE: candidates scored per state, dataset action included, drawn afresh per update (paper 16 of 64)")
+    threshold: float = Field(0.10, description="digiq: imitate the best candidate only if its advantage, clamped to [0, 1], exceeds this (official 0.10)")
+    awr_beta: float = Field(0.05, gt=0, description="AWR temperature β in exp(A/β), awr and awr-bon (official class default 0.05)")
+    awr_max_weight: float = Field(20.0, gt=0, description="awr / awr-bon: weights are clipped at this value (the official awr has no cap)")
+    pg_multiplier: float = Field(5.0, gt=0, description="pg-bon: W = clamp(A, 0, 1) · this (official shipped config 5)")
+    anchor: float = Field(0.0, ge=0.0, description="weight of the penalty mean g² over every batch state's valid candidates: keeps π at π_β where nothing is imitated")
     use_state: bool = Field(True, description="score [f(s), f(s,a)] or f(s,a) alone")
     behavior_prior: bool = Field(True, description="π ∝ (π_β draws a candidate stands for) · exp(score); false: plain softmax over distinct candidates")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="scorer MLP widths")

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from conftest import toy_transitions
-from digiq.actor import (CandidatePolicy, actor_record, awr_weights, best_of_n_weights, imitation_loss, method_weights,
-                         sample_n_subset, train_actor)
+from digiq.actor import CandidatePolicy, actor_record, imitation_loss, train_actor
 from digiq.config import ActorParams, CriticParams
-from digiq.critic import Transitions, first_argmax, train_critic
+from digiq.critic import first_argmax, train_critic
+from digiq.transitions import Transitions
 from digiq.critic_diagnostics import candidate_q
 from digiq.errors import DigiqError
+from digiq.extraction_weights import awr_weights, best_of_n_weights, method_weights, sample_n_subset
 
 torch.set_num_threads(1)
 
