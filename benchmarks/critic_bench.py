@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from digiq.config import CriticParams
-from digiq.critic import Transitions, train_critic
+from digiq.critic import train_critic
+from digiq.transitions import Transitions
 
 
 def bare_heads(d: int, hidden: tuple[int, ...]) -> nn.ModuleList:

@@ -43,7 +43,8 @@ from torch import nn
 
 from digiq.channels import Inputs
 from digiq.config import ActorParams, Method
-from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax, record_model
+from digiq.critic import DoubleCritic, LogFn, advantage, first_argmax, record_model
+from digiq.transitions import Transitions
 from digiq.errors import DigiqError
 from digiq.extraction_weights import NEEDS_ADVANTAGE, BatchWeights, SelectionTally
 from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,

@@ -252,12 +252,13 @@ class FeaturesParams(Section):
 class CriticParams(Section):
     target: Literal["td", "mc"] = Field("td", description="td: bootstrapped targets; mc: regress on the discounted return")
     tau: float = Field(0.1, gt=0, le=1, description="Polyak rate of the target nets, θ̄ ← τθ + (1−τ)θ̄ (official 0.1)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (official 1e-3)")
+    lrs: list[float] = Field(default_factory=lambda: [1e-3, 3e-4, 1e-4], min_length=1, description="Adam learning rates tried, one critic each; the best on held-out returns is kept (the first also trains a critic built outside a grid; official 1e-3)")
     grad_clip: float = Field(0.01, gt=0, description="max grad norm per head pair (official 0.01)")
     batch_size: int = Field(128, ge=1, description="transitions per update (official 128)")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
-    updates: int = Field(3000, ge=1, description="gradient updates (epochs = updates · batch_size / n_transitions)")
-    log_every: int = Field(50, ge=1, description="updates per logged point (metrics are averaged over the window)")
+    updates: int = Field(1000, ge=1, description="gradient updates per critic, at most (epochs = updates · batch_size / n_transitions)")
+    log_every: int = Field(25, ge=1, description="updates per logged point (metrics are averaged over the window; held-out losses and best_val candidates)")
+    select: Literal["best_val", "last"] = Field("best_val", description="weights kept: best_val = the logged point with the lowest held-out TD loss (Q + V), last = the final update")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
     device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N")
     out: str = Field("models/critic", description="critic folder: weights, config, step and candidate scores")
@@ -266,6 +267,7 @@ class CriticParams(Section):
     checkpoint_every: int = Field(500, ge=1, description="updates between checkpoints (models/critic.ckpt: a killed run resumes from it)")
     cql_alpha: float = Field(0.0, ge=0.0, description="weight of the conservative (CQL) term over π_β's candidates; 0: off, as in the paper")
     standardize: bool = Field(True, description="standardise the heads' input features (training mean/std, saved with the weights); false: raw features, as the official code")
+    inputs: Inputs = Field(default_factory=Inputs, description="channels of Q's and V's inputs (digiq/channels.py); q: [vlm], v: [vlm] is the VLM-only critic")
 
 
 Method = Literal["digiq", "bc", "filtered-bc", "awr", "awr-bon", "pg-bon", "reinforce", "digirl"]

@@ -1,8 +1,9 @@
 """The Digi-Q critic: double Q/V heads on frozen features, trained offline by TD (or MC, the ablation).
 
-Equations (Digi-Q, arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s], f(s, a) [d_sa].
+Equations (Digi-Q, arXiv 2502.15760 §4.2). Inputs are frozen: x_V(s) [d_s], x_Q(s, a) [d_sa], the channel
+concatenations that ``critic.inputs`` selects (:mod:`digiq.channels`; the VLM channel alone: f(s), f(s, a)).
 
-    Q_i(s, a) = MLP_Qi(z(f(s, a))),  V_i(s) = MLP_Vi(z(f(s))),  i ∈ {1, 2};  Q̄_i, V̄_i their Polyak copies.
+    Q_i(s, a) = MLP_Qi(z(x_Q(s, a))),  V_i(s) = MLP_Vi(z(x_V(s))),  i ∈ {1, 2};  Q̄_i, V̄_i their Polyak copies.
     z(x) = (x − μ) / σ per feature, μ, σ of the training set (``standardize``, default on; the official code feeds
     raw features). Frozen last-token features are mostly an offset shared by every row: raw, the heads barely
     separate states (docs/results.md).
@@ -19,40 +20,50 @@ Equations (Digi-Q, arXiv 2502.15760 §4.2). Features are frozen: f(s) [d_s], f(s
 
     A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
+Which weights are kept (``select``). Every ``log_every`` updates the held-out TD loss is measured,
+
+    L_val(t) = Σ_i MSE_val(Q_i, y_Q(t)) + Σ_i MSE_val(V_i, y_V(t))      y(t): the targets of the target heads at update t
+
+the official trainer's validation loss (Q and V both: policy extraction reads A = Q − V). ``best_val`` keeps the
+online and target heads of the logged point with the lowest L_val (the earliest on ties), ``last`` the final ones.
+Within one run L_val tracks how well the heads generalise the Bellman backup to held-out trajectories; across runs
+its targets come from different target heads (a critic whose heads agree with themselves scores low whatever it
+predicts), so runs are compared on held-out returns instead (:mod:`digiq.critic_grid`). With ``target: mc`` the
+targets are the returns and L_val is that comparable error itself.
+
 Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); here both targets take the clipped
 minimum of the two target heads, the usual guard against over-estimation.
 
 Usage::
 
-    critic, history = train_critic(transitions, params.critic, gamma=params.gamma, seed=params.seed, log_fn=print)
+    critic, history = train_critic(transitions, params.critic, gamma=params.gamma, seed=params.seed, val_data=held_out)
     critic.save_pretrained("models/critic");  critic = DoubleCritic.from_pretrained("models/critic")
 
 Hyper-parameters are ``digiq.config.CriticParams`` (γ and the seed are the top-level ``Params`` ones);
-``critic.config`` is what ``config.json`` records of them (:data:`CriticRecord`). Diagnostics:
-:mod:`digiq.critic_diagnostics`.
+``critic.config`` is what ``config.json`` records of them (:data:`CriticRecord`: the settings, the learning rate
+trained with and the kept step). The learning-rate grid: :mod:`digiq.critic_grid`; checkpoints:
+:mod:`digiq.critic_checkpoint`; diagnostics: :mod:`digiq.critic_diagnostics`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
-from digiq.atomic import atomic_path
 from digiq.config import CriticParams, Params
-from digiq.errors import DigiqError
+from digiq.critic_checkpoint import BestPoint, CriticCheckpoint, run_fingerprint
 from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
                       resolve_device, save_pretrained, seeded_generator, soft_update)
 from digiq.progress import progress_bar
+from digiq.transitions import Batch, Transitions, stack_batch
 
 LogFn = Callable[[dict[str, float], int], None]
 KIND = "digiq.critic"
@@ -67,116 +78,30 @@ def record_model(name: str, section: type[BaseModel], keys: tuple[str, ...], *, 
     return create_model(name, __config__=ConfigDict(extra="forbid", protected_namespaces=()), **fields_, **more)
 
 
-SAVED = ("target", "tau", "lr", "grad_clip", "batch_size", "hidden", "updates", "log_every", "device", "cql_alpha", "standardize")
-CriticRecord = record_model("CriticRecord", CriticParams, SAVED, top_level=("gamma", "seed"))
+SAVED = ("target", "tau", "grad_clip", "batch_size", "hidden", "updates", "log_every", "device", "cql_alpha", "standardize",
+         "inputs", "select")
+CriticRecord = record_model(
+    "CriticRecord", CriticParams, SAVED, top_level=("gamma", "seed"),
+    lr=(float, Field(gt=0, description="the Adam learning rate this critic trained with (one of critic.lrs)")),
+    selected_step=(int | None, Field(None, description="the update whose weights were kept (None: not trained)")),
+    selected_val_loss=(float | None, Field(None, description="held-out TD loss (Q + V) at the kept update (None: no held-out data)")),
+)
+# what folders saved before an option existed were trained with
+ABSENT_MEANS = {"standardize": False, "inputs": {"q": ["vlm"], "v": ["vlm"]}, "select": "last"}
 
 
-def critic_record(params: CriticParams | None = None, gamma: float | None = None, seed: int | None = None) -> BaseModel:
-    """What a critic trained with ``params`` (defaults: the declared ones), ``gamma`` and ``seed`` records."""
+def critic_record(params: CriticParams | None = None, gamma: float | None = None, seed: int | None = None,
+                  lr: float | None = None) -> BaseModel:
+    """What a critic trained with ``params`` (defaults: the declared ones), ``gamma``, ``seed`` and learning rate ``lr``
+    (None: the first of ``params.lrs``) records."""
+    params = params or CriticParams()
     given = {"gamma": gamma, "seed": seed}
-    return CriticRecord(**(params or CriticParams()).model_dump(include=set(SAVED)),
+    return CriticRecord(**params.model_dump(include=set(SAVED)), lr=params.lrs[0] if lr is None else lr,
                         **{k: v for k, v in given.items() if v is not None})
 
 
-@dataclass
-class Transitions:
-    """Frozen features of an offline dataset, one row per transition (s, a_data, r, s', done).
-
-    Candidate fields are needed for diagnostics and policy extraction only: ``cand_sa[:, 0]`` is
-    f(s, a_data), ``cand_mask[b, k]`` marks valid, distinct candidates (column 0 must be valid).
-    """
-
-    s: torch.Tensor  # f(s) [B, d_s]
-    sa: torch.Tensor  # f(s, a_data) [B, d_sa]
-    s_next: torch.Tensor  # f(s') [B, d_s]
-    reward: torch.Tensor  # r [B]
-    done: torch.Tensor  # 1 at the last step of an episode [B]
-    mc_return: torch.Tensor  # observed discounted return G(s) [B]
-    cand_sa: torch.Tensor | None = None  # f(s, a_k) for K candidates [B, K, d_sa], k = 0 the dataset action
-    cand_mask: torch.Tensor | None = None  # valid and distinct candidates [B, K] (bool)
-    cand_count: torch.Tensor | None = None  # π_β draws each distinct candidate stands for [B, K] (default: cand_mask, 1 each)
-    traj_success: torch.Tensor | None = None  # the transition's trajectory succeeded [B] (bool)
-    source: str | None = None  # where the tensors came from (named in errors)
-
-    def __post_init__(self) -> None:
-        b = _check(self, "s", 2).shape[0]
-        d_s, d_sa = self.s.shape[1], _check(self, "sa", 2, b).shape[1]
-        _check(self, "s_next", 2, b, d_s)
-        for name in ("reward", "done", "mc_return"):
-            _check(self, name, 1, b)
-        if self.cand_sa is not None:
-            k = _check(self, "cand_sa", 3, b).shape[1]
-            if self.cand_sa.shape[2] != d_sa:
-                raise DigiqError(f"expected [B, K, {d_sa}] (d_sa of sa), got {list(self.cand_sa.shape)}", file=self.source, field="cand_sa")
-            if self.cand_mask is None:
-                self.cand_mask = torch.ones(b, k, dtype=torch.bool, device=self.cand_sa.device)
-            _check(self, "cand_mask", 2, b, k, dtype=torch.bool)
-            if not bool(self.cand_mask[:, 0].all()):
-                raise DigiqError("column 0 (the dataset action) must be valid in every row", file=self.source, field="cand_mask")
-            if self.cand_count is None:
-                self.cand_count = self.cand_mask.float()
-            _check(self, "cand_count", 2, b, k)
-            if not bool((self.cand_count[self.cand_mask] >= 1).all()):
-                raise DigiqError("every valid candidate stands for at least one draw", file=self.source, field="cand_count")
-        if self.traj_success is not None:
-            _check(self, "traj_success", 1, b, dtype=torch.bool)
-
-    def __len__(self) -> int:
-        return self.s.shape[0]
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {"d_s": self.s.shape[1], "d_sa": self.sa.shape[1]}
-
-    def require(self, *names: str) -> None:
-        """Refuse (one DigiqError) when an optional field needed by the caller is absent."""
-        for name in names:
-            if getattr(self, name) is None:
-                raise DigiqError("required here but not provided", file=self.source, field=name)
-
-    def subset(self, rows: torch.Tensor) -> Transitions:
-        """The rows selected by an index or boolean tensor."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Transitions(**{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in values.items()})
-
-
-def _check(data: Transitions, name: str, ndim: int, *dims: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Shape / dtype / finiteness check of one field; returns it."""
-    value = getattr(data, name)
-    if not isinstance(value, torch.Tensor):
-        raise DigiqError(f"expected a torch tensor, got {type(value).__name__}", file=data.source, field=name)
-    want = list(dims) + ["*"] * (ndim - len(dims))
-    if value.ndim != ndim or any(w != "*" and w != got for w, got in zip(want, value.shape)):
-        raise DigiqError(f"expected shape [{', '.join(map(str, want))}], got {list(value.shape)}", file=data.source, field=name)
-    if value.shape[0] == 0:
-        raise DigiqError("no rows", file=data.source, field=name)
-    if dtype is not None and value.dtype != dtype:
-        raise DigiqError(f"expected dtype {dtype}, got {value.dtype}", file=data.source, field=name)
-    if dtype is None and not (value.is_floating_point() and bool(torch.isfinite(value).all())):
-        raise DigiqError("expected finite floating-point values", file=data.source, field=name)
-    return value
-
-
-class Batch(NamedTuple):
-    """One sampled batch of transitions (plain tensors, float32, on the training device).
-
-    The candidates are carried only when the conservative term needs them."""
-
-    s: torch.Tensor
-    sa: torch.Tensor
-    s_next: torch.Tensor
-    reward: torch.Tensor
-    done: torch.Tensor
-    mc_return: torch.Tensor
-    cand_sa: torch.Tensor | None = None  # [B, K, d_sa]
-    cand_mask: torch.Tensor | None = None  # [B, K] bool
-
-    def rows(self, idx: torch.Tensor) -> Batch:
-        return Batch(*(t.index_select(0, idx) if t is not None else None for t in self))
-
-
 class QVHeads(nn.Module):
-    """Q1, Q2 over f(s, a) and V1, V2 over f(s): four independent MLPs with a scalar output."""
+    """Q1, Q2 over x_Q(s, a) and V1, V2 over x_V(s): four independent MLPs with a scalar output."""
 
     def __init__(self, d_s: int, d_sa: int, hidden: tuple[int, ...], standardize: bool = False):
         super().__init__()
@@ -184,7 +109,7 @@ class QVHeads(nn.Module):
         self.v1, self.v2 = mlp(d_s, hidden, standardize=standardize), mlp(d_s, hidden, standardize=standardize)
 
     def fit_standardization(self, s: torch.Tensor, sa: torch.Tensor) -> None:
-        """Fit the input layers (when ``standardize``): Q heads on f(s, a_data), V heads on f(s)."""
+        """Fit the input layers (when ``standardize``): Q heads on x_Q(s, a_data), V heads on x_V(s)."""
         for head, x in ((self.q1, sa), (self.q2, sa), (self.v1, s), (self.v2, s)):
             if isinstance(head[0], Standardize):
                 head[0].fit(x)
@@ -200,9 +125,9 @@ class DoubleCritic(nn.Module):
     """Online heads (trained) + target heads (Polyak copies, never trained by gradient)."""
 
     def __init__(self, d_s: int, d_sa: int, params: CriticParams | None = None, *, gamma: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, lr: float | None = None):
         super().__init__()
-        self.config = critic_record(params, gamma, seed)
+        self.config = critic_record(params, gamma, seed, lr)
         self.d_s, self.d_sa = d_s, d_sa
         self.online = QVHeads(d_s, d_sa, self.config.hidden, self.config.standardize)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
@@ -214,12 +139,12 @@ class DoubleCritic(nn.Module):
 
     @torch.no_grad()
     def q_value(self, sa: torch.Tensor) -> torch.Tensor:
-        """max(Q1, Q2)(f(s, a)), any leading shape."""
+        """max(Q1, Q2)(x_Q(s, a)), any leading shape."""
         return torch.maximum(*self.online.q(sa))
 
     @torch.no_grad()
     def v_value(self, s: torch.Tensor) -> torch.Tensor:
-        """max(V1, V2)(f(s))."""
+        """max(V1, V2)(x_V(s))."""
         return torch.maximum(*self.online.v(s))
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -228,10 +153,10 @@ class DoubleCritic(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> DoubleCritic:
-        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticRecord,
-                                              absent_means={"standardize": False})  # saved before the option: raw inputs
+        config, dims, state = load_pretrained(directory, kind=KIND, config_cls=CriticRecord, absent_means=ABSENT_MEANS)
         params = CriticParams(**config.model_dump(include=set(SAVED)))
-        critic = cls(dims["d_s"], dims["d_sa"], params, gamma=config.gamma, seed=config.seed)
+        critic = cls(dims["d_s"], dims["d_sa"], params, gamma=config.gamma, seed=config.seed, lr=config.lr)
+        critic.config = config
         load_state(critic, state, directory)
         return critic.to(device).eval()
 
@@ -325,16 +250,6 @@ class CriticTrainer:
         return {"val_q_loss": F.mse_loss(q1, y_q) + F.mse_loss(q2, y_q), "val_v_loss": F.mse_loss(v1, y_v) + F.mse_loss(v2, y_v)}
 
 
-def stack_batch(data: Transitions, device: str | torch.device, *, candidates: bool = False) -> Batch:
-    """All transitions as one resident float32 Batch (sampling then only indexes it); ``candidates``: with
-    cand_sa and cand_mask (required then)."""
-    names = Batch._fields if candidates else [f for f in Batch._fields if f not in Batch._field_defaults]
-    if candidates:
-        data.require("cand_sa", "cand_mask")
-    return Batch(*(getattr(data, name).to(device, torch.bool if name == "cand_mask" else torch.float32).contiguous()
-                   for name in names))
-
-
 def train_critic(
     data: Transitions,
     params: CriticParams | None = None,
@@ -342,39 +257,44 @@ def train_critic(
     *,
     gamma: float | None = None,
     seed: int | None = None,
+    lr: float | None = None,
     val_data: Transitions | None = None,
     show_progress: bool = False,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | CriticCheckpoint | None = None,
     checkpoint_every: int = 500,
 ) -> tuple[DoubleCritic, list[dict[str, float]]]:
-    """Train a :class:`DoubleCritic` for ``params.updates`` updates (discount ``gamma``, seed ``seed``; None: the
-    declared defaults); returns it and the logged history.
+    """Train a :class:`DoubleCritic` for ``params.updates`` updates (discount ``gamma``, seed ``seed``, learning rate
+    ``lr``; None: the declared defaults, the first of ``params.lrs``); returns it and the logged history.
 
-    Every ``log_every`` updates one point (means over the window, plus ``step``, ``epoch`` and, with
-    ``val_data``, held-out losses) is appended to the history and passed to ``log_fn(point, step)``.
+    Every ``log_every`` updates (and at the last) one point (means over the window, plus ``step``, ``epoch`` and, with
+    ``val_data``, the held-out losses ``val_q_loss``, ``val_v_loss`` and their sum ``val_loss``) is appended to the
+    history and passed to ``log_fn(point, step)``. The weights returned are those ``params.select`` keeps (without
+    ``val_data`` there is no held-out loss and ``best_val`` keeps the last); ``critic.config`` records the kept
+    update and its held-out loss.
 
-    With ``checkpoint`` (a file), the training state is saved there atomically at the first logged point
-    ``checkpoint_every`` updates after the previous save, and a run with the same config and data resumes
-    from it (its past points replayed through ``log_fn``): killed and re-run, it ends with exactly the
-    critic and history of an uninterrupted run.
+    With ``checkpoint`` (a file, or a :class:`CriticCheckpoint` shared by the runs of a grid), the training state is
+    saved there atomically at the first logged point ``checkpoint_every`` updates after the previous save and at the
+    end, and a run with the same config and data resumes from it (its past points replayed through ``log_fn``):
+    killed and re-run, it ends with exactly the critic and history of an uninterrupted run.
     """
-    config = critic_record(params, gamma, seed)
+    config = critic_record(params, gamma, seed, lr)
     device = resolve_device(config.device)
     generator = seeded_generator(config.seed)  # before the weights are drawn
-    critic = DoubleCritic(data.s.shape[1], data.sa.shape[1], params, gamma=config.gamma, seed=config.seed).to(device)
+    critic = DoubleCritic(data.s.shape[1], data.sa.shape[1], params, gamma=config.gamma, seed=config.seed, lr=config.lr).to(device)
     trainer = CriticTrainer(critic)
     table = stack_batch(data, device, candidates=config.cql_alpha > 0)
     critic.fit_standardization(table.s, table.sa)
     val_table = stack_batch(val_data, device) if val_data is not None else None
     sampler = EpochSampler(len(data), config.batch_size, generator, device)
-    window, history = RunningMeans(), []
-    saver = CriticCheckpoint(checkpoint, run_fingerprint(config, table, val_table)) if checkpoint is not None else None
-    done = saver.resume(trainer, sampler, history) if saver is not None else 0
+    window, history, best = RunningMeans(), [], BestPoint()
+    saver = CriticCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    fingerprint = run_fingerprint(config, table, val_table)
+    done = saver.resume(fingerprint, trainer, sampler, history, best) if saver is not None else 0
     for past in history:
         if log_fn is not None:
             log_fn(past, int(past["step"]))
     saved = done
-    with progress_bar(f"critic ({config.target})", config.updates, enabled=show_progress) as bar:
+    with progress_bar(f"critic ({config.target}, lr {config.lr:g})", config.updates, enabled=show_progress) as bar:
         bar.advance(done)
         for step in range(done + 1, config.updates + 1):
             idx = sampler.next()
@@ -383,56 +303,33 @@ def train_critic(
             if step % config.log_every == 0 or step == config.updates:
                 point = {"step": step, "epoch": step * config.batch_size / len(data), **window.pop()}
                 if val_table is not None:
-                    point.update({k: v.item() for k, v in trainer.evaluate(val_table).items()})
+                    point.update(held_out_losses(trainer, val_table))
+                    best.offer(step, point["val_loss"], critic)
                 history.append(point)
                 if log_fn is not None:
                     log_fn(point, step)
-                if saver is not None and step - saved >= checkpoint_every and step < config.updates:
-                    saver.save(step, trainer, sampler, history)  # the window is empty here: nothing else to keep
+                if saver is not None and (step - saved >= checkpoint_every or step == config.updates):
+                    saver.save(fingerprint, step, trainer, sampler, history, best)  # the window is empty here
                     saved = step
+    keep_selected(critic, best, history)
     return critic.eval(), history
 
 
-def run_fingerprint(config: BaseModel, table: Batch, val_table: Batch | None) -> str:
-    """sha256 of the config and the training (and validation) tensors: a checkpoint resumes only its own run."""
-    digest = hashlib.sha256(config.model_dump_json().encode())
-    for tensor in (t for t in (*table, *(val_table or ())) if t is not None):
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def held_out_losses(trainer: CriticTrainer, val_table: Batch) -> dict[str, float]:
+    """``val_q_loss``, ``val_v_loss`` and the selection criterion ``val_loss`` = their sum (L_val above)."""
+    losses = {k: v.item() for k, v in trainer.evaluate(val_table).items()}
+    return {**losses, "val_loss": losses["val_q_loss"] + losses["val_v_loss"]}
 
 
-class CriticCheckpoint:
-    """The training state of :func:`train_critic` in one file (weights, target nets, optimizers, sampler, RNG,
-    history), written atomically; read back only by a run with the same fingerprint."""
-
-    def __init__(self, path: str | Path, fingerprint: str):
-        self.path, self.fingerprint = Path(path), fingerprint
-
-    def save(self, step: int, trainer: CriticTrainer, sampler: EpochSampler, history: list[dict[str, float]]) -> None:
-        blob = {"fingerprint": self.fingerprint, "step": step, "critic": trainer.critic.state_dict(),
-                "q_optimizer": trainer.q_optimizer.state_dict(), "v_optimizer": trainer.v_optimizer.state_dict(),
-                "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "history": history}
-        with atomic_path(self.path) as tmp:
-            torch.save(blob, tmp)
-
-    def resume(self, trainer: CriticTrainer, sampler: EpochSampler, history: list[dict[str, float]]) -> int:
-        """Load the checkpoint into ``trainer``, ``sampler`` and ``history`` when it is this run's; the updates done."""
-        if not self.path.is_file():
-            return 0
-        try:
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint: say which file
-            raise DigiqError(f"cannot read the critic checkpoint ({exc}); delete it to start over", file=self.path) from None
-        if blob.get("fingerprint") != self.fingerprint:
-            return 0
-        trainer.critic.load_state_dict(blob["critic"])
-        trainer.q_optimizer.load_state_dict(blob["q_optimizer"])
-        trainer.v_optimizer.load_state_dict(blob["v_optimizer"])
-        sampler.load_state_dict(blob["sampler"])
-        torch.set_rng_state(blob["rng"])
-        history.extend(blob["history"])
-        return int(blob["step"])
+def keep_selected(critic: DoubleCritic, best: BestPoint, history: list[dict[str, float]]) -> None:
+    """Load the weights ``critic.config.select`` keeps (``best_val``: the best held-out point's, when there was one)
+    and record the kept update and its held-out loss in ``critic.config``."""
+    if critic.config.select == "best_val" and best.state is not None:
+        critic.load_state_dict(best.state)
+        step, val_loss = best.step, best.val_loss
+    else:
+        step, val_loss = int(history[-1]["step"]), history[-1].get("val_loss")
+    critic.config = critic.config.model_copy(update={"selected_step": step, "selected_val_loss": val_loss})
 
 
 # ----------------------------------------------------------------------------------------------- helpers

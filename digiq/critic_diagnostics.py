@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from digiq.critic import Batch, DoubleCritic, Transitions, device_of, first_argmax, td_q_target
+from digiq.critic import DoubleCritic, device_of, first_argmax, td_q_target
 from digiq.nn import map_chunks
 from digiq.stage_outputs import finite_or_none
+from digiq.transitions import Batch, Transitions
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from digiq.config import FeaturesParams
-    from digiq.critic import Transitions
+    from digiq.transitions import Transitions
     from digiq.store_client import TrainingFrame
 
 
@@ -47,7 +47,7 @@ class TrainingData:
         """The rows (all when None) as the library's Transitions (zero-copy views where possible)."""
         import torch
 
-        from digiq.critic import Transitions
+        from digiq.transitions import Transitions
 
         f = self.frame
 

@@ -20,7 +20,7 @@ from digiq.atomic import atomic_path, write_json
 if TYPE_CHECKING:
     import torch
 
-    from digiq.critic import Transitions
+    from digiq.transitions import Transitions
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CRITIC = {"hidden": [32], "batch_size": 32, "log_every": 20, "device": "cpu"}  # trains in seconds on the CPU
@@ -170,7 +170,7 @@ def toy_transitions(episodes: int = 400, *, steps: int = 3, k: int = 8, d: int =
     """
     import torch
 
-    from digiq.critic import Transitions
+    from digiq.transitions import Transitions
 
     g = torch.Generator().manual_seed(mdp_seed)
     step_emb = torch.randn(steps + 1, d, generator=g)
