@@ -22,7 +22,8 @@ carries the instruction; the official trajectory critic reads the first observat
                                                         trajectory-level critic filter")
                        score(τ) = r(τ) − V_traj(c_τ)   ("value": filter_buffer, the online/off-to-on filter)
         τ is kept when score(τ) ≥ quantile_{1−p}(scores)  (p = ``top_fraction``, official 0.1; linear interpolation
-        as numpy's quantile).
+        as numpy's quantile), the quantile taken over the values' training trajectories and over the held-out ones
+        apart (the official code filters its train and validation buffers apart).
     Imitation weight (actor_loss):  W[h, 0] = 1[τ(h) kept] · 1[clamp(A(s_h, a_h), 0, 1) > 0],  W[h, k>0] = 0.
         DigiRL imitates its own data's actions: only column 0, the dataset action, ever carries weight; the actor
         then minimises −mean_h W[h, 0] · log π(a_h | s_h) (:func:`digiq.actor.imitation_loss`).
@@ -33,8 +34,9 @@ actor_loss) adds the discounted return instead, and that is what is implemented.
 Deviations (the official values sit on RoBERTa + image features of a 7B-agent pipeline; these are the
 project's frozen features): the instruction critic is a head on frozen features (the official one fine-tunes
 RoBERTa under a linear head); inputs are standardised when ``standardize`` (as the Digi-Q critic here); both values
-are trained on the trajectories outside a held-out share (``val_fraction``, official 80/20 split) and then applied,
-with the filter's quantile, to every trajectory (the actor stage here trains on every state).
+are trained on the trajectories outside a held-out share (``val_fraction``, official 80/20 split) and then applied
+to every trajectory: the official actor imitates the filtered training trajectories only, the actor stage here
+trains on every state, so W also holds the filtered held-out trajectories' rows.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class DigirlParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    trajectory_filter: Literal["reward", "value"] = Field("reward", description="trajectories the actor sees: reward = top r(τ) (official offline), value = top r(τ) − V_traj(c) (official online)")
+    trajectory_filter: Literal["reward", "value"] = Field(
+        "reward", description="trajectories imitated: reward = top r(τ) (official offline), value = top r(τ) − V_traj(c) (official online)")
     top_fraction: float = Field(0.1, gt=0.0, le=1.0, description="keep trajectories whose score is ≥ the (1 − this) quantile (official 0.1)")
     step_offset: float = Field(0.05, description="δ in A = V(s') − V(s) − δ + r + G (official 0.05)")
     step_hidden: list[int] = Field(default_factory=lambda: [768, 768], description="hidden widths of each step-level value MLP (official in_dim, in_dim = 768)")
@@ -265,8 +268,9 @@ def digirl_weights(data: TrainingData, transitions: Transitions, params: DigirlP
     y_step = torch.from_numpy(g > 0).long()
     heads, metrics = train_step_value(s, s_next, has_next, y_step, torch.from_numpy(~held_out), params, generator, device)
     x0 = s[torch.from_numpy(trajs.first)]
-    traj_head, traj_metrics = train_instruction_value(x0, torch.from_numpy(success).long(),
-                                                      torch.from_numpy(~held_out[trajs.first]), params, generator, device)
+    held_traj = held_out[trajs.first]
+    traj_head, traj_metrics = train_instruction_value(x0, torch.from_numpy(success).long(), torch.from_numpy(~held_traj),
+                                                      params, generator, device)
     metrics.update(traj_metrics)
 
     def value(x: torch.Tensor) -> torch.Tensor:
@@ -278,13 +282,18 @@ def digirl_weights(data: TrainingData, transitions: Transitions, params: DigirlP
     v_traj = map_chunks(lambda x: success_prob(traj_head, x), x0, device=device).clamp(1e-4, 1 - 1e-4).double().numpy()
     traj_reward = np.bincount(trajs.code, weights=reward, minlength=len(trajs.first))
     score = traj_reward - v_traj if params.trajectory_filter == "value" else traj_reward
-    kept_traj, cutoff = trajectory_kept(score, params.top_fraction)
+    kept_traj, cutoffs = np.zeros(len(score), dtype=bool), []
+    for part in (~held_traj, held_traj):  # the official code filters its train and validation buffers apart
+        if part.any():
+            kept_traj[part], cutoff = trajectory_kept(score[part], params.top_fraction)
+            cutoffs.append(cutoff)
     kept = imitated(adv, torch.from_numpy(kept_traj[trajs.code]))
     weights = torch.zeros(transitions.cand_mask.shape, dtype=torch.float32)
     weights[:, 0] = kept.float()
     metrics.update({
         "n_states": len(kept), "n_kept": int(kept.sum()), "frac_states_kept": kept.float().mean().item(),
-        "frac_trajectories_kept": float(kept_traj.mean()), "trajectory_cutoff": cutoff,
+        "frac_trajectories_kept": float(kept_traj.mean()), "trajectory_cutoff": cutoffs[0],
+        "trajectory_cutoff_val": cutoffs[1] if len(cutoffs) > 1 else math.nan,
         "mean_step_advantage": adv.mean().item(),
         "mean_step_advantage_kept": adv[kept].mean().item() if bool(kept.any()) else math.nan,
         "mean_instruction_value": float(v_traj.mean()), "instruction_success_rate": float(success.mean()),

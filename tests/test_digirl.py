@@ -92,6 +92,16 @@ def test_weights_imitate_only_dataset_actions_of_kept_successes_and_the_values_l
     assert metrics["step_value_loss"] < 0.2 and metrics["instruction_value_loss"] < 0.2
 
 
+def test_with_a_small_discount_only_the_final_steps_of_successes_clear_the_offset():
+    # V ≈ 1 on every state of a success: A = V(s') − V(s) − 0.05 + r + G ≈ −0.05 + 0.01^(2−h) for h < 2 (dropped);
+    # the last step has no s' (V(s') = 0): A = 0 − 1 − 0.05 + 1 + 1 = 0.95 (kept).
+    data, transitions = toy([[0.0, 0.0, 1.0]] * 6 + [[0.0, 0.0, 0.0]] * 6)
+    weights, metrics = digirl_weights(data, transitions, FAST, gamma=0.01, seed=0)
+    final_success = torch.from_numpy(data.success) & (transitions.done > 0)
+    assert torch.equal(weights[:, 0] > 0, final_success)
+    assert metrics["mean_step_advantage_kept"] == pytest.approx(0.95, abs=1e-3)
+
+
 def test_value_filter_ranks_trajectories_by_reward_minus_instruction_value():
     data, transitions = toy([[0.0, 1.0]] * 8 + [[0.0, 0.0]] * 2)
     params = FAST.model_copy(update={"trajectory_filter": "value", "top_fraction": 0.5})
