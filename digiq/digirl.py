@@ -28,11 +28,11 @@ carries the instruction; the official trajectory critic reads the first observat
         DigiRL imitates its own data's actions: only column 0, the dataset action, ever carries weight; the actor
         then minimises −mean_h W[h, 0] · log π(a_h | s_h) (:func:`digiq.actor.imitation_loss`).
 
-The paper writes A_step with a λ-mix of the final reward and the one-step difference; the code above (the official
-actor_loss) adds the discounted return instead, and that is what is implemented.
+The paper's step advantage is a doubly-robust mix of the final reward and the one-step value difference; the official
+actor_loss adds the discounted return to the difference instead (above), and that is what is implemented.
 
-Deviations (the official values sit on RoBERTa + image features of a 7B-agent pipeline; these are the
-project's frozen features): the instruction critic is a head on frozen features (the official one fine-tunes
+Deviations (the official values read RoBERTa text features + 2 × 1408-d image features; here the project's frozen
+features): the instruction critic is a head on frozen features (the official one fine-tunes
 RoBERTa under a linear head); inputs are standardised when ``standardize`` (as the Digi-Q critic here); both values
 are trained on the trajectories outside a held-out share (``val_fraction``, official 80/20 split) and then applied
 to every trajectory: the official actor imitates the filtered training trajectories only, the actor stage here
