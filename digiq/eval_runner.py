@@ -1,9 +1,13 @@
 """The evaluation run: every method's live episodes in browser workers, kept as resumable shards, then summarised.
 
-Resume: each (method, task, block of ``episodes_per_unit`` episodes) becomes one JSON shard under
-``shards/<method>/`` once all its episodes are in, written atomically; its name carries a fingerprint of
-everything that changes an episode (seeds, K, noise, step cap, clock, the trained policy's files, the
-feature recipe), so a re-run skips finished shards and never reuses stale ones.
+Runs: every method of each protocol's table (:meth:`EvaluateParams.methods_of`) plays
+``episodes_per_task[protocol]`` episodes per task; all methods of one protocol play the same (task, seed) episodes,
+so that they are compared in pairs (:func:`~digiq.evaluate.paired_section`).
+
+Resume: each (method, protocol, task, block of ``episodes_per_unit`` episodes) becomes one JSON shard under
+``shards/<method>/<protocol>.<task>.…`` once all its episodes are in, written atomically; its name carries a
+fingerprint of everything that changes an episode (protocol, seeds, K, noise, step cap, clock, the trained
+policy's files, the feature recipe), so a re-run skips finished shards and never reuses stale ones.
 
 Seeds: episode e of task t uses ``episode_seed(seed, t, e)`` as in collect; a run refuses to start when
 any evaluation seed is one of collect's (collect.seed, collect.tasks, collect.episodes_per_task).
@@ -27,7 +31,7 @@ from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed
 from digiq.envs.workers import RunConfig, Unit, episode_blocks, run_units
 from digiq.errors import DigiqError
-from digiq.evaluate import BASELINES, CRITIC_GREEDY, EvaluateParams, summarise_method
+from digiq.evaluate import BASELINES, CRITIC_GREEDY, GREEDY_BAR, EvaluateParams, paired_section, summarise_method
 from digiq.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -36,25 +40,27 @@ if TYPE_CHECKING:
 FACTORY = "digiq.evaluate:build_eval_policy"
 HANG_TIMEOUT_S = 300.0  # a worker silent this long is killed and its unit redone
 # Bumped whenever the live candidate set changes for the same seed (shards made by another rule are not resumed).
-CANDIDATE_RULE = "semantic_key/v1"  # duplicates by what they do: taps by the element under the point
+CANDIDATE_RULE = "semantic_key/v2"  # duplicates by what they do; draws seeded by (episode seed, step) alone
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation run: ``settings`` is the ``evaluate`` section with collect's tasks, noise and step cap filled
     in where it leaves them null; ``collect`` gives π_β (behavior, history) and the seeds to avoid; ``features``
-    is the live feature recipe (:func:`live_features`)."""
+    is the live feature recipe (:func:`live_features`); ``k`` the candidates per live step, the candidates
+    stage's ``candidates.k`` (so that n_β counts draws out of the same K offline and live)."""
 
     settings: EvaluateParams
     collect: CollectParams
     features: dict[str, Any]
+    k: int
 
     @classmethod
     def of(cls, params: Params) -> Evaluation:
         ev, col = params.evaluate, params.collect
         resolved = ev.model_copy(update={"tasks": list(ev.tasks or col.tasks), "max_steps": ev.max_steps or col.max_steps,
                                          "noise": col.noise if ev.noise is None else ev.noise})
-        return cls(resolved, col, live_features(params))
+        return cls(resolved, col, live_features(params), params.candidates.k)
 
     @property
     def tasks(self) -> list[str]:
@@ -64,16 +70,21 @@ class Evaluation:
         """The trained folder that ``method`` chooses with: the critic for critic-greedy, else its policy."""
         return Path(self.settings.critic) if method == CRITIC_GREEDY else Path(self.settings.actors) / method
 
-    def units(self) -> list[Unit]:
-        blocks = episode_blocks(self.settings.episodes_per_task, self.settings.episodes_per_unit)
+    def runs(self) -> list[tuple[str, str]]:
+        """(protocol, method) of every table row, protocol by protocol."""
+        return [(protocol, method) for protocol in self.settings.protocols for method in self.settings.methods_of(protocol)]
+
+    def units(self, protocol: str) -> list[Unit]:
+        blocks = episode_blocks(self.settings.episodes_per_task[protocol], self.settings.episodes_per_unit)
         return [Unit(task, block) for task in self.tasks for block in blocks]
 
-    def fingerprint(self, method: str) -> str:
-        """Short hash of everything that changes the episodes of ``method``."""
+    def fingerprint(self, method: str, protocol: str) -> str:
+        """Short hash of everything that changes the episodes of ``method`` under ``protocol``."""
         ev = self.settings
-        parts: dict[str, Any] = {"seed": ev.seed, "k": ev.k, "noise": ev.noise, "max_steps": ev.max_steps,
+        parts: dict[str, Any] = {"seed": ev.seed, "k": self.k, "noise": ev.noise, "max_steps": ev.max_steps,
                                  "behavior": self.collect.behavior, "history": self.collect.history,
-                                 "time_limit_s": ev.time_limit_s, "method": method, "candidate_rule": CANDIDATE_RULE}
+                                 "time_limit_s": ev.time_limit_s, "method": method, "protocol": protocol,
+                                 "candidate_rule": CANDIDATE_RULE}
         if method not in BASELINES:
             from digiq.extractor import model_hash
 
@@ -82,18 +93,20 @@ class Evaluation:
             parts["model"] = model_hash(self.features["model"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
-    def shard_path(self, method: str, unit: Unit, fp: str) -> Path:
-        return Path(self.settings.shards) / method / f"{unit.task}.e{unit.indices[0]:05d}-{unit.indices[-1]:05d}.{fp}.json"
+    def shard_path(self, method: str, protocol: str, unit: Unit, fp: str) -> Path:
+        first, last = unit.indices[0], unit.indices[-1]
+        return Path(self.settings.shards) / method / f"{protocol}.{unit.task}.e{first:05d}-{last:05d}.{fp}.json"
 
-    def policy_spec(self, method: str) -> PolicySpec:
+    def policy_spec(self, method: str, protocol: str) -> PolicySpec:
         ev = self.settings
-        kwargs: dict[str, Any] = {"method": method, "k": ev.k, "noise": ev.noise, "behavior": dict(self.collect.behavior)}
+        kwargs: dict[str, Any] = {"method": method, "k": self.k, "noise": ev.noise, "protocol": protocol,
+                                  "behavior": dict(self.collect.behavior)}
         if method not in BASELINES:
             kwargs.update(actor_dir=str(self.model_dir(method)), features=dict(self.features), threads=1)
         return PolicySpec(FACTORY, kwargs)
 
-    def run_config(self, method: str, browser: BrowserConfig) -> RunConfig:
-        return RunConfig(policy=self.policy_spec(method), seed=self.settings.seed, max_steps=self.settings.max_steps,
+    def run_config(self, method: str, protocol: str, browser: BrowserConfig) -> RunConfig:
+        return RunConfig(policy=self.policy_spec(method, protocol), seed=self.settings.seed, max_steps=self.settings.max_steps,
                          history=self.collect.history, browser=browser, hang_timeout_s=HANG_TIMEOUT_S)
 
 
@@ -120,6 +133,11 @@ def check(evaluation: Evaluation) -> None:
             stage = "critic" if method == CRITIC_GREEDY else "actor"
             raise DigiqError(f"no trained {stage} for method {method!r} (run the {stage} stage, or drop it from evaluate.methods)",
                              file=evaluation.model_dir(method), field="evaluate.methods")
+    ev = evaluation.settings
+    homeless = [m for m in ev.methods if not any(m in ev.methods_of(protocol) for protocol in ev.protocols)]
+    if homeless:
+        raise DigiqError(f"method(s) {homeless} belong to no protocol of {ev.protocols} (behavior and random: sample; "
+                         f"behavior-mode and critic-greedy: greedy)", field="evaluate.methods")
     check_disjoint_seeds(evaluation)
 
 
@@ -131,7 +149,7 @@ def check_disjoint_seeds(evaluation: Evaluation) -> None:
     """Refuse evaluation episodes whose environment seed was used to collect the training data."""
     ev, col = evaluation.settings, evaluation.collect
     used = collect_seeds(col.seed, col.tasks, col.episodes_per_task)
-    shared = used & collect_seeds(ev.seed, evaluation.tasks, ev.episodes_per_task)
+    shared = used & collect_seeds(ev.seed, evaluation.tasks, max(ev.episodes_per_task.values()))
     if ev.seed == col.seed or shared:
         raise DigiqError(f"evaluation seed {ev.seed} reuses {len(shared) or 'all'} episode seeds of collection "
                          f"(collect.seed {col.seed}); pick another evaluate.seed", field="evaluate.seed")
@@ -159,8 +177,8 @@ def read_shard(path: Path) -> dict[str, Any]:
 class ShardWriter:
     """Collects episode summaries from the workers and writes a unit's shard once all of its episodes are in."""
 
-    def __init__(self, evaluation: Evaluation, method: str, units: list[Unit], fp: str, advance: Callable[[], None]):
-        self.evaluation, self.method, self.fp, self.advance = evaluation, method, fp, advance
+    def __init__(self, evaluation: Evaluation, run: tuple[str, str], units: list[Unit], fp: str, advance: Callable[[], None]):
+        self.evaluation, (self.protocol, self.method), self.fp, self.advance = evaluation, run, fp, advance
         self.unit_of = {(u.task, i): u for u in units for i in u.indices}
         self.got: dict[Unit, dict[int, dict[str, Any]]] = {u: {} for u in units}
         self.started = time.perf_counter()
@@ -173,16 +191,17 @@ class ShardWriter:
             self.advance()
         if len(self.got[unit]) == len(unit.indices):
             episodes = [self.got[unit][i] for i in unit.indices]
-            write_json(self.evaluation.shard_path(self.method, unit, self.fp),
-                       {"method": self.method, "task": unit.task, "fingerprint": self.fp,
+            write_json(self.evaluation.shard_path(self.method, self.protocol, unit, self.fp),
+                       {"method": self.method, "protocol": self.protocol, "task": unit.task, "fingerprint": self.fp,
                         "seconds": round(time.perf_counter() - self.started, 3), "episodes": episodes})
             self.started = time.perf_counter()
 
 
-def load_episodes(evaluation: Evaluation, method: str, fp: str) -> list[dict[str, Any]]:
+def load_episodes(evaluation: Evaluation, run: tuple[str, str], fp: str) -> list[dict[str, Any]]:
+    protocol, method = run
     episodes: list[dict[str, Any]] = []
-    for unit in evaluation.units():
-        path = evaluation.shard_path(method, unit, fp)
+    for unit in evaluation.units(protocol):
+        path = evaluation.shard_path(method, protocol, unit, fp)
         if not path.exists():
             raise DigiqError("result shard missing after the run", file=path)
         episodes.extend(read_shard(path)["episodes"])
@@ -191,23 +210,31 @@ def load_episodes(evaluation: Evaluation, method: str, fp: str) -> list[dict[str
 
 # ----------------------------------------------------------------------------------------------- run
 
+Fingerprints = dict[tuple[str, str], str]  # (protocol, method) -> fingerprint
 
-def run_methods(evaluation: Evaluation, fingerprints: dict[str, str], *, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Run the episodes of every method that have no finished shard; return this run's timing per method."""
+
+def fingerprints(evaluation: Evaluation) -> Fingerprints:
+    return {(protocol, method): evaluation.fingerprint(method, protocol) for protocol, method in evaluation.runs()}
+
+
+def run_methods(evaluation: Evaluation, prints: Fingerprints, *, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Run the episodes of every (protocol, method) that have no finished shard; return this run's timing per
+    protocol and method."""
     ev = evaluation.settings
     browser = BrowserConfig(time_limit_s=ev.time_limit_s)
     browser.check()
-    units = evaluation.units()
-    todo = {m: [u for u in units if not evaluation.shard_path(m, u, fingerprints[m]).exists()] for m in ev.methods}
-    total = len(ev.methods) * len(evaluation.tasks) * ev.episodes_per_task
-    timing: dict[str, dict[str, float]] = {}
+    todo = {run: [u for u in evaluation.units(run[0]) if not evaluation.shard_path(run[1], run[0], u, fp).exists()]
+            for run, fp in prints.items()}
+    total = sum(len(evaluation.tasks) * ev.episodes_per_task[protocol] for protocol, _ in prints)
+    timing: dict[str, dict[str, Any]] = {}
     with progress_bar("evaluate", total, enabled=progress, unit="episodes") as bar:
-        bar.update(completed=total - sum(len(u.indices) for m in ev.methods for u in todo[m]))
-        for method in (m for m in ev.methods if todo[m]):
-            writer = ShardWriter(evaluation, method, todo[method], fingerprints[method], bar.advance)
+        bar.update(completed=total - sum(len(u.indices) for units in todo.values() for u in units))
+        for run in (r for r in prints if todo[r]):
+            protocol, method = run
+            writer = ShardWriter(evaluation, run, todo[run], prints[run], bar.advance)
             started = time.perf_counter()
-            episodes = run_units(todo[method], evaluation.run_config(method, browser), ev.workers, on_episode=writer)
-            timing[method] = method_timing(episodes, time.perf_counter() - started)
+            episodes = run_units(todo[run], evaluation.run_config(method, protocol, browser), ev.workers, on_episode=writer)
+            timing.setdefault(protocol, {})[method] = method_timing(episodes, time.perf_counter() - started)
     return timing
 
 
@@ -221,16 +248,26 @@ def method_timing(episodes: list[dict[str, Any]], seconds: float) -> dict[str, f
 # ----------------------------------------------------------------------------------------------- results
 
 
-def summarise(evaluation: Evaluation, fingerprints: dict[str, str], timing: dict[str, Any]) -> dict[str, Any]:
-    """The metrics of eval.json: per method the pooled and per-task success summaries of every finished shard."""
+def summarise(evaluation: Evaluation, prints: Fingerprints, timing: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of eval.json: per protocol, every method's pooled and per-task success summaries and the paired
+    comparisons of ``evaluate.reference`` with each other method (McNemar), from the finished shards."""
     ev = evaluation.settings
-    methods = {m: summarise_method(load_episodes(evaluation, m, fingerprints[m]), evaluation.tasks) for m in ev.methods}
+    protocols: dict[str, Any] = {}
+    for protocol in ev.protocols:
+        episodes = {method: load_episodes(evaluation, (protocol, method), prints[(protocol, method)])
+                    for method in ev.methods_of(protocol)}
+        protocols[protocol] = {
+            "episodes_per_task": ev.episodes_per_task[protocol],
+            **({"bar": GREEDY_BAR} if protocol == "greedy" else {}),
+            "methods": {m: summarise_method(eps, evaluation.tasks) for m, eps in episodes.items()},
+            "paired": {"reference": ev.reference, "test": "exact McNemar, two-sided; pairs by (task, seed)",
+                       "against": paired_section(episodes, ev.reference, evaluation.tasks)},
+        }
     return {
-        "methods": methods,
+        "protocols": protocols,
         "tasks": evaluation.tasks,
-        "episodes_per_task": ev.episodes_per_task,
         "seed": ev.seed,
-        "k": ev.k,
+        "k": evaluation.k,
         "noise": ev.noise,
         "behavior": dict(evaluation.collect.behavior),
         "max_steps": ev.max_steps,
@@ -240,19 +277,21 @@ def summarise(evaluation: Evaluation, fingerprints: dict[str, str], timing: dict
 
 
 def wall_time_estimate(evaluation: Evaluation, timing: dict[str, Any]) -> dict[str, Any]:
-    """Seconds per episode measured in this run (per method), scaled to the configured episode count."""
+    """Seconds per episode measured in this run (per protocol and method), scaled to the configured episode count."""
     tasks, episodes = len(evaluation.tasks), evaluation.settings.episodes_per_task
-    per_method = {m: t["seconds_per_episode"] * tasks * episodes for m, t in timing.items() if t["episodes"]}
-    return {"seconds_per_method": {m: round(s, 1) for m, s in per_method.items()},
-            "note": "measured seconds/episode (with this run's worker count) × tasks × episodes_per_task"}
+    per_run = {f"{protocol}/{m}": round(t["seconds_per_episode"] * tasks * episodes[protocol], 1)
+               for protocol, methods in timing.items() for m, t in methods.items() if t["episodes"]}
+    return {"seconds_per_method": per_run,
+            "note": "measured seconds/episode (with this run's worker count) × tasks × episodes_per_task of the protocol"}
 
 
 def plot_rows(metrics: dict[str, Any]) -> str:
-    """plots/eval.csv: one row per (method, task) and per method over all tasks."""
+    """plots/eval.csv: one row per (protocol, method, task) and per (protocol, method) over all tasks."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["method", "task", "success", "ci_low", "ci_high", "episodes"])
-    for method, m in metrics["methods"].items():
-        for task, t in [*m["per_task"].items(), ("all", m)]:
-            out.writerow([method, task, round(t["success"], 4), t["ci95"][0], t["ci95"][1], t["episodes"]])
+    out.writerow(["protocol", "method", "task", "success", "ci_low", "ci_high", "episodes"])
+    for protocol, table in metrics["protocols"].items():
+        for method, m in table["methods"].items():
+            for task, t in [*m["per_task"].items(), ("all", m)]:
+                out.writerow([protocol, method, task, round(t["success"], 4), t["ci95"][0], t["ci95"][1], t["episodes"]])
     return buf.getvalue()

@@ -1,26 +1,49 @@
-"""Online evaluation: a policy picks among π_β's candidates, live, in MiniWoB++.
+"""Online evaluation: a policy picks among π_β's candidates, live, in MiniWoB++, under two protocols.
 
-Each live step of every evaluated method is built the same way, so methods differ only in the choice:
+Each live step t of an episode with seed σ is built the same way for every method, so methods differ only in the
+choice:
 
-    1. π_β proposes K candidates:  a_1 … a_K ~ π_β(· | s)   (draws from a generator seeded by the episode;
-       duplicates by what they do dropped (taps: the element under the point), first-draw order kept;
-       n_k = how many of the K draws the kept a_k stands for)
-    2. a chooser picks one:
-         behavior   a_1                       (the first draw: exactly a sample of π_β)
-         behavior-mode  argmax_k n_k          (π_β's most-drawn candidate, first-drawn on ties: a trained policy
-                                               whose scores g are all equal, and what π_β would do without its noise)
-         random     a_k, k ~ Uniform{1 … K'}   (uniform over the K' distinct candidates)
-         <actor>    argmax_k π(k | s) = argmax_k MLP([f(s), f(s, a_k)]) + log n_k   (a trained CandidatePolicy;
-                    + log n_k only with its behavior prior, as in training)
-         critic-greedy  argmax_k A(s, a_k) = max(Q1, Q2)(s, a_k) − max(V1, V2)(s)   (the trained critic alone, no
-                    policy and no prior: what Best-of-N extraction would pick with N = K. A diagnostic of the
-                    critic's ranking: it separates a critic that ranks badly from an actor that imitates badly)
-    3. f(s) and f(s, a_k) come from the frozen VLM; the screenshot is encoded once per step and every
-       candidate reuses the encoding.
+    1. π_β proposes K candidates:  a_1 … a_K ~ π_β(· | s), drawn from a generator seeded by (σ, t) alone
+       (:func:`step_rng`, stream "candidates"), so every method in the same state at the same step sees the same
+       candidates; duplicates by what they do dropped (taps: the element under the point), first-draw order kept;
+       n_k = how many of the K draws the kept a_k stands for.
+    2. a chooser picks one, with its own uniform u_t ~ U[0, 1) from the generator of (σ, t), stream "choice"
+       (the same u_t for every method: sampled choices are coupled, which sharpens the paired tests):
+         sample protocol (the paper's: draw from the policy's distribution, by inverse CDF at u_t)
+           <actor>    π(k | s) = softmax_k( g(s, a_k) + log n_k )   (+ log n_k only with its behavior prior)
+           behavior   π_β(k | s) = n_k / K      (exactly a sample of π_β: given the draws, the first one is a_k
+                                                 with probability n_k / K)
+           random     1 / K'                    (uniform over the K' distinct candidates)
+         greedy protocol (argmax, ties to the first-drawn)
+           <actor>    argmax_k g(s, a_k) + log n_k
+           behavior-mode  argmax_k n_k          (π_β's most-drawn candidate: a trained policy whose scores g are
+                                                 all equal. The greedy table's bar, always in it)
+           critic-greedy  argmax_k A(s, a_k) = max(Q1, Q2)(s, a_k) − max(V1, V2)(s)   (the critic alone: what
+                      Best-of-N extraction picks with N = K; a diagnostic of the critic's ranking)
+    3. the features come from :class:`~digiq.live_features.LiveFeaturizer` (the embed stage's recipe, the
+       channels the model was trained with), reset at each episode start.
 
-Success rates carry a 95 % Wilson score interval (it stays inside [0, 1] and behaves at 0 and n):
+K is the candidates stage's ``candidates.k`` (one declaration, no evaluate.k): offline a state's K candidates are
+its dataset action (a draw of π_β) and K − 1 further draws, live they are K draws, so n_k counts draws of one π_β
+out of the same K in training and at evaluation, and π ∝ n_β · exp g means the same thing in both. The live cost
+is featurization per distinct candidate (the screenshot once per step), which grows with K but less than K.
+
+Statistics. Success rates carry a 95 % Wilson score interval:
 
     p̂ = s / n,   c = (p̂ + z²/2n) / (1 + z²/n),   h = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²),   CI = [c − h, c + h]
+
+Methods of one protocol play the same (task, seed) episodes, so Digi-Q is compared with each other method by the
+exact McNemar test on the pairs: b = episodes only Digi-Q solves, c = episodes only the other solves,
+
+    p = min(1, 2 · P(X ≤ min(b, c))),   X ~ Binomial(b + c, ½)       (p = 1 when b + c = 0)
+
+Episodes per protocol are chosen by the power of that test (:func:`mcnemar_power`, :func:`episodes_for_power`):
+the smallest number of pairs that detects, with power 0.8 at α = 0.05 in the claimed direction, a 10-point
+success difference with discordance ψ = p10 + p01 = 0.30 when sampling (coupled draws of two different
+policies disagree often) and 0.20 greedily (two argmax choosers over the same candidates disagree only where
+their rankings' tops differ): 249 and 168 pairs, so 32 and 21 episodes per task over the 8 default tasks
+(:data:`PLANNED`). Unpaired Wilson intervals would need several times more, and the two protocols together stay
+near one protocol's former live work.
 
 Nothing here imports torch or the VLM at module level: :class:`EvaluateParams` is embedded in the params
 model, and the heavy pieces load inside :func:`build_eval_policy` (in each rollout worker).
@@ -30,9 +53,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from digiq.errors import DigiqError
 
@@ -43,8 +66,15 @@ if TYPE_CHECKING:  # kept out of the import path of params loading (`digiq --hel
     from digiq.schema import Action
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+Protocol = Literal["sample", "greedy"]
+PROTOCOLS: tuple[str, ...] = ("sample", "greedy")
 BASELINES = ("behavior", "behavior-mode", "random")  # evaluated without a trained model
 CRITIC_GREEDY = "critic-greedy"  # chooses with the trained critic (evaluate.critic) instead of a policy
+GREEDY_BAR = "behavior-mode"  # always in the greedy table: the bar every greedy method must clear
+ONLY_IN = {"behavior": "sample", "random": "sample", GREEDY_BAR: "greedy", CRITIC_GREEDY: "greedy"}
+STREAMS = {"candidates": 0, "choice": 1}  # independent generators of one (episode seed, step)
+# Planned (p10, p01) per protocol: P(only Digi-Q succeeds), P(only the other succeeds) (module docstring).
+PLANNED = {"sample": (0.20, 0.10), "greedy": (0.15, 0.05)}
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -56,12 +86,16 @@ class EvaluateParams(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
-                               description="trained policies (models/actor/<method>) and the baselines behavior and random; "
-                                           "also available: critic-greedy (argmax A of the critic) and behavior-mode")
+                               description="trained policies (models/actor/<method>), critic-greedy and the baselines behavior, "
+                                           "random (sample protocol only) and behavior-mode (greedy only, and always in the greedy table)")
+    protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS),
+                                      description="sample (draw from each policy, the paper's protocol) and/or greedy (argmax)")
+    reference: str = Field("digiq", description="the method every other one of its protocol is compared with (paired McNemar test)")
     tasks: list[str] | None = Field(None, description="MiniWoB++ tasks; null: the collect task set")
-    episodes_per_task: int = Field(50, ge=1, description="episodes per (method, task)")
+    episodes_per_task: dict[str, int] = Field(default_factory=lambda: {"sample": 32, "greedy": 21},
+                                              description="episodes per (method, task) of each protocol, chosen by the paired "
+                                                          "test's power (digiq/evaluate.py); one number: the same for both")
     seed: int = Field(1000, ge=0, description="base seed of evaluation episodes; must give seeds disjoint from collect's")
-    k: int = Field(16, ge=1, description="candidates drawn from π_β per live step")
     noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")
     max_steps: int | None = Field(None, ge=1, description="episode step cap; null: collect.max_steps")
     workers: int = Field(3, ge=1, description="parallel browser processes")
@@ -69,9 +103,9 @@ class EvaluateParams(BaseModel):
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
     critic: str = Field("models/critic", description="trained critic folder that critic-greedy chooses with")
-    shards: str = Field("data/eval", description="per-(method, task, episode block) result shards (resume)")
+    shards: str = Field("data/eval", description="per-(method, protocol, task, episode block) result shards (resume)")
     out: str = Field("metrics/eval.json", description="evaluation metrics")
-    plots: str = Field("plots/eval.csv", description="DVC plot data: method, task, success, CI")
+    plots: str = Field("plots/eval.csv", description="DVC plot data: protocol, method, task, success, CI")
 
     @field_validator("methods")
     @classmethod
@@ -79,6 +113,36 @@ class EvaluateParams(BaseModel):
         from digiq.config import distinct  # here: digiq.config imports this module
 
         return distinct(methods, "methods")
+
+    @field_validator("protocols")
+    @classmethod
+    def _distinct_protocols(cls, protocols: list[str]) -> list[str]:
+        from digiq.config import distinct
+
+        return distinct(protocols, "protocols")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _episodes_per_protocol(cls, values: Any) -> Any:
+        """One number of episodes means that number for every protocol."""
+        if isinstance(values, dict) and isinstance(values.get("episodes_per_task"), int):
+            n = values["episodes_per_task"]
+            values = {**values, "episodes_per_task": {p: n for p in values.get("protocols") or PROTOCOLS}}
+        return values
+
+    @model_validator(mode="after")
+    def _every_protocol_has_episodes(self) -> EvaluateParams:
+        missing = [p for p in self.protocols if p not in self.episodes_per_task]
+        bad = {p: n for p, n in self.episodes_per_task.items() if p not in PROTOCOLS or n < 1}
+        if missing or bad:
+            raise ValueError(f"episodes_per_task needs a count ≥ 1 for each protocol of {self.protocols} "
+                             f"(missing {missing}, bad {bad})")
+        return self
+
+    def methods_of(self, protocol: str) -> list[str]:
+        """The methods of one protocol's table: the listed ones that belong to it, and behavior-mode in greedy."""
+        chosen = [m for m in self.methods if ONLY_IN.get(m, protocol) == protocol]
+        return chosen + [GREEDY_BAR] if protocol == "greedy" and GREEDY_BAR not in chosen else chosen
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -120,7 +184,87 @@ def summarise_method(episodes: list[dict[str, Any]], tasks: list[str]) -> dict[s
             "per_task": {t: success_summary([e for e in episodes if e["task"] == t]) for t in tasks}}
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of b and c discordant pairs: min(1, 2 · P(X ≤ min(b, c))), X ~ Bin(b + c, ½)."""
+    from scipy.stats import binom
+
+    if b < 0 or c < 0:
+        raise DigiqError(f"discordant counts must be ≥ 0, got b={b}, c={c}", field="b")
+    return 1.0 if b + c == 0 else min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
+
+
+def paired_comparison(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """McNemar's comparison of two methods' episodes paired by (task, seed): n pairs, b (only ``reference``
+    succeeds), c (only ``other``), the exact p-value and the success difference (b − c) / n."""
+    theirs = {(e["task"], e["seed"]): bool(e["success"]) for e in other}
+    pairs = [(bool(e["success"]), theirs[key]) for e in reference if (key := (e["task"], e["seed"])) in theirs]
+    b = sum(mine and not them for mine, them in pairs)
+    c = sum(them and not mine for mine, them in pairs)
+    return {"n": len(pairs), "b": b, "c": c, "p": mcnemar_p(b, c), "difference": (b - c) / len(pairs) if pairs else 0.0}
+
+
+def paired_section(episodes: dict[str, list[dict[str, Any]]], reference: str, tasks: list[str]) -> dict[str, Any]:
+    """``reference`` against every other method of one protocol: pooled, and per task."""
+    if reference not in episodes:
+        return {}
+    mine = episodes[reference]
+    return {other: {**paired_comparison(mine, eps),
+                    "per_task": {t: paired_comparison([e for e in mine if e["task"] == t], [e for e in eps if e["task"] == t])
+                                 for t in tasks}}
+            for other, eps in episodes.items() if other != reference}
+
+
+def mcnemar_power(n: int, p10: float, p01: float, alpha: float = 0.05) -> float:
+    """Power of the exact McNemar test at level ``alpha`` to find the reference better, over ``n`` pairs whose
+    outcomes are (reference only) with probability p10 and (other only) with p01:
+
+        Σ_d P(D = d) · P(C ≤ c*_d | d),   D ~ Bin(n, p10 + p01),   C | d ~ Bin(d, p01 / (p10 + p01)),
+
+    c*_d the largest c with mcnemar_p(d − c, c) < alpha (no term when there is none)."""
+    import numpy as np
+    from scipy.stats import binom
+
+    psi = p10 + p01
+    if not 0 < psi <= 1 or n < 1:
+        raise DigiqError(f"need n ≥ 1 and 0 < p10 + p01 ≤ 1, got n={n}, p10={p10}, p01={p01}", field="p10")
+    power = 0.0
+    for d, weight in enumerate(binom.pmf(np.arange(n + 1), n, psi)):
+        tail = 2.0 * binom.cdf(np.arange(d + 1), d, 0.5)  # the p-value of c discordant pairs against the reference
+        critical = np.flatnonzero(tail < alpha)
+        if critical.size and weight > 1e-15:
+            power += weight * float(binom.cdf(critical[-1], d, p01 / psi))
+    return power
+
+
+def episodes_for_power(p10: float, p01: float, power: float = 0.8, alpha: float = 0.05) -> int:
+    """The fewest pairs whose exact McNemar test reaches ``power`` (:func:`mcnemar_power`), searched upwards from
+    0.8 × the normal approximation n ≈ (z_{α/2} √ψ + z_power √(ψ − δ²))² / δ², δ = p10 − p01, ψ = p10 + p01."""
+    from scipy.stats import norm
+
+    delta, psi = p10 - p01, p10 + p01
+    if delta <= 0:
+        raise DigiqError(f"the planned effect p10 − p01 must be > 0, got {delta}", field="p10")
+    approx = (norm.ppf(1 - alpha / 2) * math.sqrt(psi) + norm.ppf(power) * math.sqrt(psi - delta**2)) ** 2 / delta**2
+    n = max(1, int(0.8 * approx))
+    while mcnemar_power(n, p10, p01, alpha) < power:
+        n += 1
+    return n
+
+
+def planned_episodes_per_task(tasks: int) -> dict[str, int]:
+    """episodes_per_task per protocol from :data:`PLANNED`: ⌈pairs needed / tasks⌉."""
+    return {protocol: math.ceil(episodes_for_power(*effect) / tasks) for protocol, effect in PLANNED.items()}
+
+
 # ----------------------------------------------------------------------------------------------- live policy
+
+
+def step_rng(seed: int, step: int, stream: str) -> np.random.Generator:
+    """The generator of one (episode seed, step) and stream ("candidates" or "choice"): a function of these alone,
+    the same for every method."""
+    import numpy as np
+
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(step), STREAMS[stream]]))
 
 
 def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generator) -> tuple[list[Action], list[int]]:
@@ -133,82 +277,86 @@ def candidate_set(behavior: Any, view: StepView, k: int, rng: np.random.Generato
     return [draws[first] for first, _ in classes], [count for _, count in classes]
 
 
-class LiveFeaturizer:
-    """f(s) [1, d_s] and f(s, a_k) [1, K, d_sa] of a live state, by the embed stage's own extractor and recipe
-    (``variant``, ``model``: its checkpoint folder, and embed's ``layer``, ``pooling``, ``dtype``, ``device``)."""
-
-    def __init__(self, variant: str, model: str, layer: int, pooling: str, dtype: str, device: str):
-        from digiq.extractor import build_extractor
-
-        self.variant, self.model = variant, model
-        self.extractor, self.model_hash, _ = build_extractor(variant, model, layer=layer, pooling=pooling, dtype=dtype,
-                                                             device=device)
-
-    def __call__(self, view: StepView, actions: list[Action]) -> tuple[Any, Any]:
-        import torch
-        from PIL import Image
-
-        from digiq.extractor import featurize
-
-        if view.screenshot is None:
-            raise DigiqError("a live step has no screenshot", field="screenshot")
-        f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions,
-                              view.elements)
-        return torch.from_numpy(f_s).unsqueeze(0), torch.from_numpy(f_sa).unsqueeze(0)
+def inverse_cdf(weights: list[float], u: float) -> int:
+    """The index k of the first cumulative weight above u · Σ weights (a draw ∝ ``weights`` at the uniform u)."""
+    total, running = sum(weights), 0.0
+    for k, w in enumerate(weights):
+        running += w
+        if w > 0 and running > u * total:
+            return k
+    return max(k for k, w in enumerate(weights) if w > 0)
 
 
 @dataclass
 class EvalPolicy:
-    """π_β proposes, ``chooser`` picks. Implements the rollout Policy protocol (reset, act)."""
+    """π_β proposes, ``method`` picks under ``protocol``. Implements the rollout Policy protocol (reset, act)."""
 
     method: str
     k: int
     noise: float
-    featurizer: Any = None  # LiveFeaturizer for trained policies
+    protocol: str = "greedy"
+    featurizer: Any = None  # LiveFeaturizer for trained choosers
     actor: Any = None  # CandidatePolicy for trained policies, CriticGreedy for critic-greedy
+    inputs: Any = None  # the channels the trained chooser reads (its config.inputs; None: the VLM feature alone)
     behavior_scores: dict[str, float] = field(default_factory=dict)  # π_β's changed heuristic weights (collect.behavior)
     behavior: Any = field(init=False)
-    rng: np.random.Generator = field(init=False)
+    seed: int = field(init=False, default=0)
+    step: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        if ONLY_IN.get(self.method, self.protocol) != self.protocol or self.protocol not in PROTOCOLS:
+            raise DigiqError(f"method {self.method!r} has no {self.protocol!r} protocol", field="evaluate.protocols")
         self.behavior = _behavior(self.noise, self.behavior_scores)
         self.reset(0)
 
     def reset(self, seed: int) -> None:
-        import numpy as np
-
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.step = seed, 0
+        if self.featurizer is not None:
+            self.featurizer.reset()
 
     def act(self, view: StepView) -> Action:
-        candidates, draws = candidate_set(self.behavior, view, self.k, self.rng)
-        return candidates[self.choose(view, candidates, draws)]
+        candidates, draws = candidate_set(self.behavior, view, self.k, step_rng(self.seed, self.step, "candidates"))
+        u = float(step_rng(self.seed, self.step, "choice").random())
+        self.step += 1
+        return candidates[self.choose(view, candidates, draws, u)]
 
-    def choose(self, view: StepView, candidates: list[Action], draws: list[int]) -> int:
+    def choose(self, view: StepView, candidates: list[Action], draws: list[int], u: float = 0.0) -> int:
         if self.method == "behavior":
-            return 0
-        if self.method == "behavior-mode":
+            return inverse_cdf([float(n) for n in draws], u)
+        if self.method == GREEDY_BAR:
             return draws.index(max(draws))
         if self.method == "random":
-            return int(self.rng.integers(len(candidates)))
+            return inverse_cdf([1.0] * len(candidates), u)
         import torch
 
-        s, cand_sa = self.featurizer(view, candidates)
+        s, cand_sa = self.featurizer(view, candidates, self.inputs)
         mask = torch.ones(1, len(candidates), dtype=torch.bool)
-        count = torch.tensor([draws], dtype=torch.float32)
-        return int(self.actor.act(s, cand_sa, mask, count, mode="argmax")[0])
+        logits = self.actor.logits(s, cand_sa, mask, torch.tensor([draws], dtype=torch.float32))[0]
+        if self.protocol == "greedy":
+            from digiq.critic import first_argmax
+
+            return int(first_argmax(logits.unsqueeze(0))[0])
+        return inverse_cdf(torch.softmax(logits.double(), dim=-1).tolist(), u)
 
 
 class CriticGreedy:
-    """Chooses argmax_k A(s, a_k) of a trained :class:`~digiq.critic.DoubleCritic` (ties: the first-drawn),
-    with :meth:`CandidatePolicy.act`'s signature so that :class:`EvalPolicy` serves both."""
+    """Chooses argmax_k A(s, a_k) of a trained :class:`~digiq.critic.DoubleCritic` (ties: the first-drawn), with
+    :class:`CandidatePolicy`'s ``logits`` and ``act`` signatures so that :class:`EvalPolicy` serves both."""
 
     def __init__(self, critic: Any):
-        self.critic, self.d_s, self.d_sa = critic, critic.d_s, critic.d_sa
+        self.critic, self.d_s, self.d_sa, self.config = critic, critic.d_s, critic.d_sa, critic.config
+
+    def logits(self, s: Any, cand_sa: Any, mask: Any, count: Any) -> Any:
+        import torch
+
+        from digiq.critic import advantage
+
+        return advantage(self.critic, s, cand_sa).masked_fill(~mask, -torch.inf)
 
     def act(self, s: Any, cand_sa: Any, mask: Any, count: Any, mode: str = "argmax") -> Any:
-        from digiq.critic import advantage, first_argmax
+        from digiq.critic import first_argmax
 
-        return first_argmax(advantage(self.critic, s, cand_sa).masked_fill(~mask, math.nan))
+        return first_argmax(self.logits(s, cand_sa, mask, count))
 
 
 def _behavior(noise: float, scores: dict[str, float]) -> Any:
@@ -217,27 +365,31 @@ def _behavior(noise: float, scores: dict[str, float]) -> Any:
     return BehaviorPolicy(noise=noise, scores=scores)
 
 
-def build_eval_policy(method: str, k: int, noise: float, actor_dir: str | None = None,
+def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy", actor_dir: str | None = None,
                       features: dict[str, Any] | None = None, threads: int = 1,
                       behavior: dict[str, float] | None = None) -> EvalPolicy:
-    """The policy of ``method`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``); ``actor_dir`` is
-    the trained policy's folder, or the critic's for critic-greedy; ``features`` the :class:`LiveFeaturizer` recipe."""
+    """The policy of ``method`` under ``protocol`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``);
+    ``actor_dir`` is the trained policy's folder, or the critic's for critic-greedy; ``features`` the
+    :class:`~digiq.live_features.LiveFeaturizer` recipe."""
     behavior = dict(behavior or {})
     if method in BASELINES:
-        return EvalPolicy(method, k, noise, behavior_scores=behavior)
+        return EvalPolicy(method, k, noise, protocol, behavior_scores=behavior)
     if actor_dir is None or features is None:
         raise DigiqError(f"method {method!r} needs a trained policy folder and its feature recipe", field="actor_dir")
     import torch
 
+    from digiq.live_features import LiveFeaturizer
+
     torch.set_num_threads(threads)
     actor = _load_chooser(method, actor_dir)
+    inputs = getattr(actor.config, "inputs", None)
     featurizer = LiveFeaturizer(**features)
-    dims = (featurizer.extractor.dim_state, featurizer.extractor.dim_candidate)
+    dims = featurizer.dims(inputs)
     if (actor.d_s, actor.d_sa) != dims:
-        raise DigiqError(f"the policy expects features of width (f(s) {actor.d_s}, f(s,a) {actor.d_sa}) but variant "
+        raise DigiqError(f"the policy expects features of width (x_V {actor.d_s}, x_Q {actor.d_sa}) but variant "
                          f"{featurizer.variant!r} of {featurizer.model} gives {dims}: evaluate with the "
                          f"features the policy was trained on", file=actor_dir, field="features.variant")
-    return EvalPolicy(method, k, noise, featurizer=featurizer, actor=actor, behavior_scores=behavior)
+    return EvalPolicy(method, k, noise, protocol, featurizer=featurizer, actor=actor, inputs=inputs, behavior_scores=behavior)
 
 
 def _load_chooser(method: str, folder: str) -> Any:

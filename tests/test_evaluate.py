@@ -1,4 +1,5 @@
-"""`digiq evaluate`: Wilson intervals, seed disjointness, shards and resume, and real episodes in Chromium."""
+"""`digiq evaluate`: Wilson intervals, McNemar tests and their power, the same draws for every method, seed
+disjointness, protocols, shards and resume, and real episodes in Chromium."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from digiq.envs.behavior import IMPATIENT, BehaviorPolicy, scores_with
 from digiq.envs.view import StepView
 from digiq.errors import DigiqError
 from digiq.eval_runner import Evaluation, check, collect_seeds
-from digiq.evaluate import EvalPolicy, candidate_set, success_summary, wilson_interval
+from digiq.evaluate import (EvalPolicy, EvaluateParams, candidate_set, episodes_for_power, inverse_cdf, mcnemar_p,
+                            mcnemar_power, paired_comparison, planned_episodes_per_task, step_rng, success_summary,
+                            wilson_interval)
 from digiq.pipelines import evaluate as stage
 
 
@@ -62,17 +65,99 @@ def test_candidates_are_distinct_and_choices_reproducible():
     cands, draws = candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(3))
     assert 1 <= len(cands) <= 16 and len(draws) == len(cands) and sum(draws) == 16 and min(draws) >= 1
     assert len({c.model_dump_json() for c in cands}) == len(cands)
-    for method in ("behavior", "behavior-mode", "random"):
-        a, b = EvalPolicy(method, 16, 0.3), EvalPolicy(method, 16, 0.3)
+    for method, protocol in (("behavior", "sample"), ("behavior-mode", "greedy"), ("random", "sample")):
+        a, b = EvalPolicy(method, 16, 0.3, protocol), EvalPolicy(method, 16, 0.3, protocol)
         a.reset(7), b.reset(7)
         assert [a.act(view) for _ in range(5)] == [b.act(view) for _ in range(5)]
-    # π_β's choice is its first draw: the same as BehaviorPolicy.sample with the same generator
-    p = EvalPolicy("behavior", 16, 0.3)
+    # π_β's sample: candidate k with probability n_k / K, drawn at the step's uniform u (inverse CDF)
+    p = EvalPolicy("behavior", 16, 0.3, "sample")
     p.reset(11)
-    assert p.act(view) == candidate_set(BehaviorPolicy(noise=0.3), view, 16, np.random.default_rng(11))[0][0]
+    drawn, counts = candidate_set(BehaviorPolicy(noise=0.3), view, 16, step_rng(11, 0, "candidates"))
+    assert p.act(view) == drawn[inverse_cdf(counts, step_rng(11, 0, "choice").random())]
+    assert p.choose(view, cands, [1, 3, 2], u=0.0) == 0 and p.choose(view, cands, [1, 3, 2], u=0.25) == 1
+    assert p.choose(view, cands, [1, 3, 2], u=0.99) == 2  # cumulative 1/6, 4/6, 6/6
     # behavior-mode: the most-drawn candidate, the first-drawn among equals
-    mode = EvalPolicy("behavior-mode", 16, 0.3)
+    mode = EvalPolicy("behavior-mode", 16, 0.3, "greedy")
     assert mode.choose(view, cands, [1, 3, 2]) == 1 and mode.choose(view, cands, [2, 1, 2]) == 0
+    # baselines belong to one protocol each
+    for method, wrong in (("behavior", "greedy"), ("random", "greedy"), ("behavior-mode", "sample")):
+        with pytest.raises(DigiqError, match="protocol"):
+            EvalPolicy(method, 16, 0.3, wrong)
+
+
+def test_every_method_sees_the_same_candidates_at_the_same_step():
+    """Candidate draws come from a generator of (episode seed, step) alone: whichever method acts, and whatever it
+    chose or drew before, the candidates of step t of seed σ are the same; the chooser's uniform is another stream."""
+    view, behavior = _view(), BehaviorPolicy(noise=0.3)
+    proposed: dict[str, list] = {}
+    for method, protocol in (("behavior", "sample"), ("random", "sample"), ("behavior-mode", "greedy")):
+        policy = EvalPolicy(method, 16, 0.3, protocol)
+        seen = []
+        policy.choose = lambda v, c, d, u=0.0, seen=seen, policy=policy: seen.append((c, d)) or 0
+        for seed in (5, 6):
+            policy.reset(seed)
+            for _ in range(3):
+                policy.act(view)
+        proposed[method] = seen
+    assert proposed["behavior"] == proposed["random"] == proposed["behavior-mode"]
+    expected = [candidate_set(behavior, view, 16, step_rng(seed, t, "candidates")) for seed in (5, 6) for t in range(3)]
+    assert proposed["behavior"] == [(list(c), list(d)) for c, d in expected]
+    # a generator of (seed, step, stream) only: the same numbers on every call, other numbers at another step/stream
+    first = step_rng(5, 0, "candidates").random(4).tolist()
+    assert first == step_rng(5, 0, "candidates").random(4).tolist()
+    assert first != step_rng(5, 1, "candidates").random(4).tolist() != step_rng(5, 0, "choice").random(4).tolist()
+
+
+def test_sampled_actor_draws_from_its_softmax_at_the_shared_uniform():
+    import torch
+
+    class Scores:  # a trained chooser with fixed logits g = log(1, 2, 1) (no prior): π = (¼, ½, ¼)
+        def logits(self, s, cand_sa, mask, count):
+            return torch.tensor([[0.0, math.log(2.0), 0.0]])
+
+    class Features:
+        def __call__(self, view, actions, inputs=None):
+            return torch.zeros(1, 2), torch.zeros(1, len(actions), 2)
+
+        def reset(self):
+            pass
+
+    sampled = EvalPolicy("digiq", 16, 0.3, "sample", featurizer=Features(), actor=Scores())
+    greedy = EvalPolicy("digiq", 16, 0.3, "greedy", featurizer=Features(), actor=Scores())
+    cands = ["a", "b", "c"]
+    assert [sampled.choose(None, cands, [1, 1, 1], u) for u in (0.1, 0.3, 0.7, 0.8)] == [0, 1, 1, 2]
+    assert {greedy.choose(None, cands, [1, 1, 1], u) for u in (0.1, 0.8)} == {1}
+
+
+# ---------------------------------------------------------------------------------------------- paired tests
+
+
+def test_mcnemar_exact_test_matches_the_hand_computed_binomial_tail():
+    # b = 1, c = 9: p = 2 · P(X ≤ 1 | n = 10, ½) = 2 · (1 + 10) / 1024
+    assert mcnemar_p(1, 9) == pytest.approx(0.021484375, abs=1e-12) == mcnemar_p(9, 1)
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32) and mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 0) == 1.0
+    with pytest.raises(DigiqError):
+        mcnemar_p(-1, 2)
+
+
+def test_paired_comparison_pairs_episodes_by_task_and_seed():
+    def eps(outcomes):
+        return [{"task": t, "seed": s, "success": w} for (t, s), w in outcomes.items()]
+
+    mine = eps({("a", 1): True, ("a", 2): True, ("b", 1): False, ("b", 2): True, ("b", 3): True})
+    theirs = eps({("b", 2): False, ("b", 1): True, ("a", 2): True, ("a", 1): False, ("c", 9): True})  # other order
+    assert paired_comparison(mine, theirs) == {"n": 4, "b": 2, "c": 1, "p": 1.0, "difference": 0.25}
+
+
+def test_power_of_mcnemars_test_and_the_episodes_it_asks_for():
+    # n = 1 pair, 0 < α: one discordant pair never reaches p < 0.05, so the power is 0
+    assert mcnemar_power(1, 0.3, 0.1) == 0.0
+    # n = 6, p10 = 1: all six pairs favour the reference, p = 2 / 64 < 0.05 → power 1; five give 2/32 = 0.0625 → 0
+    assert mcnemar_power(6, 1.0, 0.0) == pytest.approx(1.0) and mcnemar_power(5, 1.0, 0.0) == 0.0
+    n = episodes_for_power(0.2, 0.1)
+    assert mcnemar_power(n, 0.2, 0.1) >= 0.8 > mcnemar_power(n - 1, 0.2, 0.1)
+    # the defaults are the planned effects' episodes over the 8 default tasks
+    assert EvaluateParams().episodes_per_task == planned_episodes_per_task(len(Params().collect.tasks))
 
 
 def test_critic_greedy_picks_the_highest_advantage_among_valid_candidates():
@@ -98,16 +183,17 @@ def test_critic_greedy_picks_the_highest_advantage_among_valid_candidates():
 # ---------------------------------------------------------------------------------------------- config, seeds, shards
 
 
-def _params(tmp_path: Path, collect: dict | None = None, base: Path | None = None, **evaluate) -> Params:
-    """Two baselines on click-button, two episodes each, one per shard, beside a 60-episode collection at seed 0;
-    trained methods see the off-the-shelf features of the VLM in ``base``."""
-    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes_per_task=2, seed=1000, k=8, workers=2,
+def _params(tmp_path: Path, collect: dict | None = None, base: Path | None = None, k: int = 8, **evaluate) -> Params:
+    """Two baselines on click-button (sample protocol; greedy adds behavior-mode), two episodes each, one per shard,
+    K = 8 candidates, beside a 60-episode collection at seed 0; trained methods see the off-the-shelf features of
+    the VLM in ``base``."""
+    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes_per_task=2, seed=1000, workers=2,
                   episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "metrics/eval.json"),
                   plots=str(tmp_path / "plots/eval.csv"), actors=str(tmp_path / "actors"))
     values.update(evaluate)
     col = {"seed": 0, "tasks": ["click-button"], "episodes_per_task": 60, "noise": 0.3, "max_steps": 4, **(collect or {})}
     served = {"features": {"variant": "off_the_shelf"}, "embed": {"models": {"off_the_shelf": str(base)}}} if base else {}
-    return Params.model_validate({"collect": col, "evaluate": values, **served})
+    return Params.model_validate({"collect": col, "evaluate": values, "candidates": {"k": k}, **served})
 
 
 def _evaluation(tmp_path: Path, collect: dict | None = None, **evaluate) -> Evaluation:
@@ -141,51 +227,111 @@ def test_null_settings_take_the_collect_defaults():
     ev = evaluation.settings
     assert evaluation.tasks == p.collect.tasks and ev.noise == p.collect.noise and ev.max_steps == p.collect.max_steps
     assert evaluation.collect.behavior == IMPATIENT  # the π_β that collected the data proposes the candidates
-    spec = evaluation.policy_spec("behavior-mode")
+    spec = evaluation.policy_spec("behavior-mode", "greedy")
     assert spec.build().behavior.scores == scores_with(IMPATIENT) != BehaviorPolicy().scores  # as the workers build it
     assert ev.seed != p.collect.seed
+    assert evaluation.k == p.candidates.k  # live K is offline K: one declaration, candidates.k
+    assert "k" not in EvaluateParams.model_fields
     # live features are the embed stage's recipe for the variant the policies were trained on
     assert evaluation.features == {"variant": p.features.variant, "model": p.embed.models[p.features.variant],
                                    "layer": p.embed.layer, "pooling": p.embed.pooling, "dtype": p.embed.dtype,
                                    "device": p.embed.device}
-    assert evaluation.policy_spec("digiq").kwargs["features"] == evaluation.features
+    assert evaluation.policy_spec("digiq", "sample").kwargs["features"] == evaluation.features
+    assert evaluation.policy_spec("digiq", "sample").kwargs["protocol"] == "sample"
 
 
 def test_live_observation_quotes_as_many_actions_as_the_data(tmp_path):
     # the policies were trained on observations with collect.history previous actions: live ones must match
     short, longer = _evaluation(tmp_path), _evaluation(tmp_path, collect={"history": 8})
-    assert (short.run_config("behavior", None).history, longer.run_config("behavior", None).history) == (1, 8)
-    assert short.fingerprint("behavior") != longer.fingerprint("behavior")
+    assert (short.run_config("behavior", "sample", None).history, longer.run_config("behavior", "sample", None).history) == (1, 8)
+    assert short.fingerprint("behavior", "sample") != longer.fingerprint("behavior", "sample")
 
 
-def _fake_shards(evaluation: Evaluation, successes: dict[str, list[bool]]) -> None:
-    """Write finished shards by hand (the format run() writes), so summarising needs no browser."""
-    for method, wins in successes.items():
-        fp = evaluation.fingerprint(method)
-        for unit in evaluation.units():
-            eps = [{"task": unit.task, "index": i, "seed": 0, "steps": 3, "success": wins[i], "raw_reward": float(wins[i]),
+def _fake_shards(evaluation: Evaluation, successes: dict[tuple[str, str], list[bool]]) -> None:
+    """Write finished shards by hand (the format run() writes) for (protocol, method), so summarising needs no
+    browser; episode i has seed 100 + i."""
+    for (protocol, method), wins in successes.items():
+        fp = evaluation.fingerprint(method, protocol)
+        for unit in evaluation.units(protocol):
+            eps = [{"task": unit.task, "index": i, "seed": 100 + i, "steps": 3, "success": wins[i], "raw_reward": float(wins[i]),
                     "terminated": True, "timed_out": False, "failed_steps": 0, "retries": 0} for i in unit.indices]
-            path = evaluation.shard_path(method, unit, fp)
+            path = evaluation.shard_path(method, protocol, unit, fp)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"method": method, "task": unit.task, "fingerprint": fp, "episodes": eps}))
+            path.write_text(json.dumps({"method": method, "protocol": protocol, "task": unit.task, "fingerprint": fp,
+                                        "episodes": eps}))
+
+
+SAMPLE_GREEDY = {("sample", "behavior"): [True, False], ("sample", "random"): [False, False],
+                 ("greedy", "behavior-mode"): [True, True]}
 
 
 def test_resume_skips_finished_shards(tmp_path):
     params = _params(tmp_path)
     evaluation = Evaluation.of(params)
-    _fake_shards(evaluation, {"behavior": [True, False], "random": [False, False]})
+    _fake_shards(evaluation, SAMPLE_GREEDY)
     stamps = {p: p.stat().st_mtime_ns for p in Path(params.evaluate.shards).rglob("*.json")}
     metrics = stage.run(params)  # everything is on disk: no browser starts, nothing is rewritten
     assert {p: p.stat().st_mtime_ns for p in Path(params.evaluate.shards).rglob("*.json")} == stamps
     assert metrics["timing"]["this_run"] == {}
-    assert metrics["methods"]["behavior"]["successes"] == 1 and metrics["methods"]["random"]["successes"] == 0
+    sample = metrics["protocols"]["sample"]["methods"]
+    assert sample["behavior"]["successes"] == 1 and sample["random"]["successes"] == 0
     assert Path(params.evaluate.plots).read_text().splitlines() == [
-        "method,task,success,ci_low,ci_high,episodes",
-        "behavior,click-button,0.5,0.0945,0.9055,2", "behavior,all,0.5,0.0945,0.9055,2",
-        "random,click-button,0.0,0.0,0.6576,2", "random,all,0.0,0.0,0.6576,2"]
-    # another K, or another π_β, changes the episodes: the old shards no longer count
-    assert _evaluation(tmp_path, k=4).fingerprint("behavior") != evaluation.fingerprint("behavior")
-    assert _evaluation(tmp_path, collect={"behavior": {}}).fingerprint("behavior") != evaluation.fingerprint("behavior")
+        "protocol,method,task,success,ci_low,ci_high,episodes",
+        "sample,behavior,click-button,0.5,0.0945,0.9055,2", "sample,behavior,all,0.5,0.0945,0.9055,2",
+        "sample,random,click-button,0.0,0.0,0.6576,2", "sample,random,all,0.0,0.0,0.6576,2",
+        "greedy,behavior-mode,click-button,1.0,0.3424,1.0,2", "greedy,behavior-mode,all,1.0,0.3424,1.0,2"]
+    # another K (candidates.k), or another π_β, changes the episodes: the old shards no longer count
+    assert _evaluation(tmp_path, k=4).fingerprint("behavior", "sample") != evaluation.fingerprint("behavior", "sample")
+    assert (_evaluation(tmp_path, collect={"behavior": {}}).fingerprint("behavior", "sample")
+            != evaluation.fingerprint("behavior", "sample"))
+
+
+def test_the_protocol_is_in_every_shard_fingerprint_and_name(tmp_path):
+    evaluation = _evaluation(tmp_path)
+    unit = evaluation.units("sample")[0]
+    sample, greedy = evaluation.fingerprint("random", "sample"), evaluation.fingerprint("random", "greedy")
+    assert sample != greedy
+    assert evaluation.shard_path("random", "sample", unit, sample).name.startswith("sample.click-button.e00000-00000.")
+    assert evaluation.shard_path("random", "sample", unit, sample) != evaluation.shard_path("random", "greedy", unit, greedy)
+    # the shards of one protocol are resumed when only the other protocol's episode count changes
+    more = _evaluation(tmp_path, episodes_per_task={"sample": 2, "greedy": 5})
+    assert more.fingerprint("random", "sample") == sample and len(more.units("greedy")) == 5
+
+
+def test_protocol_tables_hold_their_methods():
+    ev = EvaluateParams(methods=["digiq", "bc", "critic-greedy", "behavior", "random"])
+    assert ev.methods_of("sample") == ["digiq", "bc", "behavior", "random"]
+    assert ev.methods_of("greedy") == ["digiq", "bc", "critic-greedy", "behavior-mode"]  # the bar, always
+    assert EvaluateParams(episodes_per_task=7).episodes_per_task == {"sample": 7, "greedy": 7}
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        EvaluateParams(protocols=["sample", "greedy"], episodes_per_task={"sample": 3})
+
+
+def test_a_method_of_no_chosen_protocol_is_refused(tmp_path):
+    with pytest.raises(DigiqError, match="belong to no protocol"):
+        check(_evaluation(tmp_path, methods=["behavior-mode", "random"], protocols=["sample"]))
+
+
+def test_eval_json_holds_both_protocols_and_the_paired_tests(tmp_path):
+    params = _params(tmp_path, methods=["behavior", "random"], reference="behavior", episodes_per_task=4)
+    wins = {("sample", "behavior"): [True, True, True, False], ("sample", "random"): [False, True, False, True],
+            ("greedy", "behavior-mode"): [True, False, True, True]}
+    _fake_shards(Evaluation.of(params), wins)
+    stage.run(params)
+    data = json.loads(Path(params.evaluate.out).read_text())
+    assert set(data) >= {"protocols", "tasks", "seed", "k", "noise", "timing"} and data["k"] == 8
+    assert set(data["protocols"]) == {"sample", "greedy"}
+    sample, greedy = data["protocols"]["sample"], data["protocols"]["greedy"]
+    assert (sample["episodes_per_task"], greedy["bar"], list(greedy["methods"])) == (4, "behavior-mode", ["behavior-mode"])
+    assert sample["methods"]["behavior"]["successes"] == 3 and sample["methods"]["behavior"]["per_task"]["click-button"]["episodes"] == 4
+    # behavior against random, paired by seed: only behavior 1st and 3rd (b = 2), only random the 4th (c = 1)
+    paired = sample["paired"]
+    assert paired["reference"] == "behavior" and set(paired["against"]) == {"random"}
+    random = paired["against"]["random"]
+    assert {k: random[k] for k in ("n", "b", "c", "difference")} == {"n": 4, "b": 2, "c": 1, "difference": 0.25}
+    assert random["p"] == pytest.approx(mcnemar_p(2, 1)) == 1.0
+    assert random["per_task"]["click-button"]["b"] == 2
+    assert greedy["paired"]["against"] == {}  # the reference is not in the greedy table
 
 
 # ---------------------------------------------------------------------------------------------- real browser
@@ -196,29 +342,31 @@ def test_behavior_and_random_in_a_real_browser(tmp_path):
     params = _params(tmp_path)
     evaluation, cfg = Evaluation.of(params), params.evaluate
     metrics = stage.run(params)
-    first = evaluation.shard_path("random", evaluation.units()[0], evaluation.fingerprint("random"))
+    first = evaluation.shard_path("random", "sample", evaluation.units("sample")[0], evaluation.fingerprint("random", "sample"))
     assert first.exists()
     for episode in json.loads(first.read_text())["episodes"]:  # what each live episode did, readable
         assert "Click" in episode["goal"] and len(episode["actions"]) == episode["steps"]
         assert all(a.startswith(("tap (y=", "type ", "press ", "swipe ", "task complete")) for a in episode["actions"])
     data = json.loads(Path(cfg.out).read_text())
     assert data == json.loads(json.dumps(metrics))
-    for method in ("behavior", "random"):
-        m = data["methods"][method]
+    tables = {m: data["protocols"][p]["methods"][m] for p, m in (("sample", "behavior"), ("sample", "random"),
+                                                                  ("greedy", "behavior-mode"))}
+    for method, m in tables.items():
         assert m["episodes"] == 2 and m["per_task"]["click-button"]["episodes"] == 2
         low, high = wilson_interval(m["successes"], 2)
         assert m["ci95"] == [round(low, 4), round(high, 4)]
         assert 1 <= m["mean_steps"] <= params.collect.max_steps
         assert m["timed_out"] == 0
     rows = list(csv.DictReader(Path(cfg.plots).open()))
-    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("behavior", "random") for t in ("click-button", "all")}
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in tables for t in ("click-button", "all")}
     assert all(math.isfinite(float(r["success"])) for r in rows)
-    assert set(data["timing"]["this_run"]) == {"behavior", "random"}
+    assert {p: set(t) for p, t in data["timing"]["this_run"].items()} == {"sample": {"behavior", "random"},
+                                                                          "greedy": {"behavior-mode"}}
     # same seeds, same policies → identical episodes on a re-run from scratch
     first.unlink()
     again = stage.run(params)
-    assert again["methods"]["random"] == data["methods"]["random"]
-    assert set(again["timing"]["this_run"]) == {"random"}
+    assert again["protocols"]["sample"]["methods"]["random"] == data["protocols"]["sample"]["methods"]["random"]
+    assert again["timing"]["this_run"] == {"sample": {"random": again["timing"]["this_run"]["sample"]["random"]}}
 
 
 def test_cli_refuses_collection_seeds_with_one_line(tmp_path):
@@ -255,19 +403,19 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     width = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
     torch.manual_seed(0)
     CandidatePolicy(width, width, method="digiq").save_pretrained(tmp_path / "actors/digiq")
-    metrics = stage.run(_params(tmp_path, base=base, methods=["digiq"], workers=1, episodes_per_unit=2))
-    m = metrics["methods"]["digiq"]
+    metrics = stage.run(_params(tmp_path, base=base, methods=["digiq"], workers=1, episodes_per_unit=2, protocols=["sample"]))
+    m = metrics["protocols"]["sample"]["methods"]["digiq"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
-    assert metrics["timing"]["this_run"]["digiq"]["steps"] == 2 * m["mean_steps"]
+    assert metrics["timing"]["this_run"]["sample"]["digiq"]["steps"] == 2 * m["mean_steps"]
     # critic-greedy: the same live path, choosing with a saved critic
     DoubleCritic(width, width).save_pretrained(tmp_path / "critic")
     params = _params(tmp_path, base=base, methods=["critic-greedy"], workers=1, episodes_per_unit=2, critic=str(tmp_path / "critic"))
-    m = stage.run(params)["methods"]["critic-greedy"]
+    m = stage.run(params)["protocols"]["greedy"]["methods"]["critic-greedy"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
     # a policy trained on other features is refused with one clear message
     CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
     with pytest.raises(DigiqError, match="features.variant"):
-        build_eval_policy("bc", 4, 0.3, actor_dir=str(tmp_path / "actors/bc"), features=Evaluation.of(params).features)
+        build_eval_policy("bc", 4, 0.3, "greedy", actor_dir=str(tmp_path / "actors/bc"), features=Evaluation.of(params).features)
 
 
 def test_cli_takes_overrides_and_everyday_flags(tmp_path):
@@ -277,16 +425,16 @@ def test_cli_takes_overrides_and_everyday_flags(tmp_path):
 
     from digiq.cli import evaluate as cli
 
-    params = _params(tmp_path, k=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(include={"collect", "evaluate"})))
-    _fake_shards(Evaluation.of(params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"k": 8})})),
-                 {"behavior": [True, True]})
+    params = _params(tmp_path, k=4, protocols=["sample"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(include={"collect", "evaluate", "candidates"})))
+    _fake_shards(Evaluation.of(params.model_copy(update={"candidates": params.candidates.model_copy(update={"k": 8})})),
+                 {("sample", "behavior"): [True, True]})
     app = typer.Typer()
     cli.register(app)
     app.command("noop")(lambda: None)
     out = tmp_path / "elsewhere.json"
-    result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml"), "-S", "evaluate.k=8",
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml"), "-S", "candidates.k=8",
                                       "--methods", "behavior", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["methods"]["behavior"]["successes"] == 2  # the k=8 shards were resumed
+    assert json.loads(out.read_text())["protocols"]["sample"]["methods"]["behavior"]["successes"] == 2  # k=8's shards resumed
     assert "behavior" in result.output and f"wrote {out}, {params.evaluate.plots}" in result.output
