@@ -1,6 +1,7 @@
 """What the critic stage reports besides its weights: diagnostics, per-step and per-candidate scores, its metrics.
 
-    diagnostics = critic_diagnostics(critic, transitions)    # V calibration, action sensitivity, ranking, π_β agreement
+    diagnostics = critic_diagnostics(critic, transitions)    # V calibration, return error, action sensitivity, ranking, π_β agreement
+    per_task_diagnostics(critic, transitions, tasks)         # ranking and π_β agreement per task
     step_scores(critic, data, rows, split)                   # the viewer's step table: V, Q, advantage, TD error
     candidate_scores(critic, data)                           # the viewer's candidate table: Q of every candidate
 
@@ -11,6 +12,7 @@ Scores use the critic's policy-extraction convention: V = max(V1, V2), Q = max(Q
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,9 +119,20 @@ def v_calibration(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
     return {"v_return_corr": corr.item(), "v_mean_error": err.mean().item(), "v_mae": err.abs().mean().item()}
 
 
+def return_error(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
+    """How far the critic's values are from the observed discounted returns G (the learning-rate grid's criterion,
+    :mod:`digiq.critic_grid`): ``q_return_mse`` = mean (max(Q1, Q2)(s, a_data) − G)², ``v_return_mse`` = mean
+    (max(V1, V2)(s) − G)², ``return_mse`` their sum."""
+    g = data.mc_return.float().cpu()
+    q = map_chunks(critic.q_value, data.sa, device=device_of(critic))
+    v = map_chunks(critic.v_value, data.s, device=device_of(critic))
+    q_mse, v_mse = ((q - g) ** 2).mean().item(), ((v - g) ** 2).mean().item()
+    return {"q_return_mse": q_mse, "v_return_mse": v_mse, "return_mse": q_mse + v_mse}
+
+
 def critic_diagnostics(critic: DoubleCritic, data: Transitions) -> dict[str, float]:
     """All diagnostics that ``data`` allows (candidate-based ones need ``cand_sa``; ranking needs success)."""
-    out = v_calibration(critic, data)
+    out = v_calibration(critic, data) | return_error(critic, data)
     if data.cand_sa is not None:
         q = candidate_q(critic, data)
         out |= action_sensitivity(critic, data, q) | behavior_agreement(critic, data, q)
@@ -128,7 +141,33 @@ def critic_diagnostics(critic: DoubleCritic, data: Transitions) -> dict[str, flo
     return out
 
 
+def per_task_diagnostics(critic: DoubleCritic, data: Transitions, tasks: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per task (``tasks``: [B] names aligned with ``data``'s rows): held-out ranking and how often the critic's
+    favourite is π_β's most-drawn candidate (what critic-greedy evaluation would change), with the states counted."""
+    data.require("cand_sa", "cand_mask", "cand_count", "traj_success")
+    q = candidate_q(critic, data)
+    out = {}
+    for task in sorted(set(tasks.tolist())):
+        rows = torch.from_numpy(np.asarray(tasks == task))
+        subset, q_task = data.subset(rows), q[rows]
+        out[task] = {"states": int(rows.sum())} | ranking_quality(critic, subset, q_task)
+        if bool((subset.cand_mask.sum(dim=1) >= 2).any()):
+            out[task] |= behavior_agreement(critic, subset, q_task)
+    return out
+
+
+def trajectory_task(traj_id: np.ndarray) -> np.ndarray:
+    """The task of each trajectory id ``<task>.s<seed>.e<episode>`` (:func:`digiq.envs.rollout.trajectory_id`);
+    "unknown" for ids of another form (imported datasets)."""
+    return np.array([m.group(1) if (m := _TRAJ_ID.match(str(t))) else "unknown" for t in traj_id], dtype=object)
+
+
+_TRAJ_ID = re.compile(r"^(.+)\.s\d+\.e\d+$")
+
+
 # ----------------------------------------------------------------------------------------------- scores (the viewer's contract)
+
+CHUNK = 512  # rows composed at a time: x_Q of every candidate of every row at once would hold K copies of the inputs
 
 
 def q_targets(critic: DoubleCritic, data: Transitions) -> torch.Tensor:
@@ -141,25 +180,29 @@ def q_targets(critic: DoubleCritic, data: Transitions) -> torch.Tensor:
 
 
 def step_scores(critic: DoubleCritic, data: TrainingData, rows: np.ndarray, split: np.ndarray) -> pa.Table:
-    """traj_id, step_id, v, q, advantage, td_error and split of ``rows``."""
+    """traj_id, step_id, v, q, advantage, td_error and split of ``rows`` (on the critic's inputs, ``CHUNK`` rows at a time)."""
     import pyarrow as pa
 
-    transitions = data.transitions(rows)
-    v = map_chunks(critic.v_value, transitions.s, device=device_of(critic))
-    q = map_chunks(critic.q_value, transitions.sa, device=device_of(critic))
+    parts = []
+    for chunk in np.array_split(rows, max(1, -(-len(rows) // CHUNK))):
+        transitions = data.transitions(chunk, inputs=critic.config.inputs)
+        v = map_chunks(critic.v_value, transitions.s, device=device_of(critic))
+        q = map_chunks(critic.q_value, transitions.sa, device=device_of(critic))
+        parts.append((v, q, q_targets(critic, transitions) - q))
+    v, q, td_error = (torch.cat(column).double().numpy() for column in zip(*parts))
     return pa.table({
         "traj_id": pa.array(data.traj_id[rows].tolist(), pa.string()), "step_id": pa.array(data.step_id[rows], pa.int64()),
-        "v": v.double().numpy(), "q": q.double().numpy(), "advantage": (q - v).double().numpy(),
-        "td_error": (q_targets(critic, transitions) - q).double().numpy(), "split": pa.array(split[rows].tolist(), pa.string()),
+        "v": v, "q": q, "advantage": q - v, "td_error": td_error, "split": pa.array(split[rows].tolist(), pa.string()),
     })
 
 
 def candidate_scores(critic: DoubleCritic, data: TrainingData) -> pa.Table:
-    """traj_id, step_id, cand_idx, action and q of every candidate the store serves."""
+    """traj_id, step_id, cand_idx, action and q of every candidate the store serves (Q on the critic's inputs x_Q)."""
     import pyarrow as pa
 
     f = data.frame
-    q = map_chunks(critic.q_value, torch.from_numpy(f.candidates), device=device_of(critic)).double().numpy()
+    q = np.concatenate([map_chunks(critic.q_value, data.transitions(chunk, inputs=critic.config.inputs).cand_sa, device=device_of(critic)).double().numpy()
+                        for chunk in np.array_split(np.arange(len(data)), max(1, -(-len(data) // CHUNK)))])
     row, idx = np.nonzero(f.candidate_mask)
     return pa.table({
         "traj_id": pa.array(data.traj_id[row].tolist(), pa.string()), "step_id": pa.array(data.step_id[row], pa.int64()),
@@ -172,15 +215,22 @@ def candidate_scores(critic: DoubleCritic, data: TrainingData) -> pa.Table:
 
 
 def critic_metrics(critic: DoubleCritic, variant: str, data: TrainingData, is_val: np.ndarray,
-                   history: list[dict[str, float]], diagnostics: dict[str, dict[str, float]],
-                   timings: dict[str, float]) -> dict[str, Any]:
-    """metrics/critic.json: headline diagnostics (held-out when there is a validation split), losses, counts."""
-    last = history[-1]
+                   history: list[dict[str, float]], diagnostics: dict[str, Any], timings: dict[str, float],
+                   grid: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics/critic.json: headline diagnostics (held-out when there is a validation split), the kept update and
+    learning rate (``selection``, ``lr_grid``), losses at the kept update, counts."""
+    config = critic.config
+    kept = next(point for point in history if int(point["step"]) == config.selected_step)
     headline = diagnostics.get("val", diagnostics["train"])
     metrics = {
         "variant": variant,
-        "target": critic.config.target,
-        "updates": critic.config.updates,
+        "target": config.target,
+        "inputs": config.inputs.model_dump(),
+        "updates": config.updates,
+        "selection": {"select": config.select, "step": config.selected_step, "val_loss": config.selected_val_loss,
+                      "lr": config.lr, "step_criterion": "held-out TD loss, Q + V, against the run's own targets",
+                      "lr_criterion": "held-out return error, mean (Q(s, a) − G)² + mean (V(s) − G)²"},
+        "lr_grid": grid,
         "rows": {"total": len(data), "train": int((~is_val & ~data.truncated).sum()), "val": int((is_val & ~data.truncated).sum()),
                  "truncated": int(data.truncated.sum()), "terminal": int(data.frame.done.sum())},
         "trajectories": {"total": len(np.unique(data.traj_id)), "val": len(np.unique(data.traj_id[is_val])),
@@ -188,12 +238,13 @@ def critic_metrics(critic: DoubleCritic, variant: str, data: TrainingData, is_va
         "candidates": {"k_max": int(data.frame.candidate_mask.shape[1]), "distinct_per_state": float(data.distinct.sum(1).mean())},
         "action_sensitivity": headline.get("action_sensitivity"),
         "ranking_quality": headline.get("ranking_quality"),
+        "argmax_is_behavior_mode_frac": headline.get("argmax_is_behavior_mode_frac"),
         "v_return_corr": headline.get("v_return_corr"),
+        "return_mse": headline.get("return_mse"),
         "diagnostics_on": "val" if "val" in diagnostics else "train",
-        "train": {name: last[name] for name in ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "cql_gap") if name in last},
-        "val": {name.removeprefix("val_"): last[name] for name in ("val_q_loss", "val_v_loss") if name in last},
+        "train": {name: kept[name] for name in ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "cql_gap") if name in kept},
+        "val": {name.removeprefix("val_"): kept[name] for name in ("val_q_loss", "val_v_loss") if name in kept},
         "diagnostics": diagnostics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     return finite_or_none(metrics)
-

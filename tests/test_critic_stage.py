@@ -27,7 +27,7 @@ from digiq.training_data import read_training_data, split_trajectories, trajecto
 from digiq.viewer.tables import load_candidate_scores, load_step_scores
 
 N_STATES, K, DIM = 60, 8, 16
-PARAMS = {"seed": 2, "critic": {**SMALL_CRITIC, "updates": 60}}
+PARAMS = {"seed": 2, "critic": {**SMALL_CRITIC, "updates": 60, "inputs": {"q": ["vlm"], "v": ["vlm"]}}}
 
 
 def run_critic(project: Path, name: str, *extra: str):
