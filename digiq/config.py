@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from digiq.channels import Inputs
+from digiq.channels import ChannelsParams, Inputs
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
@@ -306,6 +306,7 @@ class Params(Section):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     candidates: CandidatesParams = Field(default_factory=CandidatesParams)
     embed: EmbedParams = Field(default_factory=EmbedParams)
+    channels: ChannelsParams = Field(default_factory=ChannelsParams)
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     critic: CriticParams = Field(default_factory=CriticParams)
     actor: ActorParams = Field(default_factory=ActorParams)

@@ -37,6 +37,7 @@ STATES_FILE = "states.parquet"
 CANDIDATES_FILE = "candidates.parquet"
 MANIFEST_FILE = "embedding.json"  # the embed run's settings and vector sizes (dim_state, dim_candidate)
 DERIVED = ("transitions", "labels", "candidate_blocks")  # written by the features stage, one Parquet file each
+CHANNEL_SOURCES = {"channel_states": STATES_FILE, "channel_candidates": CANDIDATES_FILE}  # `digiq channels`' folder
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -111,11 +112,28 @@ LABELS_SCHEMA = pa.schema([
 ])
 
 
+def channel_states_schema(d_image: int = 1, d_goal: int = 1, d_prev: int = 1) -> pa.Schema:
+    """data/channels/states.parquet: the critic's state channels per dataset step (:mod:`digiq.channels`), with the
+    previous action's (type, text) strings they encode."""
+    return pa.schema([("state_key", pa.string()), ("traj_id", pa.string()), ("step_id", pa.int32()),
+                      ("event_timestamp", TIMESTAMP), ("image", pa.list_(pa.float32(), d_image)),
+                      ("goal", pa.list_(pa.float32(), d_goal)), ("prev_action", pa.list_(pa.float32(), d_prev)),
+                      ("prev_type", pa.string()), ("prev_text", pa.string())])
+
+
+def channel_candidates_schema(d_action: int = 1) -> pa.Schema:
+    """data/channels/candidates.parquet: the action channel e(type) ⊕ e(text) per candidate, with its strings."""
+    return pa.schema([("cand_key", pa.string()), ("state_key", pa.string()), ("cand_idx", pa.int32()),
+                      ("event_timestamp", TIMESTAMP), ("action", pa.list_(pa.float32(), d_action)),
+                      ("action_type", pa.string()), ("action_text", pa.string())])
+
+
 def source_schemas(dim_state: int = 1, dim_candidate: int = 1) -> dict[str, pa.Schema]:
     """The schema of each Feast source, by the name :func:`source_paths` gives its file (the vector sizes matter only
     to writers: readers check the column types)."""
     return {"states": states_schema(dim_state), "candidates": candidates_schema(dim_candidate),
-            "transitions": TRANSITIONS_SCHEMA, "labels": LABELS_SCHEMA, "candidate_blocks": CANDIDATE_BLOCKS_SCHEMA}
+            "transitions": TRANSITIONS_SCHEMA, "labels": LABELS_SCHEMA, "candidate_blocks": CANDIDATE_BLOCKS_SCHEMA,
+            "channel_states": channel_states_schema(), "channel_candidates": channel_candidates_schema()}
 
 
 # ----------------------------------------------------------------------------- feature views
@@ -145,8 +163,19 @@ VIEWS = (
          True, "(r, done, s') of the dataset step; next_state_key is null when no next step is stored"),
     View("eps_label", "state_key", "labels", ("label", "mse", "epsilon", "action_kind"), True,
          "ε-label of the dataset action: Yes when the downscaled pixel MSE exceeds ε (terminal steps have none)"),
+    # the critic's extra input channels (digiq/channels.py), served when `digiq channels` wrote its folder
+    View("image_channel", "state_key", "channel_states", ("image",), True,
+         "v(s) ⊕ v(s_prev): the frozen vision tower's pooled feature of the screenshot and of the previous one (zeros at step 0)"),
+    View("goal_channel", "state_key", "channel_states", ("goal",), True,
+         "e(goal): the frozen sentence encoder's (all-MiniLM-L6-v2) embedding of the instruction"),
+    View("prev_action_channel", "state_key", "channel_states", ("prev_action", "prev_type", "prev_text"), True,
+         "e(type) ⊕ e(text) of the previous step's action (empty strings at step 0), and those strings"),
+    View("action_channel", "cand_key", "channel_candidates", ("action", "action_type", "action_text"), False,
+         "e(type) ⊕ e(text) of each candidate action: its kind in words, and its typed text or the tapped control's name"),
 )
 VIEW = {view.name: view for view in VIEWS}
+CHANNEL_VIEWS = {"image": "image_channel", "goal": "goal_channel", "prev_action": "prev_action_channel",
+                 "action": "action_channel"}  # channel name → the view serving it (the feature has the channel's name)
 
 
 def refs(*views: str) -> list[str]:
@@ -167,13 +196,23 @@ def runtime_dir(repo: str | Path, variant: str) -> Path:
     return Path(repo) / "data" / check_variant(variant)
 
 
-def source_paths(embeddings: str | Path, derived: str | Path, variant: str) -> dict[str, str]:
-    """Absolute Parquet paths of the five sources of ``variant`` (DuckDB resolves relative paths against the working
-    directory, so Feast only ever sees absolute ones): the embed stage's two tables, the features stage's three."""
+def source_paths(embeddings: str | Path, derived: str | Path, variant: str,
+                 channels: str | Path | None = None) -> dict[str, str]:
+    """Absolute Parquet paths of the sources of ``variant`` (DuckDB resolves relative paths against the working
+    directory, so Feast only ever sees absolute ones): the embed stage's two tables, the features stage's three, and
+    with ``channels`` (the channels stage's folder, shared by every variant) its two."""
     tables = Path(embeddings).resolve() / check_variant(variant)
     folder = Path(derived).resolve() / variant
-    return {"states": str(tables / STATES_FILE), "candidates": str(tables / CANDIDATES_FILE),
-            **{name: str(folder / f"{name}.parquet") for name in DERIVED}}
+    paths = {"states": str(tables / STATES_FILE), "candidates": str(tables / CANDIDATES_FILE),
+             **{name: str(folder / f"{name}.parquet") for name in DERIVED}}
+    if channels is not None:
+        paths.update({name: str(Path(channels).resolve() / file) for name, file in CHANNEL_SOURCES.items()})
+    return paths
+
+
+def served_views(paths: dict[str, str]) -> tuple[View, ...]:
+    """The views whose source is among ``paths`` (the channel views only when the channel sources are given)."""
+    return tuple(view for view in VIEWS if view.source in paths)
 
 
 # ----------------------------------------------------------------------------- candidate de-duplication

@@ -43,6 +43,7 @@ class FeatureInputs:
     dataset: Path
     derived: Path
     online_store: dict[str, Any] | None = None  # None / type sqlite: the variant's own SQLite file
+    channels: Path | None = None  # `digiq channels`' folder: its views are served when given
 
     @classmethod
     def from_params(cls, params: Params) -> FeatureInputs:
@@ -51,12 +52,25 @@ class FeatureInputs:
         return cls(repo=Path(f.repo).resolve(), variant=f.variant, states=Path(paths["states"]),
                    candidates=Path(paths["candidates"]), candidate_table=Path(params.candidates.out).resolve(),
                    labels=Path(params.label.out).resolve(), dataset=Path(params.collect.out).resolve(),
-                   derived=Path(f.derived).resolve() / f.variant, online_store=f.online_store)
+                   derived=Path(f.derived).resolve() / f.variant, online_store=f.online_store,
+                   channels=channels_folder(params))
 
     def source_paths(self) -> dict[str, str]:
-        """The five Feast sources, by name."""
-        return {"states": str(self.states), "candidates": str(self.candidates),
-                **{name: str(self.derived / f"{name}.parquet") for name in fc.DERIVED}}
+        """The Feast sources, by name (the channel sources when the channels folder is given)."""
+        paths = {"states": str(self.states), "candidates": str(self.candidates),
+                 **{name: str(self.derived / f"{name}.parquet") for name in fc.DERIVED}}
+        if self.channels is not None:
+            paths.update({name: str(self.channels / file) for name, file in fc.CHANNEL_SOURCES.items()})
+        return paths
+
+
+def channels_folder(params: Params) -> Path | None:
+    """``channels.out`` (absolute) when `digiq channels` wrote its tables there, else None (no channel views)."""
+    section = getattr(params, "channels", None)
+    folder = Path(section.out).resolve() if section is not None else None
+    if folder is None or not any((folder / file).is_file() for file in fc.CHANNEL_SOURCES.values()):
+        return None
+    return folder
 
 
 # ----------------------------------------------------------------------------- column checks
@@ -290,8 +304,32 @@ def check_and_derive(inputs: FeatureInputs) -> tuple[dict[str, int], dict[str, p
     transitions = derive_transitions(Dataset(inputs.dataset).table(), inputs.candidates)
     labels = derive_labels(inputs.labels)
     check_coverage(transitions, labels, inputs)
+    if inputs.channels is not None:
+        dims.update(check_channels(inputs, transitions))
     return dims, {"transitions": transitions, "labels": labels,
                   "candidate_blocks": derive_candidate_blocks(inputs.candidates, inputs.candidate_table)}
+
+
+def check_channels(inputs: FeatureInputs, transitions: pa.Table) -> dict[str, int]:
+    """The channels stage's tables: their columns, and a row for every dataset step and every embedded candidate
+    (they were made from the same dataset and candidate table); the channel sizes."""
+    assert inputs.channels is not None
+    states, candidates = (inputs.channels / fc.CHANNEL_SOURCES[name] for name in fc.CHANNEL_SOURCES)
+    state_schema = check_table(states, fc.channel_states_schema(), rerun="digiq channels")
+    cand_schema = check_table(candidates, fc.channel_candidates_schema(), rerun="digiq channels")
+    with duckdb_connection() as con:
+        con.register("transitions", transitions.select(["state_key"]))
+        for path, key, sql in (
+            (states, "state_key", f"SELECT count(*), min(t.state_key) FROM transitions t ANTI JOIN read_parquet('{states}') c USING (state_key)"),
+            (candidates, "cand_key", f"SELECT count(*), min(e.cand_key) FROM read_parquet('{inputs.candidates}') e "
+                                     f"ANTI JOIN read_parquet('{candidates}') c USING (cand_key)"),
+        ):
+            missing, first = con.execute(sql).fetchone()
+            if missing:
+                raise DigiqError(f"no channels for {key} {first!r} ({missing} missing; re-run `digiq channels` on this "
+                                 "dataset and candidate table)", file=path, field=key)
+    return {f"dim_{name}": vector_dim(schema, name) for schema, names in ((state_schema, ("image", "goal", "prev_action")),
+                                                                          (cand_schema, ("action",))) for name in names}
 
 
 # ----------------------------------------------------------------------------- what was served
@@ -311,8 +349,13 @@ def summary(inputs: FeatureInputs, dims: dict[str, int], derived: dict[str, pa.T
         models = con.execute(f"SELECT DISTINCT model_hash, layer FROM read_parquet('{inputs.states}') ORDER BY ALL").fetchall()
         rows = {"state_embedding": _count_keys(con, inputs.states, "state_key"),
                 "candidate_embedding": _count_keys(con, inputs.candidates, "cand_key")}
+        if inputs.channels is not None:
+            paths = inputs.source_paths()
+            rows |= {view.name: _count_keys(con, Path(paths[view.source]), view.key)
+                     for view in fc.VIEWS if view.source in fc.CHANNEL_SOURCES}
     return {
         "variant": inputs.variant,
+        "channels": str(inputs.channels) if inputs.channels is not None else None,
         **dims,
         "rows": {**rows, "candidate_block": derived["candidate_blocks"].num_rows, "transition": transitions.num_rows,
                  "eps_label": derived["labels"].num_rows},

@@ -69,7 +69,7 @@ def build_store(inputs: FeatureInputs, paths: dict[str, str], *, progress: bool)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=state_dir))
     try:
         store, objects, timings = client.apply_definitions(inputs.repo, paths, build, inputs.online_store)
-        online = [view.name for view in fc.VIEWS if objects[view.name].online]  # candidate_embedding is offline only
+        online = [view.name for view in fc.served_views(paths) if objects[view.name].online]  # candidate_embedding is offline only
         timings.update(_materialize_views(store, online, timestamp_range(list(paths.values())), progress=progress))
         for name in ("online_store.db", "registry.db") if client.is_sqlite(inputs.online_store) else ("registry.db",):
             os.replace(build / name, state_dir / name)

@@ -42,6 +42,7 @@ REPO_MODULE = "digiq_feature_repo.py"
 STORE_CONFIG = "feature_store.yaml"
 STATE_REFS = fc.refs("state_embedding", "transition", "eps_label")
 CANDIDATE_REFS = fc.refs("candidate_block")
+STATE_CHANNELS = ("image", "goal", "prev_action")  # served on state_key; "action" on cand_key
 
 
 # ----------------------------------------------------------------------------- the Feast repository
@@ -148,6 +149,8 @@ def offline_store(repo: str | Path, paths: dict[str, str]) -> Iterator[FeatureSt
     folder: what it serves is exactly those files."""
     check_repo(repo)
     for name, path in paths.items():
+        if name in fc.CHANNEL_SOURCES and not Path(path).is_file():
+            raise DigiqError(f"missing channel source {name!r} (run `digiq channels` first)", file=path, field="channels.out")
         if not Path(path).is_file():
             raise DigiqError(f"missing feature source {name!r} (run `digiq features materialize` first)", file=path,
                              field="features.derived" if name in fc.DERIVED else "features.embeddings")
@@ -232,6 +235,8 @@ class TrainingFrame:
     candidate_draws: np.ndarray    # [N, K] int64  π_β draws a candidate stands for; 0 on a repeat and where masked
     label: np.ndarray              # [N] object  ε-label "Yes"/"No" (None where unlabelled, e.g. terminal steps)
     timings: dict[str, float] = field(default_factory=dict)
+    channels: dict[str, np.ndarray] = field(default_factory=dict)       # image, goal, prev_action [N, d]; action [N, K, d] (zeros where masked); empty without channel views
+    next_channels: dict[str, np.ndarray] = field(default_factory=dict)  # image, goal, prev_action of s' [N, d]; zeros where has_next is False
 
     def __len__(self) -> int:
         return len(self.state_key)
@@ -256,9 +261,30 @@ def _entity_frame(store: FeatureStore, entity_df: pd.DataFrame | None, as_of: da
     return frame
 
 
+def registered_views(store: FeatureStore) -> tuple[fc.View, ...]:
+    """The contract's views the store registered (the channel views only where their sources were given)."""
+    names = {view.name for view in store.list_feature_views()}
+    return tuple(view for view in fc.VIEWS if view.name in names)
+
+
+def has_channels(store: FeatureStore) -> bool:
+    """Whether the store serves the critic's channel views (`digiq channels` ran and was materialized)."""
+    return any(view.source in fc.CHANNEL_SOURCES for view in registered_views(store))
+
+
+def online_channels(store: FeatureStore, traj_id: str, step_id: int) -> dict[str, np.ndarray]:
+    """A dataset step's state channels from the online store (image, goal, prev_action; float32 vectors)."""
+    key = fc.state_key(traj_id, step_id)
+    found = _online(store, [f"{fc.CHANNEL_VIEWS[name]}:{name}" for name in STATE_CHANNELS], {"state_key": [key]})
+    if any(found[name][0] is None for name in STATE_CHANNELS):
+        raise DigiqError(f"no channels online for state {key!r} (not in the dataset, or `digiq channels` not materialized)",
+                         field="state_key")
+    return {name: np.array(found[name][0].float_list_val.val, dtype=np.float32) for name in STATE_CHANNELS}
+
+
 def check_offline_sources(store: FeatureStore) -> None:
     """The Parquet sources the registry points at still exist (moved or deleted since `digiq features materialize`?)."""
-    for view in fc.VIEWS:
+    for view in registered_views(store):
         source = Path(store.get_feature_view(view.name).batch_source.path)
         if not source.is_file():
             raise DigiqError("source file is missing (moved or deleted since `digiq features materialize`? run it again)",
@@ -311,10 +337,11 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     timings: dict[str, float] = {}
     t = time.perf_counter()
     check_offline_sources(store)
-    source = {view.name: store.get_feature_view(view.name).batch_source.path for view in fc.VIEWS}
+    source = {view.name: store.get_feature_view(view.name).batch_source.path for view in registered_views(store)}
+    channel_refs = [f"{fc.CHANNEL_VIEWS[name]}:{name}" for name in STATE_CHANNELS] if "image_channel" in source else []
     entities = _entity_frame(store, entity_df, as_of)
     keys = entities["state_key"].to_numpy()
-    states = _historical(store, entities, STATE_REFS + ["candidate_block:draws"])
+    states = _historical(store, entities, STATE_REFS + ["candidate_block:draws"] + channel_refs)
     timings["state_features_s"] = time.perf_counter() - t
     state, valid = _matrix(states["state_embedding__embedding"])
     _require(valid, keys, "state embedding", source["state_embedding"], "state_key")
@@ -325,15 +352,22 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
     next_keys = states["transition__next_state_key"].to_numpy(zero_copy_only=False)
     has_next = np.array([k is not None for k in next_keys], dtype=bool)
     next_state = np.zeros_like(state)
+    channels = _channel_matrices(states, keys, channel_refs, source)
+    next_channels = {name: np.zeros_like(matrix) for name, matrix in channels.items()}
     if has_next.any():
         nxt = entities[has_next].assign(state_key=next_keys[has_next])
-        found, valid = _matrix(_historical(store, nxt, ["state_embedding:embedding"])["state_embedding__embedding"], state.shape[1])
+        table = _historical(store, nxt, ["state_embedding:embedding"] + channel_refs)
+        found, valid = _matrix(table["state_embedding__embedding"], state.shape[1])
         _require(valid, next_keys[has_next], "next-state embedding", source["state_embedding"], "state_key")
         next_state[has_next] = found
+        for name, matrix in _channel_matrices(table, next_keys[has_next], channel_refs, source).items():
+            next_channels[name][has_next] = matrix
     timings["next_state_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     candidates, mask, actions = _candidate_block(store, entities, n_cands)
+    if channel_refs:
+        channels["action"] = _action_channel(store, entities, mask)
     timings["candidates_s"] = time.perf_counter() - t
     return TrainingFrame(
         state_key=keys, state=state, action=candidates[:, 0].copy(), next_state=next_state, has_next=has_next,
@@ -343,7 +377,34 @@ def training_frame(store: FeatureStore, entity_df: pd.DataFrame | None = None, *
         candidates=candidates, candidate_mask=mask, candidate_actions=actions,
         candidate_draws=_padded(states["candidate_block__draws"], mask.shape[1]) * mask,
         label=np.asarray(states["eps_label__label"].to_pylist(), dtype=object), timings=timings,
+        channels=channels, next_channels=next_channels,
     )
+
+
+def _channel_matrices(table: pa.Table, keys: np.ndarray, refs: list[str], source: dict[str, str]) -> dict[str, np.ndarray]:
+    """The state channels of a historical-features table as float32 [N, d] by channel name (every row must have them)."""
+    out = {}
+    for ref in refs:
+        view, name = ref.split(":")
+        out[name], valid = _matrix(table[f"{view}__{name}"])
+        _require(valid, keys, f"{name} channel (re-run `digiq channels`)", source[view], "state_key")
+    return out
+
+
+def _action_channel(store: FeatureStore, entities: pd.DataFrame, mask: np.ndarray) -> np.ndarray:
+    """The action channel of every valid candidate, [N, K, d] (zeros where masked), in one historical call."""
+    import pandas as pd
+
+    rows, idx = np.nonzero(mask)
+    keys = entities["state_key"].to_numpy()[rows]
+    cand = pd.DataFrame({"cand_key": [fc.cand_key(k, i) for k, i in zip(keys, idx)],
+                         "event_timestamp": entities["event_timestamp"].to_numpy()[rows], "row_id": np.arange(len(rows))})
+    flat, valid = _matrix(_historical(store, cand, ["action_channel:action"])["action_channel__action"])
+    _require(valid, cand["cand_key"].to_numpy(), "action channel (re-run `digiq channels`)",
+             store.get_feature_view("action_channel").batch_source.path, "cand_key")
+    out = np.zeros((*mask.shape, flat.shape[1]), dtype=np.float32)
+    out[rows, idx] = flat
+    return out
 
 
 def _candidate_block(store: FeatureStore, entities: pd.DataFrame, n_cands: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

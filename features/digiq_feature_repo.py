@@ -1,4 +1,4 @@
-"""digiq's Feast definitions: two entities, five feature views, two feature services, all from the feature contract.
+"""digiq's Feast definitions: two entities, five feature views (nine with the critic's channels), two feature services (three), all from the feature contract.
 
     entity     join key   keyed rows
     state      state_key  f"{traj_id}/{step_id}"             one per dataset step
@@ -10,6 +10,13 @@
     candidate_block      state      data/features/<variant>/candidate_blocks       embeddings [K·d], actions, semantic_keys, draws [K]
     transition           state      data/features/<variant>/transitions            next_state_key, reward, done, mc_return, action, n_candidates
     eps_label            state      data/features/<variant>/labels                 label (Yes/No), mse, epsilon, action_kind
+    image_channel        state      data/channels/states.parquet                   image v(s) ⊕ v(s_prev)
+    goal_channel         state      data/channels/states.parquet                   goal e(goal)
+    prev_action_channel  state      data/channels/states.parquet                   prev_action e(type) ⊕ e(text), prev_type, prev_text
+    action_channel       candidate  data/channels/candidates.parquet               action e(type) ⊕ e(text), action_type, action_text (offline only)
+
+The four channel views (the official critic's extra inputs, ``digiq/channels.py``) are declared when their sources
+are among the paths (``digiq channels`` wrote them, shared by every variant).
 
 Views, their columns and types are declared once, in ``digiq/feature_contract.py`` (``VIEWS``, ``source_schemas``);
 this module translates them into Feast objects. ``candidate_block`` holds the same vectors as
@@ -47,12 +54,14 @@ ENTITIES = {"state_key": ("state", "a dataset step's screen: f'{traj_id}/{step_i
 
 
 def source_paths(variant: str, repo: Path = REPO) -> dict[str, str]:
-    """Absolute Parquet paths of the five sources of ``variant``: as last materialized, else the default layout."""
+    """Absolute Parquet paths of the sources of ``variant``: as last materialized, else the default layout."""
     manifest = fc.runtime_dir(repo, variant) / "sources.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())
     data = Path(os.environ.get("DIGIQ_DATA") or repo.parent / "data")
-    return fc.source_paths(data / "embeddings", data / "features", variant)
+    channels = data / "channels"
+    return fc.source_paths(data / "embeddings", data / "features", variant,
+                           channels if (channels / fc.STATES_FILE).is_file() else None)
 
 
 def feast_type(dtype: pa.DataType) -> object:
@@ -75,7 +84,7 @@ def build(paths: dict[str, str]) -> dict[str, object]:
             schema=[Field(name=column, dtype=feast_type(schemas[view.source].field(column).type))
                     for column in (view.key, *view.features)],
         )
-        for view in fc.VIEWS
+        for view in fc.served_views(paths)
     }
     services = {
         "state_features": FeatureService(name="state_features", description="everything keyed by state_key",
@@ -83,6 +92,10 @@ def build(paths: dict[str, str]) -> dict[str, object]:
         "candidate_features": FeatureService(name="candidate_features", description="everything keyed by cand_key (offline)",
                                              features=[views["candidate_embedding"]]),
     }
+    channel_views = [views[name] for name in fc.CHANNEL_VIEWS.values() if name in views and views[name].online]
+    if channel_views:
+        services["channel_features"] = FeatureService(name="channel_features", description="the critic's state channels (online)",
+                                                      features=channel_views)
     return {entity.name: entity for entity in entities.values()} | views | services
 
 
@@ -97,3 +110,4 @@ transition = _objects["transition"]
 eps_label = _objects["eps_label"]
 state_features = _objects["state_features"]
 candidate_features = _objects["candidate_features"]
+globals().update({name: _objects[name] for name in (*fc.CHANNEL_VIEWS.values(), "channel_features") if name in _objects})
