@@ -1,6 +1,6 @@
 """`digiq report`: gather the stage outputs and write reports/report.md + a self-contained reports/report.html.
 
-Inputs (paths from the ``report:`` params): metrics/eval.json (required), metrics/label.json,
+Inputs (paths from the ``report:`` params): metrics/eval.json (required; a table per evaluation protocol), metrics/label.json,
 metrics/critic.json, every GX ``result.json`` under the checks folder, ``dvc exp show`` (ablations),
 dvc.lock (data hashes; without it the configured paths are hashed here) and params.yaml.
 Any missing optional input becomes a note in the report.
@@ -102,7 +102,7 @@ def build(params: R.ReportParams, params_path: str | Path = "params.yaml") -> li
     exps, why = experiments() if params.experiments else (None, "disabled (report.experiments: false)")
     blocks += R.ablation_section(exps, why)
     blocks += R.label_section(read_json(params.label), params.label)
-    blocks += R.critic_section(read_json(params.critic), params.critic, ev["methods"])
+    blocks += R.critic_section(read_json(params.critic), params.critic, R.live_choosers(ev))
     blocks += R.checks_section(check_results(params.checks), params.checks)
     hashes = lock_hashes(params.lock)
     source = f"from {params.lock}" if hashes is not None else f"{params.lock} absent; sha256 computed now"

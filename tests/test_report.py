@@ -26,14 +26,32 @@ def _summary(wins: int, n: int, steps: float) -> dict:
     return {"episodes": n, "successes": wins, "success": wins / n, "ci95": [round(low, 4), round(high, 4)], "mean_steps": steps}
 
 
+SAMPLE = {"digiq": (45, 30), "bc": (40, 12), "behavior": (30, 5), "random": (20, 1)}
+GREEDY = {"digiq": (44, 26), "bc": (46, 20), "critic-greedy": (25, 3), "behavior-mode": (47, 23)}
+PAIRED = {"sample": {"bc": (1, 9), "behavior": (20, 3), "random": (30, 0)},  # (b, c) of digiq against each
+          "greedy": {"bc": (5, 9), "critic-greedy": (40, 1), "behavior-mode": (2, 2)}}
+
+
+def _paired(b: int, c: int, n: int = 100) -> dict:
+    from digiq.evaluate import mcnemar_p
+
+    pooled = {"n": n, "b": b, "c": c, "p": mcnemar_p(b, c), "difference": (b - c) / n}
+    return {**pooled, "per_task": {"click-button": {**pooled, "n": 50, "difference": (b - c) / 50}, "login-user": {
+        "n": 50, "b": 0, "c": 0, "p": 1.0, "difference": 0.0}}}
+
+
 def _eval() -> dict:
     tasks = ["click-button", "login-user"]
-    methods = {}
-    scores = {"digiq": (45, 30), "bc": (40, 12), "critic-greedy": (25, 3), "behavior": (30, 5), "random": (20, 1)}
-    for name, (a, b) in scores.items():
-        per_task = {"click-button": _summary(a, 50, 2.0), "login-user": _summary(b, 50, 6.5)}
-        methods[name] = {**_summary(a + b, 100, 4.25), "per_task": per_task}
-    return {"methods": methods, "tasks": tasks, "episodes_per_task": 50, "seed": 1000, "k": 16}
+    tables = {}
+    for protocol, scores in (("sample", SAMPLE), ("greedy", GREEDY)):
+        methods = {}
+        for name, (a, b) in scores.items():
+            per_task = {"click-button": _summary(a, 50, 2.0), "login-user": _summary(b, 50, 6.5)}
+            methods[name] = {**_summary(a + b, 100, 4.25), "per_task": per_task}
+        tables[protocol] = {"episodes_per_task": 50, "methods": methods,
+                            "paired": {"reference": "digiq", "against": {m: _paired(*bc) for m, bc in PAIRED[protocol].items()}},
+                            **({"bar": "behavior-mode"} if protocol == "greedy" else {})}
+    return {"protocols": tables, "tasks": tasks, "seed": 1000, "k": 64}
 
 
 def _write(root: Path, with_optional: bool) -> ReportParams:
@@ -108,29 +126,59 @@ def test_report_with_every_input(tmp_path):
         # digiq: 75 of 100; Wilson by hand: c = (0.75 + 0.019207)/1.038415 = 0.74077, h = 0.08380 → [65.7, 82.5]
         assert "75.0 %" in text and "[65.7, 82.5]" in text
         assert "60.0 %" in text and "24.0 %" in text  # per task: login-user digiq 30/50, bc 12/50
+        assert "Protocol: sampled" in text and "Protocol: greedy" in text
+        assert "behavior-mode (the bar)" in text and "is the greedy bar" in text
+        # digiq vs bc, sampled: b = 1, c = 9 → p = 2 · 11 / 1024 = 0.021; difference −8 points
+        assert "0.021" in text and "−8.0 pts".replace("−", "-") in text
         assert "71.2" in text and "58" in text and "different benchmark" in text  # paper numbers, marked
         assert "41.5 %" in text  # label balance
         assert "0.6789" in text and "0.0123" in text  # critic diagnostics
-        critic = text[text.index("Critic diagnostics"):]  # the critic alone (28 of 100) against π_β's sample (35 of 100)
+        critic = text[text.index("Critic diagnostics"):]  # the critic alone (28 of 100, greedy) against π_β's sample (35 of 100)
         assert "below π_β" in critic and "28.0 %" in critic and "35.0 %" in critic
         assert "FAILED" in text and "Yes fraction in band" in text  # the failed data check
         assert "sha256:" in text and "gamma: 0.95" in text  # hashes computed (no dvc.lock) and params
         assert "No ablation results" in text
         assert "arXiv:2502.15760" in text and "DESIGN" not in text  # the paper is cited, no file readers lack
-    assert md.count("](data:image/svg+xml;base64,") == 2  # the main bars and the per-task grid
+    assert md.count("](data:image/svg+xml;base64,") == 4  # per protocol: the main bars and the per-task grid
     _no_external_urls(page)
-    assert page.count("<figure>\n<svg ") == page.count("<svg") == 2  # the charts, inline
+    assert page.count("<figure>\n<svg ") == page.count("<svg") == 4  # the charts, inline
 
 
 def test_main_table_numbers_are_the_metrics(tmp_path):
     params = _write(tmp_path, with_optional=True)
     _, html_path = stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
-    header, *rows = _Tables(html_path.read_text()).tables[0]
-    assert header[:4] == ["method", "success", "95 % CI", "episodes"]
-    methods = _eval()["methods"]
-    shown = {row[0]: row[1:4] for row in rows if row[0] in methods}
-    assert shown == {name: [f"{100 * m['success']:.1f} %", f"[{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
-                            str(m["episodes"])] for name, m in methods.items()}
+    tables = _Tables(html_path.read_text()).tables
+    main = {"sample": tables[0], "greedy": next(t for t in tables[1:] if t[0][0] == "method")}
+    for protocol, (header, *rows) in main.items():
+        assert header[:6] == ["method", "success", "95 % CI", "episodes", "mean steps", "p (paired)"]
+        result = _eval()["protocols"][protocol]
+        methods, against = result["methods"], result["paired"]["against"]
+        shown = {row[0].removesuffix(" (the bar)"): row[1:4] + row[5:6] for row in rows if row[0] != "–"}
+        assert shown == {name: [f"{100 * m['success']:.1f} %", f"[{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
+                                str(m["episodes"]), f"{against[name]['p']:.2g}" if name in against else "–"]
+                         for name, m in methods.items()}
+    # the paired table of the sample protocol: one row per other method, b and c as given
+    paired = next(t for t in tables if t[0][0] == "comparison")
+    assert [row[:4] for row in paired[1:]] == [[f"digiq vs {m}", "100", str(b), str(c)] for m, (b, c) in PAIRED["sample"].items()]
+
+
+def test_per_task_paired_differences_are_shown(tmp_path):
+    from digiq.report import per_task_section
+
+    text = render_markdown("t", per_task_section(_eval()))
+    assert "Per task, sample protocol" in text and "Per task, greedy protocol" in text
+    # greedy digiq vs critic-greedy on click-button: b − c = 40 − 1 of 50 pairs, p = 2 · P(X ≤ 1 | 41, ½)
+    from digiq.evaluate import mcnemar_p
+
+    assert f"+39 of 50 ({mcnemar_p(40, 1):.2g})" in text
+
+
+def test_critic_greedy_per_task_against_the_greedy_bar():
+    from digiq.report import critic_live_check, live_choosers
+
+    text = render_markdown("t", critic_live_check(live_choosers(_eval())))
+    # click-button: critic-greedy 25 of 50, behavior-mode 47 of 50 → −22 of 50; login-user 3 vs 23 → −20
+    assert "| click-button | 94.0 % | 50.0 % | -22 of 50 |" in text and "| login-user | 46.0 % | 6.0 % | -20 of 50 |" in text
 
 
 def test_same_input_gives_byte_identical_reports(tmp_path):
@@ -204,7 +252,7 @@ def test_missing_or_bad_eval_is_one_error_and_writes_nothing(tmp_path):
     Path(params.eval).unlink()
     with pytest.raises(DigiqError, match="eval.json: missing"):
         stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
-    Path(params.eval).write_text(json.dumps({"methods": {"digiq": {"ci95": [0, 1]}}}))
+    Path(params.eval).write_text(json.dumps({"protocols": {"sample": {"methods": {"digiq": {"ci95": [0, 1]}}}}}))
     with pytest.raises(DigiqError, match="eval.json: unexpected layout"):
         stage.run(Params(report=params), params_path=tmp_path / "params.yaml")
     assert not Path(params.out_md).exists() and not Path(params.out_html).exists()
@@ -212,11 +260,12 @@ def test_missing_or_bad_eval_is_one_error_and_writes_nothing(tmp_path):
 
 def test_ablation_table_from_exp_show_rows():
     rows = [{"Experiment": f"n{n}", "rev": f"r{n}", "actor.n": float(n), "critic.target": "td",
-             "methods.digiq.success": s, "methods.bc.success": 0.3, "methods.digiq.per_task.x.success": 0.9}
+             "protocols.sample.methods.digiq.success": s, "protocols.sample.methods.bc.success": 0.3,
+             "protocols.greedy.methods.digiq.success": 0.9, "protocols.sample.methods.digiq.per_task.x.success": 0.9}
             for n, s in [(1, 0.3), (4, 0.4), (16, 0.5)]]
     blocks = ablation_section(rows)
     t = next(b for b in blocks if b.kind == "table")
-    assert t.headers[-2:] == ["bc success", "digiq success"]
+    assert t.headers[-3:] == ["bc (sample) success", "digiq (greedy) success", "digiq (sample) success"]
     assert [r[0] for r in t.rows] == ["n1", "n4", "n16"] and t.rows[2][1] == "16" and t.rows[2][-1] == "50.0 %"
     assert any(b.kind == "plot" for b in blocks)  # the N curve
     _no_external_urls(render_html("t", blocks))
