@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from digiq.channels import ChannelsParams, Inputs
+from digiq.channels import Inputs
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
@@ -258,7 +259,7 @@ class CriticParams(Section):
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
     updates: int = Field(1000, ge=1, description="gradient updates per critic, at most (epochs = updates · batch_size / n_transitions)")
     log_every: int = Field(25, ge=1, description="updates per logged point (metrics are averaged over the window; held-out losses and best_val candidates)")
-    select: Literal["best_val", "last"] = Field("best_val", description="weights kept: best_val = the logged point with the lowest held-out TD loss (Q + V), last = the final update")
+    select: Literal["best_return", "best_td", "last"] = Field("best_return", description="weights kept: the logged point with the lowest held-out return error (best_return) or TD loss (best_td, the official validation curve), or the last update")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
     device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N")
     out: str = Field("models/critic", description="critic folder: weights, config, step and candidate scores")

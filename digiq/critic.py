@@ -20,16 +20,21 @@ concatenations that ``critic.inputs`` selects (:mod:`digiq.channels`; the VLM ch
 
     A(s, a) = max(Q1(s, a), Q2(s, a)) − max(V1(s), V2(s))     (official code: max of the two heads)
 
-Which weights are kept (``select``). Every ``log_every`` updates the held-out TD loss is measured,
+Which weights are kept (``select``). Every ``log_every`` updates two held-out errors are measured on the rows of
+held-out trajectories (G their observed discounted returns; Q = max(Q1, Q2), V = max(V1, V2), what A reads):
 
-    L_val(t) = Σ_i MSE_val(Q_i, y_Q(t)) + Σ_i MSE_val(V_i, y_V(t))      y(t): the targets of the target heads at update t
+    E_ret(t) = mean (Q(s, a_data) − G)² + mean (V(s) − G)²                         ``val_return_mse``
+    L_val(t) = Σ_i MSE(Q_i, y_Q(t)) + Σ_i MSE(V_i, y_V(t))   y(t) from the target heads at t      ``val_loss``
 
-the official trainer's validation loss (Q and V both: policy extraction reads A = Q − V). ``best_val`` keeps the
-online and target heads of the logged point with the lowest L_val (the earliest on ties), ``last`` the final ones.
-Within one run L_val tracks how well the heads generalise the Bellman backup to held-out trajectories; across runs
-its targets come from different target heads (a critic whose heads agree with themselves scores low whatever it
-predicts), so runs are compared on held-out returns instead (:mod:`digiq.critic_grid`). With ``target: mc`` the
-targets are the returns and L_val is that comparable error itself.
+``best_return`` (the default) keeps the online and target heads of the logged point with the lowest E_ret,
+``best_td`` of the lowest L_val (the official trainer's validation loss), ``last`` the final ones; ties: the earliest.
+Why E_ret: for any Q, E[(Q(s, a) − G)²] = E[(Q(s, a) − Q^β(s, a))²] + E[Var(G | s, a)], and the second term does not
+depend on the critic, so E_ret ranks weights by their distance from π_β's values Q^β = E[G | s, a], V^β = E[G | s],
+which TD on the dataset actions estimates; it is comparable across updates and across runs (the learning-rate grid,
+:mod:`digiq.critic_grid`, uses it too). L_val is measured against the run's own target heads: heads that have barely
+left their near-zero start agree with their own targets and score lowest, so on the toy MDP of the tests its minimum
+is the first logged point, a critic that has learnt nearly nothing (tests/test_critic_selection.py); across runs its
+targets differ and it is not comparable at all. It is still logged, as the official validation curve.
 
 Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); here both targets take the clipped
 minimum of the two target heads, the usual guard against over-estimation.
@@ -84,7 +89,8 @@ CriticRecord = record_model(
     "CriticRecord", CriticParams, SAVED, top_level=("gamma", "seed"),
     lr=(float, Field(gt=0, description="the Adam learning rate this critic trained with (one of critic.lrs)")),
     selected_step=(int | None, Field(None, description="the update whose weights were kept (None: not trained)")),
-    selected_val_loss=(float | None, Field(None, description="held-out TD loss (Q + V) at the kept update (None: no held-out data)")),
+    selected_val_loss=(float | None, Field(None, description="held-out TD loss L_val at the kept update (None: no held-out data)")),
+    selected_return_mse=(float | None, Field(None, description="held-out return error E_ret at the kept update (None: no held-out data)")),
 )
 # what folders saved before an option existed were trained with
 ABSENT_MEANS = {"standardize": False, "inputs": {"q": ["vlm"], "v": ["vlm"]}, "select": "last"}
@@ -243,11 +249,13 @@ class CriticTrainer:
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Q/V losses on held-out data against the current targets (no update)."""
+        """Q/V losses on held-out data against the current targets, and the return error E_ret (no update)."""
         y_q = td_q_target(self.critic.target, batch, self.config.gamma) if self.config.target == "td" else batch.mc_return
         y_v = td_v_target(self.critic.target, batch) if self.config.target == "td" else batch.mc_return
         (q1, q2), (v1, v2) = self.critic.online.q(batch.sa), self.critic.online.v(batch.s)
-        return {"val_q_loss": F.mse_loss(q1, y_q) + F.mse_loss(q2, y_q), "val_v_loss": F.mse_loss(v1, y_v) + F.mse_loss(v2, y_v)}
+        g = batch.mc_return
+        return {"val_q_loss": F.mse_loss(q1, y_q) + F.mse_loss(q2, y_q), "val_v_loss": F.mse_loss(v1, y_v) + F.mse_loss(v2, y_v),
+                "val_return_mse": F.mse_loss(torch.maximum(q1, q2), g) + F.mse_loss(torch.maximum(v1, v2), g)}
 
 
 def train_critic(
@@ -267,10 +275,10 @@ def train_critic(
     ``lr``; None: the declared defaults, the first of ``params.lrs``); returns it and the logged history.
 
     Every ``log_every`` updates (and at the last) one point (means over the window, plus ``step``, ``epoch`` and, with
-    ``val_data``, the held-out losses ``val_q_loss``, ``val_v_loss`` and their sum ``val_loss``) is appended to the
-    history and passed to ``log_fn(point, step)``. The weights returned are those ``params.select`` keeps (without
-    ``val_data`` there is no held-out loss and ``best_val`` keeps the last); ``critic.config`` records the kept
-    update and its held-out loss.
+    ``val_data``, the held-out losses ``val_q_loss``, ``val_v_loss``, their sum ``val_loss`` and ``val_return_mse``)
+    is appended to the history and passed to ``log_fn(point, step)``. The weights returned are those ``params.select``
+    keeps (without ``val_data`` there is no held-out error and every rule keeps the last); ``critic.config`` records
+    the kept update and its held-out errors.
 
     With ``checkpoint`` (a file, or a :class:`CriticCheckpoint` shared by the runs of a grid), the training state is
     saved there atomically at the first logged point ``checkpoint_every`` updates after the previous save and at the
@@ -304,7 +312,8 @@ def train_critic(
                 point = {"step": step, "epoch": step * config.batch_size / len(data), **window.pop()}
                 if val_table is not None:
                     point.update(held_out_losses(trainer, val_table))
-                    best.offer(step, point["val_loss"], critic)
+                    if config.select in CRITERION:
+                        best.offer(step, point[CRITERION[config.select]], critic)
                 history.append(point)
                 if log_fn is not None:
                     log_fn(point, step)
@@ -315,21 +324,24 @@ def train_critic(
     return critic.eval(), history
 
 
+CRITERION = {"best_return": "val_return_mse", "best_td": "val_loss"}  # the logged value each rule minimises
+
+
 def held_out_losses(trainer: CriticTrainer, val_table: Batch) -> dict[str, float]:
-    """``val_q_loss``, ``val_v_loss`` and the selection criterion ``val_loss`` = their sum (L_val above)."""
+    """``val_q_loss``, ``val_v_loss``, ``val_loss`` = their sum (L_val) and ``val_return_mse`` (E_ret)."""
     losses = {k: v.item() for k, v in trainer.evaluate(val_table).items()}
     return {**losses, "val_loss": losses["val_q_loss"] + losses["val_v_loss"]}
 
 
 def keep_selected(critic: DoubleCritic, best: BestPoint, history: list[dict[str, float]]) -> None:
-    """Load the weights ``critic.config.select`` keeps (``best_val``: the best held-out point's, when there was one)
-    and record the kept update and its held-out loss in ``critic.config``."""
-    if critic.config.select == "best_val" and best.state is not None:
+    """Load the weights ``critic.config.select`` keeps (a ``best_*`` rule: the best held-out point's, when there was
+    one) and record the kept update and its held-out errors in ``critic.config``."""
+    if best.state is not None:
         critic.load_state_dict(best.state)
-        step, val_loss = best.step, best.val_loss
-    else:
-        step, val_loss = int(history[-1]["step"]), history[-1].get("val_loss")
-    critic.config = critic.config.model_copy(update={"selected_step": step, "selected_val_loss": val_loss})
+    step = best.step if best.state is not None else int(history[-1]["step"])
+    kept = next(point for point in history if int(point["step"]) == step)
+    critic.config = critic.config.model_copy(update={"selected_step": step, "selected_val_loss": kept.get("val_loss"),
+                                                     "selected_return_mse": kept.get("val_return_mse")})
 
 
 # ----------------------------------------------------------------------------------------------- helpers

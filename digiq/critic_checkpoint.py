@@ -37,24 +37,24 @@ def run_fingerprint(config: BaseModel, table: Batch, val_table: Batch | None) ->
 
 
 class BestPoint:
-    """The logged point with the lowest held-out loss so far (the earliest on ties) and a copy of the critic's weights
+    """The logged point with the lowest held-out error so far (the earliest on ties) and a copy of the critic's weights
     (online and target heads) at that point."""
 
     def __init__(self) -> None:
         self.step: int | None = None
-        self.val_loss = float("inf")
+        self.score = float("inf")
         self.state: dict[str, torch.Tensor] | None = None
 
-    def offer(self, step: int, val_loss: float, critic: nn.Module) -> None:
-        if val_loss < self.val_loss:
-            self.step, self.val_loss = step, val_loss
+    def offer(self, step: int, score: float, critic: nn.Module) -> None:
+        if score < self.score:
+            self.step, self.score = step, score
             self.state = {k: v.detach().clone() for k, v in critic.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "val_loss": self.val_loss, "state": self.state}
+        return {"step": self.step, "score": self.score, "state": self.state}
 
     def load_state_dict(self, blob: dict[str, Any]) -> None:
-        self.step, self.val_loss, self.state = blob["step"], blob["val_loss"], blob["state"]
+        self.step, self.score, self.state = blob["step"], blob["score"], blob["state"]
 
 
 class CriticCheckpoint:

@@ -1,8 +1,9 @@
 """The critic's learning rate, chosen on held-out trajectories: one critic per rate of ``critic.lrs``, one kept.
 
 Each rate trains a critic with :func:`digiq.critic.train_critic` (same seed: same initial weights and batches; its
-weights are those ``critic.select`` keeps, by default the update with the lowest held-out TD loss). The runs are then
-compared on the held-out rows by how far their values are from the observed discounted returns G:
+weights are those ``critic.select`` keeps, by default the update with the lowest held-out return error). The runs are
+then compared on the held-out rows by how far their values, at the kept update, are from the observed discounted
+returns G:
 
     E_ret = mean_b (Q(s_b, a_b) − G_b)² + mean_b (V(s_b) − G_b)²        Q = max(Q1, Q2), V = max(V1, V2) (what A reads)
 
@@ -31,7 +32,7 @@ from typing import Any
 from digiq.config import CriticParams
 from digiq.critic import DoubleCritic, LogFn, train_critic
 from digiq.critic_checkpoint import CriticCheckpoint
-from digiq.critic_diagnostics import ranking_quality, return_error
+from digiq.critic_diagnostics import ranking_quality
 from digiq.errors import DigiqError
 from digiq.transitions import Transitions
 
@@ -66,7 +67,7 @@ def train_critic_grid(
                                        checkpoint=saver, checkpoint_every=checkpoint_every)
         row = grid_row(critic, val_data)
         rows.append(row)
-        score = row["return_mse"] if row["return_mse"] is not None else 0.0
+        score = row["return_mse"] if row["return_mse"] is not None else 0.0  # one rate and no held-out data
         if best is None or score < best[0]:
             best = (score, critic, history, i)
     _, critic, history, chosen = best
@@ -79,11 +80,11 @@ def train_critic_grid(
 
 
 def grid_row(critic: DoubleCritic, val_data: Transitions | None) -> dict[str, Any]:
-    """One rate's results: its kept update, held-out TD loss there, E_ret and held-out ranking (None without held-out data)."""
-    row: dict[str, Any] = {"lr": critic.config.lr, "selected_step": critic.config.selected_step,
-                           "selected_val_loss": critic.config.selected_val_loss, "return_mse": None, "ranking_quality": None}
-    if val_data is not None:
-        row["return_mse"] = return_error(critic, val_data)["return_mse"]
-        if val_data.cand_sa is not None and val_data.traj_success is not None:
-            row["ranking_quality"] = ranking_quality(critic, val_data)["ranking_quality"]
+    """One rate's results: its kept update, the held-out TD loss and E_ret there, and its held-out ranking (None
+    without held-out data)."""
+    config = critic.config
+    row: dict[str, Any] = {"lr": config.lr, "selected_step": config.selected_step, "selected_val_loss": config.selected_val_loss,
+                           "return_mse": config.selected_return_mse, "ranking_quality": None}
+    if val_data is not None and val_data.cand_sa is not None and val_data.traj_success is not None:
+        row["ranking_quality"] = ranking_quality(critic, val_data)["ranking_quality"]
     return row

@@ -16,10 +16,10 @@ Decisions (documented here because the stage, not the library, makes them):
   rows) and counted (``rows.truncated``). They are still scored, but ``step_scores.parquet`` has no row for them
   (a TD error is undefined there; the viewer shows "—").
 - **Validation** holds out whole trajectories (``val_fraction`` of them, a seeded permutation of the sorted ids), so
-  no state of a held-out episode leaks into training through s'. They choose the kept update (``select: best_val``)
+  no state of a held-out episode leaks into training through s'. They choose the kept update (``critic.select``)
   and learning rate (:mod:`digiq.critic_grid`), and they are where the headline diagnostics are measured, per task
   too: those diagnostics are therefore measured on the data that chose among a few candidates (the grid's rates,
-  the logged updates), never on the data the weights were fitted to. ``best_val`` or several rates without held-out
+  the logged updates), never on the data the weights were fitted to. A ``best_*`` rule or several rates without held-out
   trajectories is an error.
 - **Candidates** that do what an earlier candidate does (the candidates stage's semantic key) are masked out: a
   duplicate must not count twice in ranking or Best-of-N; each kept one carries its π_β draws (the actor's prior).
@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 STEP_SCORES = "step_scores.parquet"
 CANDIDATE_SCORES = "candidate_scores.parquet"
-CURVES = ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "q_target_mean", "cql_gap", "val_q_loss", "val_v_loss", "val_loss")
+CURVES = ("q_loss", "v_loss", "td_error", "q_mean", "v_mean", "q_target_mean", "cql_gap", "val_q_loss", "val_v_loss", "val_loss",
+          "val_return_mse")
 
 
 @dataclass
@@ -97,8 +98,8 @@ def run(params: Params, *, progress: bool = False) -> CriticOutcome:
     if len(train_rows) == 0:
         raise DigiqError("no training transitions left after holding out validation trajectories and truncated steps",
                          file=data.source, field="critic.val_fraction")
-    if p.select == "best_val" and len(val_rows) == 0:
-        raise DigiqError("best_val needs held-out trajectories: set critic.val_fraction > 0 or critic.select=last",
+    if p.select != "last" and len(val_rows) == 0:
+        raise DigiqError(f"{p.select} needs held-out trajectories: set critic.val_fraction > 0 or critic.select=last",
                          file=data.source, field="critic.select")
     train_data = data.transitions(train_rows, inputs=p.inputs)
     val_data = data.transitions(val_rows, inputs=p.inputs) if len(val_rows) else None
