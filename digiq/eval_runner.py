@@ -48,12 +48,14 @@ class Evaluation:
     """One evaluation run: ``settings`` is the ``evaluate`` section with collect's tasks, noise and step cap filled
     in where it leaves them null; ``collect`` gives π_β (behavior, history) and the seeds to avoid; ``features``
     is the live feature recipe (:func:`live_features`); ``k`` the candidates per live step, the candidates
-    stage's ``candidates.k`` (so that n_β counts draws out of the same K offline and live)."""
+    stage's ``candidates.k`` (so that n_β counts draws out of the same K offline and live); ``feature_cache``
+    the folder where the workers share live features (:class:`~digiq.live_features.LiveFeaturizer`), or None."""
 
     settings: EvaluateParams
     collect: CollectParams
     features: dict[str, Any]
     k: int
+    feature_cache: str | None = None
 
     @classmethod
     def of(cls, params: Params) -> Evaluation:
@@ -93,6 +95,11 @@ class Evaluation:
             parts["model"] = model_hash(self.features["model"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
+    @property
+    def scratch(self) -> Path:
+        """The run's shared live-feature cache (removed once eval.json is written)."""
+        return Path(self.settings.shards) / ".features"
+
     def shard_path(self, method: str, protocol: str, unit: Unit, fp: str) -> Path:
         first, last = unit.indices[0], unit.indices[-1]
         return Path(self.settings.shards) / method / f"{protocol}.{unit.task}.e{first:05d}-{last:05d}.{fp}.json"
@@ -102,7 +109,8 @@ class Evaluation:
         kwargs: dict[str, Any] = {"method": method, "k": self.k, "noise": ev.noise, "protocol": protocol,
                                   "behavior": dict(self.collect.behavior)}
         if method not in BASELINES:
-            kwargs.update(actor_dir=str(self.model_dir(method)), features=dict(self.features), threads=1)
+            kwargs.update(actor_dir=str(self.model_dir(method)), features=dict(self.features), threads=1,
+                          feature_cache=self.feature_cache)
         return PolicySpec(FACTORY, kwargs)
 
     def run_config(self, method: str, protocol: str, browser: BrowserConfig) -> RunConfig:

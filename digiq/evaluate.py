@@ -367,10 +367,10 @@ def _behavior(noise: float, scores: dict[str, float]) -> Any:
 
 def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy", actor_dir: str | None = None,
                       features: dict[str, Any] | None = None, threads: int = 1,
-                      behavior: dict[str, float] | None = None) -> EvalPolicy:
+                      behavior: dict[str, float] | None = None, feature_cache: str | None = None) -> EvalPolicy:
     """The policy of ``method`` under ``protocol`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``);
     ``actor_dir`` is the trained policy's folder, or the critic's for critic-greedy; ``features`` the
-    :class:`~digiq.live_features.LiveFeaturizer` recipe."""
+    :class:`~digiq.live_features.LiveFeaturizer` recipe, ``feature_cache`` the run's shared feature folder."""
     behavior = dict(behavior or {})
     if method in BASELINES:
         return EvalPolicy(method, k, noise, protocol, behavior_scores=behavior)
@@ -383,7 +383,7 @@ def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy
     torch.set_num_threads(threads)
     actor = _load_chooser(method, actor_dir)
     inputs = getattr(actor.config, "inputs", None)
-    featurizer = LiveFeaturizer(**features)
+    featurizer = LiveFeaturizer(**features, cache=feature_cache)
     dims = featurizer.dims(inputs)
     if (actor.d_s, actor.d_sa) != dims:
         raise DigiqError(f"the policy expects features of width (x_V {actor.d_s}, x_Q {actor.d_sa}) but variant "

@@ -10,10 +10,20 @@ embed's ``layer``, ``pooling``, ``dtype``, ``device``); the screenshot is encode
 reuses the encoding. Other channel compositions (:mod:`digiq.channels`) are composed here too, in the canonical
 order, from the view (goal, ``previous_actions``) and the previous step's screenshot, which the featurizer keeps
 between calls of one episode (:meth:`reset` forgets it).
+
+Every method of an evaluation plays the same seeds and sees the same candidates in the same state (its first step
+always), so a state's features are computed once per run: with a ``cache`` folder, the features of a call are
+stored under the sha256 of everything they depend on (the recipe, the channels, the previous screenshot, the
+screenshot's bytes, goal, observation, DOM elements and candidate strings) and read back by any later call, in any
+worker, with the same key. The cache is scratch space of one run (the evaluate stage removes it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digiq.errors import DigiqError
@@ -38,12 +48,14 @@ class LiveFeaturizer:
     """x_V(s) [1, d_s] and x_Q(s, a_k) [1, K, d_sa] of a live state (module docstring)."""
 
     def __init__(self, variant: str, model: str, layer: int, pooling: str, dtype: str, device: str,
-                 channels_model: str | None = None):
+                 channels_model: str | None = None, cache: str | None = None):
         from digiq.extractor import build_extractor
 
         self.variant, self.model, self.channels_model = variant, model, channels_model
-        self.extractor, self.model_hash, _ = build_extractor(variant, model, layer=layer, pooling=pooling, dtype=dtype,
-                                                             device=device)
+        self.extractor, self.model_hash, dtype_name = build_extractor(variant, model, layer=layer, pooling=pooling,
+                                                                      dtype=dtype, device=device)
+        self.recipe = json.dumps([variant, self.model_hash, layer, pooling, dtype_name, channels_model])
+        self.cache = Path(cache) if cache else None
         self.previous_screenshot: np.ndarray | None = None
 
     def reset(self) -> None:
@@ -64,10 +76,49 @@ class LiveFeaturizer:
         _check_inputs(inputs)
         if view.screenshot is None:
             raise DigiqError("a live step has no screenshot", field="screenshot")
-        f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions,
-                              view.elements)
+        path = self.cache / f"{self.key(view, actions, inputs)}.npz" if self.cache else None
+        cached = _load(path) if path is not None else None
+        if cached is not None:
+            f_s, f_sa = cached
+        else:
+            f_s, f_sa = featurize(self.extractor, Image.fromarray(view.screenshot), view.goal, view.observation, actions,
+                                  view.elements)
+            if path is not None:
+                _store(path, f_s, f_sa)
         self.previous_screenshot = view.screenshot
         return torch.from_numpy(f_s).unsqueeze(0).float(), torch.from_numpy(f_sa).unsqueeze(0).float()
+
+    def key(self, view: StepView, actions: list[Action], inputs: Any = None) -> str:
+        """sha256 of everything the features of (view, actions) depend on (module docstring)."""
+        from digiq.actions import format_action
+
+        h = hashlib.sha256(self.recipe.encode())
+        h.update(json.dumps([repr(inputs), view.goal, view.observation, [format_action(a) for a in actions]]).encode())
+        h.update(json.dumps(view.elements, sort_keys=True, default=str).encode())
+        previous = None if vlm_only(inputs) else self.previous_screenshot  # f(s), f(s, a) read this screen alone
+        for image in (previous, view.screenshot):
+            h.update(b"none" if image is None else f"{image.shape}{image.dtype}".encode() + image.tobytes())
+        return h.hexdigest()
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            return data["f_s"], data["f_sa"]
+    except (OSError, KeyError, ValueError):  # absent, or not (yet) a whole file: compute instead
+        return None
+
+
+def _store(path: Path, f_s: np.ndarray, f_sa: np.ndarray) -> None:
+    """Write-then-rename, so that a reader in another worker never sees half a file."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
+    np.savez(part, f_s=f_s, f_sa=f_sa)
+    os.replace(part, path)
 
 
 def _check_inputs(inputs: Any) -> None:

@@ -9,6 +9,8 @@ success, ci_low, ci_high, episodes) and the resumable result shards under ``data
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from typing import TYPE_CHECKING, Any
 
 from digiq.atomic import write_json, write_text
@@ -22,9 +24,11 @@ def run(params: Params, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate every method under every protocol (resuming from finished shards); write eval.json and the plot CSV; return the metrics."""
     evaluation = Evaluation.of(params)
     check(evaluation)
+    evaluation = dataclasses.replace(evaluation, feature_cache=str(evaluation.scratch))
     prints = fingerprints(evaluation)
     timing = run_methods(evaluation, prints, progress=progress)
     metrics = summarise(evaluation, prints, timing)
     write_json(evaluation.settings.out, metrics)
     write_text(evaluation.settings.plots, plot_rows(metrics))
+    shutil.rmtree(evaluation.scratch, ignore_errors=True)  # the live features every method shared (kept for a resume)
     return metrics

@@ -438,3 +438,38 @@ def test_cli_takes_overrides_and_everyday_flags(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["protocols"]["sample"]["methods"]["behavior"]["successes"] == 2  # k=8's shards resumed
     assert "behavior" in result.output and f"wrote {out}, {params.evaluate.plots}" in result.output
+
+
+def test_live_features_are_computed_once_per_state_and_shared_through_the_cache(tmp_path, monkeypatch):
+    """Two featurizers (two workers, or two methods) with one cache folder: the second reads the first one's
+    features of the same state and candidates, and computes only what differs."""
+    import digiq.extractor
+    from digiq.envs.behavior import BehaviorPolicy
+    from digiq.live_features import LiveFeaturizer
+
+    calls = []
+
+    def fake_featurize(extractor, image, goal, observation, actions, elements=None):
+        calls.append(len(actions))
+        return np.full(3, float(len(calls)), np.float32), np.full((len(actions), 4), float(len(calls)), np.float32)
+
+    monkeypatch.setattr(digiq.extractor, "featurize", fake_featurize)
+
+    def featurizer() -> LiveFeaturizer:
+        f = LiveFeaturizer.__new__(LiveFeaturizer)  # no VLM: featurize is faked
+        f.extractor, f.recipe, f.cache, f.previous_screenshot = None, "recipe", tmp_path / "cache", None
+        return f
+
+    view = _view()
+    view.screenshot = np.zeros((8, 8, 3), np.uint8)
+    cands = candidate_set(BehaviorPolicy(noise=0.3), view, 8, step_rng(1, 0, "candidates"))[0]
+    first, second = featurizer(), featurizer()
+    s1, sa1 = first(view, cands)
+    s2, sa2 = second(view, cands)
+    assert calls == [len(cands)] and s1.shape == (1, 3) and sa1.shape == (1, len(cands), 4)
+    assert s1.equal(s2) and sa1.equal(sa2)
+    second(view, cands[:1])  # other candidates: computed
+    view.screenshot = np.ones((8, 8, 3), np.uint8)
+    second(view, cands)  # another screen: computed
+    assert calls == [len(cands), 1, len(cands)]
+    assert not list((tmp_path / "cache").glob("*.part.npz"))
