@@ -18,12 +18,13 @@ from digiq.cli import actor as actor_cli
 from digiq.cli import critic as critic_cli
 from digiq.errors import DigiqError
 from digiq.pipelines import actor as stage
-from digiq.training_data import read_training_data
+from digiq.training_data import read_training_data, split_trajectories
 from digiq.viewer.tables import load_policy_scores
 
 N_STATES, K, DIM = 60, 8, 16
-PARAMS = {"seed": 1, "critic": {**SMALL_CRITIC, "updates": 40},
-          "actor": {"n": 4, "threshold": 0.0, "hidden": [32], "batch_size": 32, "updates": 40, "device": "cpu"}}
+VLM_ONLY = {"q": ["vlm"], "v": ["vlm"]}  # the synthetic sources serve the VLM channel
+PARAMS = {"seed": 1, "critic": {**SMALL_CRITIC, "updates": 40, "inputs": VLM_ONLY},
+          "actor": {"n": 4, "threshold": 0.0, "hidden": [32], "batch_size": 32, "updates": 40, "device": "cpu", "inputs": VLM_ONLY}}
 
 
 def invoke(project: Path, *args: str):
@@ -61,13 +62,16 @@ def test_each_method_writes_policy_metrics_and_scores(project, frame, method):
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", stage.METRICS_FILE, stage.POLICY_SCORES}
     metrics = json.loads((project / "metrics" / "main" / f"{method}.json").read_text())
     assert metrics == json.loads((out / stage.METRICS_FILE).read_text())
-    assert metrics["method"] == method and metrics["used_critic"] and metrics["n_states"] == N_STATES
+    assert metrics["method"] == method and metrics["used_critic"]
+    held_out = split_trajectories(frame.traj_id, PARAMS["critic"].get("val_fraction", 0.1), PARAMS["seed"])
+    assert metrics["n_states"] == N_STATES - held_out.sum() and metrics["n_heldout"] == held_out.sum() > 0  # the critic's split
+    assert metrics["kl_prior_heldout"] >= 0.0 and np.isfinite(metrics["heldout_target_ce"])
     assert 0.0 < metrics["frac_states_kept"] <= 1.0 and np.isfinite(metrics["train_loss"])
     assert isinstance(metrics["mean_advantage_kept"], float)
     if method == "filtered-bc":  # successful trajectories only
-        assert metrics["n_kept"] == int(frame.success.sum()) < N_STATES
+        assert metrics["n_kept"] == int(frame.success[~held_out].sum()) < metrics["n_states"]
     if method == "bc":
-        assert metrics["n_kept"] == N_STATES
+        assert metrics["n_kept"] == metrics["n_states"]
 
     policy = CandidatePolicy.from_pretrained(out)
     assert policy.config.method == method and policy.config.n == 4 and policy.config.seed == 1
@@ -80,7 +84,7 @@ def test_each_method_writes_policy_metrics_and_scores(project, frame, method):
     np.testing.assert_allclose(per_step["prob"].sum(), 1.0, rtol=1e-6)
     assert (per_step["chosen"].sum() == 1).all()
     # the pick is the saved policy's argmax
-    data = frame.transitions()
+    data = frame.transitions(inputs=policy.inputs)
     acts = policy.act(data.s, data.cand_sa, data.cand_mask, data.cand_count)
     picked = scores[scores["chosen"]].set_index(["traj_id", "step_id"])["cand_idx"]
     assert [picked[(t, int(s))] for t, s in zip(frame.traj_id, frame.step_id)] == acts.tolist()
@@ -129,5 +133,5 @@ def test_critic_of_another_dimension_is_refused(project, frame, tmp_path):
 
     DoubleCritic(DIM + 1, DIM + 1, CriticParams(hidden=[4])).save_pretrained(tmp_path / "critic")
     with pytest.raises(DigiqError, match="re-run `digiq critic`"):
-        check_dims(DoubleCritic.from_pretrained(tmp_path / "critic"), frame, tmp_path / "critic")
+        check_dims(DoubleCritic.from_pretrained(tmp_path / "critic"), frame.transitions(), tmp_path / "critic")
     assert torch.get_num_threads() >= 1
