@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -89,7 +89,7 @@ class ChannelsParams(BaseModel):
     out: str = Field("data/channels", description="stage output folder: states.parquet (image, goal, prev_action) and candidates.parquet (action)")
     metrics: str = Field("metrics/channels.json", description="stage metrics: rows, channel sizes, seconds")
     batch_size: int = Field(64, ge=1, description="screenshots per vision-tower batch and strings per encoder batch")
-    dtype: str = Field("float32", description="vision-tower compute dtype (auto | float32 | bfloat16)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="vision-tower compute dtype; live evaluation must use the same (float32: the same v(s) on every machine)")
     device: str = Field("auto", description="auto (cuda when visible) | cpu | cuda | cuda:N")
 
 
@@ -148,6 +148,13 @@ def channel_dims(d_v: int, d_e: int) -> dict[str, int]:
     return {"image": 2 * d_v, "goal": d_e, "prev_action": 2 * d_e, "action": 2 * d_e}
 
 
+def input_dims(inputs: Inputs, d_s: int, d_sa: int, d_v: int, d_e: int) -> tuple[int, int]:
+    """(d_v_in, d_q_in): the widths of x_V and x_Q under ``inputs``, f(s) being d_s wide and f(s, a) d_sa."""
+    widths = channel_dims(d_v, d_e)
+    return (sum(d_s if name == "vlm" else widths[name] for name in inputs.v),
+            sum(d_sa if name == "vlm" else widths[name] for name in inputs.q))
+
+
 def compose_v(inputs: Inputs, f_s: np.ndarray | None, state: Mapping[str, np.ndarray]) -> np.ndarray:
     """x_V [B, d_v_in]: the channels of ``inputs.v`` in canonical order (vlm: f(s) [B, d_s]; others: ``state[name]``)."""
     parts = [_need(f_s, "vlm", "f(s)") if name == "vlm" else _need(state.get(name), name, "state channel") for name in inputs.v]
@@ -201,7 +208,17 @@ class EpisodeChannels:
 
     def __init__(self, encoder: SentenceEncoder, vision: VisionTower):
         self.encoder, self.vision = encoder, vision
+        self.dims = channel_dims(vision.dim, encoder.dim)
         self.reset()
+
+    @classmethod
+    def load(cls, params: ChannelsParams, device: str | None = None) -> EpisodeChannels:
+        """The models the channels stage used (``channels.model``'s vision tower, ``channels.encoder``)."""
+        from digiq.text_encoder import SentenceEncoder
+
+        device = device or params.device
+        vision = VisionTower(params.model, dtype=params.dtype, device=device, batch_size=params.batch_size)
+        return cls(SentenceEncoder(params.encoder, batch_size=params.batch_size), vision)
 
     def reset(self) -> None:
         self.previous_image: np.ndarray | None = None

@@ -34,6 +34,7 @@ class SentenceEncoder:
         from tokenizers import Tokenizer
         from transformers import BertModel
 
+        from digiq.runtime import quiet_transformers
         from digiq.vlm.build import minilm_dir
 
         self.folder = Path(folder) if folder is not None else minilm_dir()
@@ -41,8 +42,9 @@ class SentenceEncoder:
             if not (self.folder / name).is_file():
                 raise DigiqError(f"not a sentence-encoder folder: {name} is missing", file=self.folder / name)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            self.model = BertModel.from_pretrained(str(self.folder), local_files_only=True, add_pooling_layer=False)
+        quiet_transformers()
+        try:  # the pooler comes along (all-MiniLM-L6-v2 ships one) but is not used: sentence vectors are mean-pooled
+            self.model = BertModel.from_pretrained(str(self.folder), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the folder is the problem
             raise DigiqError(f"cannot load the sentence encoder: {first_line(exc)}", file=self.folder) from None
         self.model.to(device).eval().requires_grad_(False)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from digiq import feature_contract as fc
-from digiq.channels import Inputs, action_strings, compose
+from digiq.channels import Inputs, action_strings, compose, input_dims
 from digiq.errors import DigiqError
 from digiq.schema import Action, ActionType
 
@@ -64,8 +64,10 @@ def test_compose_puts_each_channel_in_its_slice_in_canonical_order():
     assert x_v.dtype == x_q.dtype == np.float32
     assert x_v[0].tolist() == [3.0] * 6 + [4.0] * 2 + [5.0] * 4  # V: image, goal, prev_action; no action, no f(s)
     assert x_q[1, 2].tolist() == [2.0] * 5 + [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [6.0] * 4
+    assert input_dims(Inputs(), d_s=4, d_sa=5, d_v=3, d_e=2) == (12, 21)
     x_v, x_q = compose(Inputs(q=["action", "goal"], v=["vlm", "goal"]), **_marked())
     assert x_v[0].tolist() == [1.0] * 4 + [4.0] * 2 and x_q[0, 0].tolist() == [4.0] * 2 + [6.0] * 4
+    assert input_dims(Inputs(q=["action", "goal"], v=["vlm", "goal"]), d_s=4, d_sa=5, d_v=3, d_e=2) == (6, 6)
 
 
 def test_compose_vlm_only_is_todays_features():
@@ -96,7 +98,7 @@ def save_tiny_bert(folder: Path) -> Path:
     tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=16, max_position_embeddings=32), add_pooling_layer=False).save_pretrained(folder)
+                         intermediate_size=16, max_position_embeddings=32)).save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 
@@ -116,7 +118,7 @@ def test_sentence_encoder_is_the_masked_mean_of_bert_normalised(tiny_bert):
     texts = ["tap the submit button", "press enter", "", "tap the submit button"]
     got = encoder(texts)
     assert got.shape == (4, 8) and len(encoder.cache) == 3  # one encoding per distinct string
-    model = BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).eval()
+    model = BertModel.from_pretrained(tiny_bert).eval()
     for text, row in zip(texts, got):  # by hand, one sentence at a time (no padding): ids of [CLS] … [SEP]
         ids = [2] + [{"tap": 5, "the": 6, "submit": 7, "button": 8, "press": 10, "enter": 11}[w] for w in text.split()] + [3]
         with torch.no_grad():
@@ -175,7 +177,8 @@ def _stage_params(root: Path, models: tuple[Path, Path], **channels):
 
 
 def test_stage_writes_the_channel_tables(tmp_path, tiny_models):
-    from digiq.channels import VisionTower
+    from digiq.actions import parse_action
+    from digiq.channels import EpisodeChannels, VisionTower
     from digiq.pipelines import channels as stage
     from digiq.store import Dataset
     from digiq.text_encoder import SentenceEncoder
@@ -203,6 +206,24 @@ def test_stage_writes_the_channel_tables(tmp_path, tiny_models):
     assert (c["traj0/0/1"]["action_type"], c["traj0/0/1"]["action_text"]) == ("tap", "input_text#tt")
     assert (c["traj0/2/0"]["action_type"], c["traj0/2/2"]["action_text"]) == ("press enter", "vina")
     assert c["traj1/0/0"]["event_timestamp"] == fc.event_timestamp(0)
+
+    live = EpisodeChannels.load(_stage_params(tmp_path, tiny_models).channels)  # live evaluation: step by step
+    steps = sorted(dataset.table().to_pylist(), key=lambda r: (r["traj_id"], r["step_id"]))
+    previous = None
+    for row in steps:
+        if row["step_id"] == 0:
+            live.reset()
+            previous = None
+        page = json.loads(row["elements"])
+        state = live.step(dataset.load_image(row["screenshot"]), row["goal"], page, previous)
+        key = fc.state_key(row["traj_id"], row["step_id"])
+        for name in ("image", "goal", "prev_action"):
+            assert np.allclose(state[name][0], rows[key][name], atol=1e-5), (key, name)
+        offline = [c[fc.cand_key(key, k)]["action"] for k in range(3)]
+        candidates = [parse_action(a) for a in pq.read_table(tmp_path / "candidates.parquet").to_pandas().query(
+            f"traj_id == '{row['traj_id']}' and step_id == {row['step_id']}").sort_values("cand_idx")["action"]]
+        assert np.allclose(live.actions(candidates, page), offline, atol=1e-6)
+        previous = parse_action(row["action"])
 
 
 def test_stage_refuses_a_candidate_of_an_unknown_state_and_keeps_the_old_tables(tmp_path, tiny_models):
