@@ -32,9 +32,9 @@ Why E_ret: for any Q, E[(Q(s, a) − G)²] = E[(Q(s, a) − Q^β(s, a))²] + E[V
 depend on the critic, so E_ret ranks weights by their distance from π_β's values Q^β = E[G | s, a], V^β = E[G | s],
 which TD on the dataset actions estimates; it is comparable across updates and across runs (the learning-rate grid,
 :mod:`digiq.critic_grid`, uses it too). L_val is measured against the run's own target heads: heads that have barely
-left their near-zero start agree with their own targets and score lowest, so on the toy MDP of the tests its minimum
-is the first logged point, a critic that has learnt nearly nothing (tests/test_critic_selection.py); across runs its
-targets differ and it is not comparable at all. It is still logged, as the official validation curve.
+left their near-zero start agree with their own targets and score lowest, so its minimum can sit at a critic that has
+learnt nearly nothing (tests/test_critic_selection.py builds such a run); across runs its targets differ and it is not
+comparable at all. It is still logged, as the official validation curve.
 
 Note: the official code pairs the heads (Q_i ← r + γV̄_i(s'), V_i ← Q̄_i(s, a)); here both targets take the clipped
 minimum of the two target heads, the usual guard against over-estimation.

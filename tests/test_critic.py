@@ -357,6 +357,7 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_critic(tmp
     data, val = toy_transitions(200, seed=0), toy_transitions(60, seed=1)
     config = TOY.model_copy(update={"updates": 400})
     reference, ref_history = train_critic(data, config, val_data=val, **TOY_RUN)
+    assert reference.config.selected_step < 400  # best_return kept an earlier update: its weights came through the checkpoint
     ckpt = tmp_path / "critic.ckpt"
 
     def stop_at_230(point, step):

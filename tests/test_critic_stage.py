@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import SMALL_CRITIC, command_app, feature_project, project_params, write_params
 from digiq.cli import critic as critic_cli
+from digiq.config import CriticParams
 from digiq.critic import DoubleCritic
 from digiq.errors import DigiqError
 from digiq.pipelines import critic as stage
@@ -82,6 +83,18 @@ def test_critic_writes_weights_scores_metrics_and_curves(td_run, frame):
     assert metrics["action_sensitivity"] > 0 and 0.0 <= metrics["ranking_quality"] <= 1.0
     assert metrics["diagnostics"]["val"]["ranking_states"] > 0
     assert set(metrics["val"]) == {"q_loss", "v_loss"} and set(metrics["train"]) >= {"q_loss", "v_loss", "td_error", "q_mean"}
+
+    # the kept update and rate (three rates by default), recorded in metrics and config.json
+    selection, grid = metrics["selection"], metrics["lr_grid"]
+    assert selection["select"] == "best_return" and [row["lr"] for row in grid] == CriticParams().lrs
+    chosen = [row for row in grid if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["return_mse"] == min(row["return_mse"] for row in grid)
+    assert (selection["lr"], selection["step"], selection["return_mse"]) == (chosen[0]["lr"], chosen[0]["selected_step"], chosen[0]["return_mse"])
+    config = json.loads((td_run / "critic" / "config.json").read_text())["config"]
+    assert config["inputs"] == metrics["inputs"] == {"q": ["vlm"], "v": ["vlm"]}
+    assert (config["lr"], config["selected_step"], config["select"]) == (selection["lr"], selection["step"], "best_return")
+    per_task = metrics["diagnostics"]["per_task"]  # synthetic ids are not <task>.s<seed>.e<n>: one "unknown" task
+    assert list(per_task) == ["unknown"] and per_task["unknown"]["states"] == rows["val"]
 
     # DVCLive curves: one point per log_every updates, x = update count
     with open(td_run / "dvclive" / "plots" / "metrics" / "train" / "q_loss.tsv") as f:
@@ -158,6 +171,12 @@ def test_a_fresh_workspace_trains_from_the_tracked_sources_alone(tmp_path):
     result = run_critic(project, "out")
     assert result.exit_code == 0, result.output
     assert not (project / "features" / "data").exists()
+
+
+def test_selection_without_held_out_trajectories_is_refused(project):
+    result = run_critic(project, "no_val", "-S", "critic.val_fraction=0")
+    assert result.exit_code == 2 and "critic.select" in result.output and "best_return needs held-out trajectories" in result.output
+    assert not (project / "no_val").exists()
 
 
 def test_bad_target_is_refused(project):
