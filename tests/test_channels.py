@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from conftest import command_app, copy_feature_repo, feature_project, project_params, write_params, write_synthetic_sources
 from digiq import feature_contract as fc
 from digiq.channels import Inputs, action_strings, compose, input_dims
+from digiq.cli import channels as channels_cli
 from digiq.errors import DigiqError
 from digiq.schema import Action, ActionType
-
-from conftest import copy_feature_repo, feature_project, project_params, write_synthetic_sources
 from tiny_llava import save_tiny_llava
 
 BUTTON = {"ref": 3, "parent": 1, "tag": "button", "text": "Submit", "value": None, "id": "subbtn", "classes": "",
@@ -242,6 +243,10 @@ def test_stage_refuses_a_candidate_of_an_unknown_state_and_keeps_the_old_tables(
     pq.write_table(table.drop_columns(["action"]), candidates)
     with pytest.raises(DigiqError, match=r"candidates\.parquet: action: missing column"):
         stage.run(params)
+    settings = write_params(tmp_path, **{name: dict(getattr(params, name)) for name in ("collect", "candidates", "channels")})
+    result = CliRunner().invoke(command_app(channels_cli), ["channels", "--params", str(settings)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1  # one line, no traceback
+    assert "candidates.parquet: action: missing column" in result.output
     assert (tmp_path / "channels" / fc.STATES_FILE).read_bytes() == before  # nothing half-written
     assert not list((tmp_path).glob(".channels.*"))
 
