@@ -257,7 +257,7 @@ class CriticParams(Section):
     grad_clip: float = Field(0.01, gt=0, description="max grad norm per head pair (official 0.01)")
     batch_size: int = Field(128, ge=1, description="transitions per update (official 128)")
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden widths of each Q/V MLP")
-    updates: int = Field(1000, ge=1, description="gradient updates per critic, at most (epochs = updates · batch_size / n_transitions)")
+    updates: int = Field(800, ge=1, description="gradient updates per critic of the lr grid (epochs = updates · batch_size / n_transitions); the kept update may be earlier (select)")
     log_every: int = Field(25, ge=1, description="updates per logged point (metrics are averaged over the window; held-out losses and best_val candidates)")
     select: Literal["best_return", "best_td", "last"] = Field("best_return", description="weights kept: the logged point with the lowest held-out return error (best_return) or TD loss (best_td, the official validation curve), or the last update")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of trajectories held out to validate the critic")
