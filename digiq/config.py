@@ -12,7 +12,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from digiq.channels import ChannelsParams, Inputs
-from digiq.channels import Inputs
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
