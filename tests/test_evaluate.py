@@ -401,19 +401,24 @@ def test_trained_policy_acts_on_live_vlm_features(tmp_path, monkeypatch):
     base = tmp_path / "base"
     build_model(Params(model={"base": str(base), "prompt_order": "image_first"}))
     width = json.loads((base / "config.json").read_text())["text_config"]["hidden_size"]
+    from digiq.channels import Inputs
+    from digiq.config import ActorParams, CriticParams
+
+    vlm = Inputs(q=["vlm"], v=["vlm"])  # the VLM feature alone (channel composition: the channels' own live test)
     torch.manual_seed(0)
-    CandidatePolicy(width, width, method="digiq").save_pretrained(tmp_path / "actors/digiq")
+    CandidatePolicy(width, width, ActorParams(inputs=vlm), method="digiq").save_pretrained(tmp_path / "actors/digiq")
     metrics = stage.run(_params(tmp_path, base=base, methods=["digiq"], workers=1, episodes_per_unit=2, protocols=["sample"]))
     m = metrics["protocols"]["sample"]["methods"]["digiq"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
     assert metrics["timing"]["this_run"]["sample"]["digiq"]["steps"] == 2 * m["mean_steps"]
+    assert not (tmp_path / "shards/.features").exists()  # the run's shared live features are scratch
     # critic-greedy: the same live path, choosing with a saved critic
-    DoubleCritic(width, width).save_pretrained(tmp_path / "critic")
+    DoubleCritic(width, width, CriticParams(inputs=vlm)).save_pretrained(tmp_path / "critic")
     params = _params(tmp_path, base=base, methods=["critic-greedy"], workers=1, episodes_per_unit=2, critic=str(tmp_path / "critic"))
     m = stage.run(params)["protocols"]["greedy"]["methods"]["critic-greedy"]
     assert m["episodes"] == 2 and m["timed_out"] == 0 and 1 <= m["mean_steps"] <= 4
     # a policy trained on other features is refused with one clear message
-    CandidatePolicy(width + 1, width + 1).save_pretrained(tmp_path / "actors/bc")
+    CandidatePolicy(width + 1, width + 1, ActorParams(inputs=vlm)).save_pretrained(tmp_path / "actors/bc")
     with pytest.raises(DigiqError, match="features.variant"):
         build_eval_policy("bc", 4, 0.3, "greedy", actor_dir=str(tmp_path / "actors/bc"), features=Evaluation.of(params).features)
 
