@@ -25,8 +25,11 @@ choice:
 
 K is the candidates stage's ``candidates.k`` (one declaration, no evaluate.k): offline a state's K candidates are
 its dataset action (a draw of π_β) and K − 1 further draws, live they are K draws, so n_k counts draws of one π_β
-out of the same K in training and at evaluation, and π ∝ n_β · exp g means the same thing in both. The live cost
-is featurization per distinct candidate (the screenshot once per step), which grows with K but less than K.
+out of the same K in training and at evaluation, and π ∝ n_β · exp g means the same thing in both (one π_β: the
+live candidates' noise, evaluate.noise or collect.noise, equals candidates.noise by default). The live cost is
+featurization per distinct candidate (the screenshot once per step), which grows with K but far less than K, and
+each state's features are computed once per run, whichever methods reach it (the first step of every episode is
+the same state for all of them; :mod:`digiq.live_features`).
 
 Statistics. Success rates carry a 95 % Wilson score interval:
 
