@@ -111,6 +111,7 @@ def project_params(project: Path, text: str = "", **sections: Any) -> Any:
         "candidates": {"out": str(data / "candidates.parquet")},
         "features": {"repo": str(project / "features"), "embeddings": str(data / "embeddings"), "derived": str(data / "features"),
                      "metrics": str(project / "metrics" / "features.json")},
+        "channels": {"out": str(data / "channels"), "metrics": str(project / "metrics" / "channels.json")},  # served when written
     }
     for section, values in {**(yaml.safe_load(text) or {}), **sections}.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
