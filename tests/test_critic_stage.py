@@ -173,6 +173,46 @@ def test_a_fresh_workspace_trains_from_the_tracked_sources_alone(tmp_path):
     assert not (project / "features" / "data").exists()
 
 
+def write_random_channels(project: Path, d_image: int = 4, d_e: int = 3) -> None:
+    """data/channels/ in the `digiq channels` contract for every step and candidate of ``project`` (random vectors)."""
+    import pyarrow as pa
+
+    from digiq.channel_tables import vectors, write_tables
+    from digiq.feature_contract import TIMESTAMP, cand_key, channel_candidates_schema, channel_states_schema, event_timestamp
+
+    rng = np.random.default_rng(0)
+    cands = pq.read_table(project / "data" / "candidates.parquet").to_pylist()
+    steps = sorted({(c["traj_id"], c["step_id"]) for c in cands})
+    n = len(steps)
+    states = pa.table({"state_key": [state_key(t, s) for t, s in steps], "traj_id": [t for t, _ in steps],
+                       "step_id": pa.array([s for _, s in steps], pa.int32()),
+                       "event_timestamp": pa.array([event_timestamp(s) for _, s in steps], TIMESTAMP),
+                       "image": vectors(rng.normal(size=(n, 2 * d_image))), "goal": vectors(rng.normal(size=(n, d_e))),
+                       "prev_action": vectors(rng.normal(size=(n, 2 * d_e))), "prev_type": [""] * n, "prev_text": [""] * n},
+                      schema=channel_states_schema(2 * d_image, d_e, 2 * d_e))
+    keys = [state_key(c["traj_id"], c["step_id"]) for c in cands]
+    candidates = pa.table({"cand_key": [cand_key(k, c["cand_idx"]) for k, c in zip(keys, cands)], "state_key": keys,
+                           "cand_idx": pa.array([c["cand_idx"] for c in cands], pa.int32()),
+                           "event_timestamp": pa.array([event_timestamp(c["step_id"]) for c in cands], TIMESTAMP),
+                           "action": vectors(rng.normal(size=(len(cands), 2 * d_e))), "action_type": ["tap"] * len(cands),
+                           "action_text": ["x"] * len(cands)}, schema=channel_candidates_schema(2 * d_e))
+    write_tables(project / "data" / "channels", states, candidates)
+
+
+def test_the_critic_reads_the_channels_critic_inputs_selects(tmp_path):
+    """Default inputs: x_V = image ⊕ goal ⊕ prev_action, x_Q = vlm ⊕ those ⊕ action; recorded in config.json."""
+    project = feature_project(tmp_path, n_states=N_STATES, k=K, dim=DIM, seed=1)
+    write_random_channels(project)
+    write_params(project, seed=2, critic={**SMALL_CRITIC, "updates": 40, "lrs": [1e-3]})
+    result = run_critic(project, "channels")
+    assert result.exit_code == 0, result.output
+    critic = DoubleCritic.from_pretrained(project / "channels" / "critic")
+    assert (critic.d_s, critic.d_sa) == (8 + 3 + 6, DIM + 8 + 3 + 6 + 6) and critic.config.inputs == CriticParams().inputs
+    metrics = json.loads((project / "channels" / "critic.json").read_text())
+    assert metrics["inputs"] == {"q": ["vlm", "image", "goal", "prev_action", "action"], "v": ["image", "goal", "prev_action"]}
+    assert metrics["diagnostics"]["val"]["ranking_states"] > 0
+
+
 def test_selection_without_held_out_trajectories_is_refused(project):
     result = run_critic(project, "no_val", "-S", "critic.val_fraction=0")
     assert result.exit_code == 2 and "critic.select" in result.output and "best_return needs held-out trajectories" in result.output
