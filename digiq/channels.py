@@ -150,13 +150,20 @@ def channel_dims(d_v: int, d_e: int) -> dict[str, int]:
 
 def input_dims(inputs: Inputs, d_s: int, d_sa: int, d_v: int, d_e: int) -> tuple[int, int]:
     """(d_v_in, d_q_in): the widths of x_V and x_Q under ``inputs``, f(s) being d_s wide and f(s, a) d_sa."""
+    inputs = as_inputs(inputs)
     widths = channel_dims(d_v, d_e)
     return (sum(d_s if name == "vlm" else widths[name] for name in inputs.v),
             sum(d_sa if name == "vlm" else widths[name] for name in inputs.q))
 
 
+def as_inputs(inputs: Inputs | Mapping[str, Any]) -> Inputs:
+    """An Inputs from itself or its saved form ({q: [...], v: [...]}, as a model's config.json keeps it)."""
+    return inputs if isinstance(inputs, Inputs) else Inputs.model_validate(inputs)
+
+
 def compose_v(inputs: Inputs, f_s: np.ndarray | None, state: Mapping[str, np.ndarray]) -> np.ndarray:
     """x_V [B, d_v_in]: the channels of ``inputs.v`` in canonical order (vlm: f(s) [B, d_s]; others: ``state[name]``)."""
+    inputs = as_inputs(inputs)
     parts = [_need(f_s, "vlm", "f(s)") if name == "vlm" else _need(state.get(name), name, "state channel") for name in inputs.v]
     return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1)
 
@@ -164,6 +171,7 @@ def compose_v(inputs: Inputs, f_s: np.ndarray | None, state: Mapping[str, np.nda
 def compose_q(inputs: Inputs, f_sa: np.ndarray | None, state: Mapping[str, np.ndarray], action: np.ndarray | None) -> np.ndarray:
     """x_Q [B, K, d_q_in]: the channels of ``inputs.q`` in canonical order; vlm is f(s, a_k) [B, K, d_sa], action the
     candidates' e(type) ⊕ e(text) [B, K, 2·d_e], the state channels [B, d] repeated over the K candidates."""
+    inputs = as_inputs(inputs)
     k = next((a.shape[1] for a in (f_sa, action) if a is not None), None)
     if k is None:
         raise DigiqError("Q needs a per-candidate channel (vlm or action) to know the candidates", field="inputs.q")

@@ -76,6 +76,8 @@ def test_compose_vlm_only_is_todays_features():
     f_s, f_sa = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 2, 5)).astype(np.float32)
     x_v, x_q = compose(Inputs(q=["vlm"], v=["vlm"]), f_s=f_s, f_sa=f_sa, state={}, action=None)
     assert np.array_equal(x_v, f_s) and np.array_equal(x_q, f_sa)
+    x_v, x_q = compose({"q": ["vlm"], "v": ["vlm"]}, f_s=f_s, f_sa=f_sa, state={}, action=None)  # as config.json saves it
+    assert np.array_equal(x_v, f_s) and np.array_equal(x_q, f_sa)
 
 
 def test_compose_names_a_missing_channel():
