@@ -196,8 +196,8 @@ def compose(inputs: Inputs, *, f_s: np.ndarray | None, f_sa: np.ndarray | None, 
 
 def _need(array: np.ndarray | None, name: str, what: str) -> np.ndarray:
     if array is None:
-        raise DigiqError(f"channel {name!r} selected but no {what} given (run `digiq channels` and `digiq features`)",
-                         field="inputs")
+        raise DigiqError(f"channel {name!r} selected but no {what} given (`digiq channels` writes the channels; "
+                         "training sets read them with read_training_data(..., channels=channels.out))", field="inputs")
     return array
 
 
