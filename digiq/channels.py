@@ -8,7 +8,13 @@ A channel is one block of a head's input vector; the heads read the concatenatio
 
 with f the VLM features of the embed stage (f(s) in V, f(s, a) in Q), v the frozen vision tower's pooled image
 feature (zeros for the screenshot before step 0), and e a frozen sentence encoder (all-MiniLM-L6-v2: mean-pooled
-BERT token states, L2-normalised). The previous action is the dataset action of step t−1 (empty strings at step 0).
+BERT token states, L2-normalised). An action's (type, text) are its kind in words and its typed text, or for a tap
+the name of the DOM control under it (:func:`action_strings`). The previous action is the dataset action of step t−1
+(empty strings at step 0).
+
+Offline the channels are computed once (:mod:`digiq.channel_tables`, the `digiq channels` stage) and served as feature
+views; live, :class:`EpisodeChannels` computes them step by step with the same functions, and :func:`compose` builds
+x_V, x_Q in both.
 """
 
 from __future__ import annotations
