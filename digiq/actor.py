@@ -25,8 +25,9 @@ the paper attributes to negative gradients; it is kept as specified, not clamped
 Measured, not trained: KL(π ‖ π_β) = Σ_k π(k | s) log(π(k | s) / π_β(k | s)) averaged over the training states never
 kept, the kept ones and, when ``held_out`` rows are given (held-out trajectories, never trained on), those states; and
 on the held-out states the cross-entropy of π against the extraction's target, −Σ_k T[b, k] log π(k | s_b) with
-T = the row of W normalised where a fresh draw keeps the state and T = π_β where it does not: how well the policy
-predicts, on states it never saw, what the method asks for (move where the critic keeps, stay at π_β elsewhere).
+T the mean over fresh draws (8 subsets) of W's row normalised where the draw keeps the state, π_β where it does not:
+how well the policy predicts, on states it never saw, what the method asks for (move where the critic keeps, stay at
+π_β elsewhere). ``anchor`` is chosen by the lowest held-out target cross-entropy (docs/results.md).
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ from torch import nn
 
 from digiq.channels import Inputs
 from digiq.config import ActorParams, Method
-from digiq.critic import DoubleCritic, LogFn, advantage, first_argmax, record_model
-from digiq.transitions import Transitions
+from digiq.critic import DoubleCritic, LogFn, Transitions, advantage, first_argmax, record_model
 from digiq.errors import DigiqError
 from digiq.extraction_weights import NEEDS_ADVANTAGE, BatchWeights, SelectionTally
 from digiq.nn import (EpochSampler, RunningMeans, Standardize, load_pretrained, load_state, map_chunks, mlp,
@@ -65,6 +65,7 @@ VLM_ONLY = {"q": ["vlm"], "v": ["vlm"]}
 ABSENT_MEANS = {"inputs": VLM_ONLY}  # policies saved before channels read f(s), f(s, a) alone
 ActorRecord = record_model("ActorRecord", ActorParams, SAVED, top_level=("seed",),
                            method=(Method, Field("digiq", description="the extraction method (actor.methods)")))
+HELD_OUT_DRAWS = 8  # fresh subsets averaged into the held-out target of the per-update methods
 SELECTION = ("frac_states_kept", "frac_imitated_not_dataset", "mean_advantage_kept", "frac_negative_weights")
 
 
@@ -272,11 +273,13 @@ def train_actor(
     if held_out is not None and bool(held_out.any()):
         val_rows = held_out.cpu().bool().nonzero().squeeze(1)
         val_draws = BatchWeights(config, pick(data.cand_mask, val_rows), pick(count, val_rows), pick(data.traj_success, val_rows),
-                                 pick(advantages, val_rows), generator, pick(weights, val_rows)).all_rows()
+                                 pick(advantages, val_rows), generator, pick(weights, val_rows))
+        val_weights = [val_draws.all_rows().weights for _ in range(HELD_OUT_DRAWS if val_draws.per_update else 1)]
         val_table = [t.index_select(0, val_rows) for t in (data.s, data.cand_sa, data.cand_mask, count)]
-        metrics.update(_held_out_metrics(policy, val_table, val_draws.weights))
+        metrics.update(_held_out_metrics(policy, val_table, val_weights))
     else:
-        metrics.update(kl_prior_heldout=math.nan, heldout_target_ce=math.nan, n_heldout=0)
+        metrics.update(kl_prior_heldout=math.nan, heldout_target_ce=math.nan, heldout_ce_kept=math.nan,
+                       heldout_ce_not_kept=math.nan, n_heldout=0, heldout_frac_kept=math.nan)
     return policy, metrics, history
 
 
@@ -307,18 +310,24 @@ def _kl_metrics(policy: CandidatePolicy, table: list[torch.Tensor], ever_kept: t
 
 
 @torch.no_grad()
-def _held_out_metrics(policy: CandidatePolicy, table: list[torch.Tensor], weights: torch.Tensor) -> dict[str, float]:
-    """On held-out states: mean KL(π ‖ π_β), and the cross-entropy −Σ_k T_k log π_k against the target T (W's row
-    normalised where the draw keeps the state, π_β where it does not; negative weights count as none)."""
+def _held_out_metrics(policy: CandidatePolicy, table: list[torch.Tensor], draws: list[torch.Tensor]) -> dict[str, float]:
+    """On held-out states: mean KL(π ‖ π_β), and the cross-entropy −Σ_k T_k log π_k against the target T, the mean
+    over ``draws`` (fresh subsets) of W's row normalised where the draw keeps the state and π_β where it does not
+    (negative weights count as none); also split by whether some draw kept the state (ce_kept / ce_not_kept)."""
     s, cand_sa, mask, count = table
     device = next(policy.parameters()).device
     log_pi = map_chunks(policy.log_probs, s, cand_sa, mask, count, device=device)
     prior = F.softmax(policy.prior_logits(mask, count), dim=-1)
-    positive = weights.clamp(min=0.0) * mask
-    total = positive.sum(dim=1, keepdim=True)
-    target = torch.where(total > 0, positive / total.clamp(min=1e-12), prior)
-    return {"kl_prior_heldout": _mean(_kl(policy, table)), "heldout_target_ce": _mean(-(target * log_pi).sum(dim=1)),
-            "n_heldout": len(s), "heldout_frac_kept": _mean((total.squeeze(1) > 0).float())}
+    target, kept = torch.zeros_like(prior), torch.zeros(len(s), dtype=torch.bool)
+    for weights in draws:
+        positive = weights.clamp(min=0.0) * mask
+        total = positive.sum(dim=1, keepdim=True)
+        target += torch.where(total > 0, positive / total.clamp(min=1e-12), prior) / len(draws)
+        kept |= total.squeeze(1) > 0
+    ce = -(target * log_pi).sum(dim=1)
+    return {"kl_prior_heldout": _mean(_kl(policy, table)), "heldout_target_ce": _mean(ce),
+            "heldout_ce_kept": _mean(ce[kept]), "heldout_ce_not_kept": _mean(ce[~kept]),
+            "n_heldout": len(s), "heldout_frac_kept": _mean(kept.float())}
 
 
 # ----------------------------------------------------------------------------------------------- the stage's pieces

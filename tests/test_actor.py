@@ -179,7 +179,7 @@ def toy():
     return data, critic
 
 
-ACTOR = ActorParams(n=4, updates=300, hidden=[64], device="cpu")
+ACTOR = ActorParams(n=4, updates=300, hidden=[64], anchor=0.0, device="cpu")  # the rule itself, unanchored
 
 
 def test_best_of_n_on_toy_mdp_imitates_the_critics_choice_and_is_deterministic(toy, tmp_path):
