@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate(params: Any, progress: bool) -> None:
-    """Success rate (95 % Wilson CI), mean episode length and episodes, per method and task → metrics/eval.json."""
+    """Per protocol (sample, greedy): success rate (95 % Wilson CI), mean episode length, episodes and paired McNemar
+    p-values, per method and task → metrics/eval.json."""
     from digiq.pipelines import evaluate as stage
 
     metrics = stage.run(params, progress=progress)
@@ -29,10 +30,14 @@ def _print(metrics: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"online success ({metrics['episodes_per_task']} episodes per task, seed {metrics['seed']})")
-    for column in ("method", "success", "95 % CI", "mean steps", "episodes"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for name, m in metrics["methods"].items():
-        table.add_row(name, f"{100 * m['success']:.1f} %", f"[{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
-                      f"{m['mean_steps']:.2f}", str(m["episodes"]))
-    Console().print(table)
+    for protocol, result in metrics["protocols"].items():
+        bar = f", bar: {result['bar']}" if result.get("bar") else ""
+        table = Table(title=f"online success, {protocol} protocol ({result['episodes_per_task']} episodes per task, "
+                            f"seed {metrics['seed']}{bar})")
+        for column in ("method", "success", "95 % CI", "mean steps", "episodes", f"p vs {result['paired']['reference']}"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for name, m in result["methods"].items():
+            paired = result["paired"]["against"].get(name)
+            table.add_row(name, f"{100 * m['success']:.1f} %", f"[{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
+                          f"{m['mean_steps']:.2f}", str(m["episodes"]), "–" if paired is None else f"{paired['p']:.2g}")
+        Console().print(table)

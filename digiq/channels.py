@@ -247,6 +247,18 @@ class EpisodeChannels:
         return {"image": np.concatenate([v, before])[None], "goal": self.encoder([goal]),
                 "prev_action": action_vectors(self.encoder, [prev])}
 
+    def remember(self, v: np.ndarray, elements: Elements) -> None:
+        """Make (v, page) the previous step's, as :meth:`step` does (for a step whose channels were computed before)."""
+        self.previous_image, self.previous_elements = np.asarray(v, np.float32)[: self.vision.dim], elements
+
+    def previous_key(self) -> bytes:
+        """Bytes that identify what this episode's next step reads of the previous one (its v and page)."""
+        import json
+
+        if self.previous_image is None:
+            return b"first step"
+        return self.previous_image.tobytes() + json.dumps(self.previous_elements, sort_keys=True, default=str).encode()
+
     def actions(self, actions: Sequence[Action], elements: Elements) -> np.ndarray:
         """The candidates' action channel [K, 2·d_e]."""
         return action_vectors(self.encoder, [action_strings(a, elements) for a in actions])

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from digiq.channels import ChannelsParams, Inputs
+from digiq.digirl import DigirlParams
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
@@ -310,6 +311,7 @@ class Params(Section):
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     critic: CriticParams = Field(default_factory=CriticParams)
     actor: ActorParams = Field(default_factory=ActorParams)
+    digirl: DigirlParams = Field(default_factory=DigirlParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
     view: ViewParams = Field(default_factory=ViewParams)

@@ -92,7 +92,10 @@ class Evaluation:
 
             parts["actor"] = file_digest(self.model_dir(method))
             parts["features"] = self.features
+            from digiq.live_features import channel_hash
+
             parts["model"] = model_hash(self.features["model"])
+            parts["channel_models"] = channel_hash(self.features.get("channels") or {})
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
@@ -119,13 +122,15 @@ class Evaluation:
 
 
 def live_features(params: Params) -> dict[str, Any]:
-    """The embed stage's recipe for the variant the policies were trained on (``features.variant``): the
-    :class:`~digiq.evaluate.LiveFeaturizer` arguments, so that live features equal training features."""
+    """The embed stage's recipe for the variant the policies were trained on (``features.variant``) and the channels
+    stage's models: the :class:`~digiq.live_features.LiveFeaturizer` arguments, so that live features equal training
+    features."""
     variant, embed = params.features.variant, params.embed
     if variant not in embed.models:
         raise DigiqError(f"no model path for variant {variant!r} in embed.models", field="features.variant")
+    channels = params.channels.model_dump(include={"model", "encoder", "dtype", "batch_size"})
     return {"variant": variant, "model": embed.models[variant], "layer": embed.layer, "pooling": embed.pooling,
-            "dtype": embed.dtype, "device": embed.device}
+            "dtype": embed.dtype, "device": embed.device, "channels": channels}
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -88,7 +88,7 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "behavior", "random"],
+    methods: list[str] = Field(default_factory=lambda: ["digiq", "bc", "filtered-bc", "awr", "reinforce", "digirl", "critic-greedy", "behavior", "random"],
                                description="trained policies (models/actor/<method>), critic-greedy and the baselines behavior, "
                                            "random (sample protocol only) and behavior-mode (greedy only, and always in the greedy table)")
     protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS),

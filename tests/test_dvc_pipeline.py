@@ -33,7 +33,7 @@ SMALL = {
     "critic": {"updates": 40, "batch_size": 16, "log_every": 10},
     "actor": {"methods": ["digiq", "bc"], "n": 4, "updates": 20, "batch_size": 16},
     "evaluate": {"methods": ["digiq", "bc", "critic-greedy", "behavior", "random"], "tasks": ["click-button"], "episodes_per_task": 2,
-                 "episodes_per_unit": 2, "k": 4},
+                 "episodes_per_unit": 2},
     "report": {"experiments": False},
 }
 
@@ -66,7 +66,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     root = _small_project(tmp_path / "project")
     run = _dvc(root, "repro")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    for stage in ("build-model", "collect", "label", "finetune", "candidates", "embed", "features", "critic",
+    for stage in ("build-model", "collect", "label", "finetune", "candidates", "embed", "channels", "features", "critic",
                   "actor@digiq", "actor@bc", "evaluate", "report"):
         assert f"Running stage '{stage}'" in run.stdout, stage
 
@@ -75,8 +75,13 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     critic = json.loads((root / "metrics/critic.json").read_text())
     assert critic["variant"] == "finetuned"
     evaluation = json.loads((root / "metrics/eval.json").read_text())
-    assert set(evaluation["methods"]) == {"digiq", "bc", "critic-greedy", "behavior", "random"}
-    assert all(m["episodes"] == 2 for m in evaluation["methods"].values())
+    sampled, greedy = (evaluation["protocols"][p]["methods"] for p in ("sample", "greedy"))
+    assert set(sampled) == {"digiq", "bc", "behavior", "random"}
+    assert set(greedy) == {"digiq", "bc", "critic-greedy", "behavior-mode"}
+    assert all(m["episodes"] == 2 for m in [*sampled.values(), *greedy.values()])
+    assert set(evaluation["protocols"]["sample"]["paired"]["against"]) == {"bc", "behavior", "random"}
+    critic_inputs = json.loads((root / "models/critic/config.json").read_text())["config"]["inputs"]
+    assert critic_inputs["q"] == ["vlm", "image", "goal", "prev_action", "action"]
     assert "Digi-Q" in (root / "reports/report.md").read_text()
     page = (root / "reports/report.html").read_text()
     assert re.search(r"<figure>\s*<svg\b", page) and 'src="http' not in page  # charts inline, nothing fetched

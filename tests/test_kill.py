@@ -163,10 +163,11 @@ def test_critic_killed_twice_resumes_to_the_same_critic(tmp_path):
 def test_evaluate_killed_twice_resumes_to_the_same_results(tmp_path):
     def argv(root: Path) -> list[str]:
         section = {"methods": ["behavior", "random"], "tasks": ["click-button"], "episodes_per_task": 2,
-                   "episodes_per_unit": 1, "k": 4, "max_steps": 4, "workers": 2, "shards": str(root / "shards"),
+                   "episodes_per_unit": 1, "max_steps": 4, "workers": 2, "shards": str(root / "shards"),
                    "out": str(root / "eval.json"), "plots": str(root / "eval.csv")}
         root.mkdir()
-        return ["evaluate", "--no-progress", "--params", str(write_params(root / "params.yaml", {"evaluate": section}))]
+        settings = {"evaluate": section, "candidates": {"k": 4}}
+        return ["evaluate", "--no-progress", "--params", str(write_params(root / "params.yaml", settings))]
 
     ref, root = tmp_path / "reference", tmp_path / "killed"
     run_stage(argv(ref), tmp_path / "reference.log")
@@ -176,7 +177,7 @@ def test_evaluate_killed_twice_resumes_to_the_same_results(tmp_path):
     assert wait_for_no_browsers() == []
 
     reference, resumed = (json.loads((r / "eval.json").read_text()) for r in (ref, root))
-    assert resumed["methods"] == reference["methods"]
+    assert resumed["protocols"] == reference["protocols"]
     assert (root / "eval.csv").read_bytes() == (ref / "eval.csv").read_bytes()
     shards = {p.relative_to(ref / "shards"): json.loads(p.read_text())["episodes"] for p in (ref / "shards").rglob("*.json")}
     assert {p.relative_to(root / "shards"): json.loads(p.read_text())["episodes"]
