@@ -7,7 +7,9 @@ tables are synthetic Parquet files following the contracts in digiq.viewer's doc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +48,9 @@ TRAJECTORIES = [
 ]
 # the numbers the browser test looks for: step 0 of ok-1
 OK1_STEP0 = {"v": 0.4321, "q": 0.5678, "advantage": 0.1357, "td_error": -0.2468, "mse": 49.25}
+# channel contributions (channel_scores.parquet) of step 0 of ok-1: ΔV per V channel, ΔQ of the dataset action per Q channel
+OK1_DV = {"image": 0.25, "goal": -0.125, "prev_action": 0.0625}
+OK1_DQ = {"vlm": 0.5, "image": -0.75, "goal": 0.125, "prev_action": 0.0, "action": 0.375}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -94,7 +99,7 @@ def candidate_actions(action: Action) -> list[Action]:
 
 def make_side_tables(root: Path) -> dict[str, Path]:
     """ε-labels, critic (step + candidate scores) and policy tables for every step of TRAJECTORIES."""
-    labels, steps, cands, policy = [], [], [], []
+    labels, steps, cands, policy, channels = [], [], [], [], []
     for t, (traj_id, _, _, actions, rewards) in enumerate(TRAJECTORIES):
         for i, action in enumerate(actions):
             values = {"v": 0.1 * t + 0.05 * i, "q": 0.1 * t + 0.05 * i + 0.02, "advantage": 0.02, "td_error": 0.01 * (t + 1) * (-1) ** i}
@@ -109,11 +114,16 @@ def make_side_tables(root: Path) -> dict[str, Path]:
             for c, cand in enumerate(candidate_actions(action)):
                 cands.append({"traj_id": traj_id, "step_id": i, "cand_idx": c, "action": format_action(cand), "q": qs[c]})
                 policy.append({"traj_id": traj_id, "step_id": i, "cand_idx": c, "action": format_action(cand), "prob": probs[c], "chosen": c == 3})
+                dv = OK1_DV if (traj_id, i) == ("ok-1", 0) else {k: 0.01 for k in OK1_DV}
+                dq = OK1_DQ if (traj_id, i, c) == ("ok-1", 0, 0) else {k: 0.02 * c for k in OK1_DQ}
+                channels.append({"traj_id": traj_id, "step_id": i, "cand_idx": c, "v": values["v"], "q": qs[c],
+                                 **{f"dv_{k}": d for k, d in dv.items()}, **{f"dq_{k}": d for k, d in dq.items()}})
     (root / "critic").mkdir(parents=True, exist_ok=True)
     (root / "policy").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(labels), root / "labels.parquet")
     pq.write_table(pa.Table.from_pylist(steps), root / "critic" / "step_scores.parquet")
     pq.write_table(pa.Table.from_pylist(cands), root / "critic" / "candidate_scores.parquet")
+    pq.write_table(pa.Table.from_pylist(channels), root / "critic" / "channel_scores.parquet")
     pq.write_table(pa.Table.from_pylist(policy), root / "policy" / "policy_scores.parquet")
     return {"labels": root / "labels.parquet", "critic": root / "critic", "policy": root / "policy"}
 
@@ -212,6 +222,77 @@ def test_bad_side_table_is_one_error_naming_file_and_field(built, tmp_path, tabl
         build_site(built["dataset"], tmp_path / "site", **{argument: target})
     assert caught.value.file == str(bad) and caught.value.field == field
     assert not (tmp_path / "site").exists()  # nothing half-written
+
+
+def step_html(page: str, step: int) -> str:
+    return page.split(f'<section class="step" id="step-{step}"')[1].split("</section>")[0]
+
+
+def contributions_cells(page: str, step: int) -> dict[str, dict[str, str]]:
+    """{row: {channel: cell text}} of a step's channel-contributions table, plus each row's "score" and "mark"."""
+    table = step_html(page, step).split('data-field="contributions"')[1].split("</table>")[0]
+    rows = {}
+    for row in re.findall(r'<tr data-row="([^"]+)"([^>]*)>(.*?)</tr>', table):
+        name, attributes, cells = row
+        rows[name] = dict(re.findall(r'data-channel="([^"]+)"[^>]*>([^<]*)<', cells))
+        rows[name]["score"] = re.findall(r"<td>([^<]*)</td>", cells)[0]
+        rows[name]["mark"] = "".join(re.findall(r'data-mark="([^"]+)"', attributes))
+    return rows
+
+
+def test_channel_contributions_beside_the_critic_scores(built):
+    page = (built["site"] / "t" / "ok-1.html").read_text(encoding="utf-8")
+    rows = contributions_cells(page, 0)
+    assert list(rows) == ["v", "c0", "c3", "c1"]  # V(s), the dataset action, then the critic table's other top-3 candidates
+    assert rows["v"] == {"image": "+0.250", "goal": "-0.125", "prev_action": "+0.062", "vlm": "·", "action": "·",
+                         "score": num(OK1_STEP0["v"]), "mark": ""}  # vlm and action are not inputs of this V
+    assert rows["c0"] == {"vlm": "+0.500", "image": "-0.750", "goal": "+0.125", "prev_action": "+0.000", "action": "+0.375",
+                          "score": num(OK1_STEP0["q"]), "mark": "a"}
+    assert rows["c3"]["goal"] == "+0.060" and rows["c3"]["score"] == "0.900" and rows["c3"]["mark"] == "c3"
+    # bars are scaled to the step's largest |Δ| (0.75); a negative Δ is drawn as such
+    assert 'class="dc neg" data-channel="image" style="--w:100%">-0.750' in step_html(page, 0)
+    assert 'class="dc pos" data-channel="vlm" style="--w:67%">+0.500' in step_html(page, 0)
+    assert "channel contributions" not in page.split("</header>")[0]  # no note: there is something to show
+
+
+def _critic_folder(built, folder: Path, config: dict | None, channel_rows: list[dict] | None = None) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copyfile(built["critic"] / "step_scores.parquet", folder / "step_scores.parquet")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps({"kind": "digiq-critic", "config": config}))
+    if channel_rows is not None:
+        _write(folder / "channel_scores.parquet", channel_rows)
+    return folder
+
+
+@pytest.mark.parametrize("config, channel_rows", [
+    ({"inputs": {"q": ["vlm"], "v": ["vlm"]}}, None),  # a VLM-only critic, no table
+    ({"hidden": [8]}, None),  # saved before critic.inputs existed: VLM-only
+    ({"inputs": {"q": ["vlm"], "v": ["vlm"]}}, [{"traj_id": "ok-1", "step_id": 0, "cand_idx": 0, "v": 0.1, "q": 0.2}]),  # table without Δ
+])
+def test_vlm_only_critic_says_there_is_nothing_to_attribute(built, tmp_path, config, channel_rows):
+    critic = _critic_folder(built, tmp_path / "critic", config, channel_rows)
+    page = (build_site(built["dataset"], tmp_path / "site", critic=critic).out / "t" / "ok-1.html").read_text(encoding="utf-8")
+    note = re.search(r'data-fact="channel contributions">([^<]*)<', page).group(1)
+    assert note.startswith("none: a VLM-only critic") and "nothing to attribute" in note
+    assert 'data-field="contributions"' not in page and 'data-field="v">' in page  # the scores are still shown
+
+
+def test_channel_critic_without_its_table_says_so_and_plain_folders_say_nothing(built, tmp_path):
+    critic = _critic_folder(built, tmp_path / "critic", {"inputs": {"q": ["vlm", "goal"], "v": ["goal"]}})
+    page = (build_site(built["dataset"], tmp_path / "site", critic=critic).out / "t" / "ok-1.html").read_text(encoding="utf-8")
+    assert "re-run the critic stage" in re.search(r'data-fact="channel contributions">([^<]*)<', page).group(1)
+    plain = _critic_folder(built, tmp_path / "plain", None)  # not the critic stage's folder: no config.json
+    page = (build_site(built["dataset"], tmp_path / "site2", critic=plain).out / "t" / "ok-1.html").read_text(encoding="utf-8")
+    assert "channel contributions" not in page
+
+
+def test_bad_channel_table_is_one_error_naming_file_and_field(built, tmp_path):
+    rows = [{"traj_id": "ok-1", "step_id": 0, "cand_idx": 0, "v": 0.1, "q": 0.2, "dv_goal": 0.0, "dq_goal": float("nan")}]
+    critic = _critic_folder(built, tmp_path / "critic", {"inputs": {"q": ["vlm", "goal"], "v": ["goal"]}}, rows)
+    with pytest.raises(DigiqError) as caught:
+        build_site(built["dataset"], tmp_path / "site", critic=critic)
+    assert caught.value.file == str(critic / "channel_scores.parquet") and caught.value.field == "dq_goal"
 
 
 def test_failed_rebuild_keeps_the_previous_site(built, tmp_path):

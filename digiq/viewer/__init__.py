@@ -28,6 +28,9 @@ Critic output folder (``--critic DIR``, written by the critic stage):
         action     string   the candidate in the AutoUI action string form (digiq.actions.format_action)
         q          float    Q(s, candidate)
     The page shows the top ``top_k`` candidates by q (ties: lower cand_idx first), plus cand 0's rank.
+    DIR/channel_scores.parquet — optional: how much V and each candidate's Q change when one input channel is set
+        to its training mean (``digiq.viewer.contributions`` has the contract); a VLM-only critic has nothing to
+        attribute and its pages say so.
 
 Policy output folder (``--policy DIR``, written by the actor stage):
     DIR/policy_scores.parquet — key (traj_id, step_id, cand_idx):

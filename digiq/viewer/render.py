@@ -13,10 +13,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from digiq.actions import describe_action
 from digiq.schema import Action, Step, Trajectory
 from digiq.viewer.tables import Candidate, Ranking, StepLabel, StepScore
+
+if TYPE_CHECKING:
+    from digiq.viewer.contributions import StepContributions
 
 MAX_SHOT_WIDTH = 360  # CSS px; small screenshots (MiniWoB's 160×210) are shown at 2×
 MAX_SHOT_HEIGHT = 560
@@ -65,6 +69,7 @@ class StepView:
     score: StepScore | None = None
     critic: Ranking | None = None
     policy: Ranking | None = None
+    contributions: StepContributions | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class TrajectoryView:
     has_candidates: bool = False
     has_policy: bool = False
     has_labels: bool = False
+    channels: tuple[str, ...] = ()  # the critic's attributed input channels (contributions table columns)
     dataset_name: str = ""
     facts: dict[str, str] = field(default_factory=dict)
 
@@ -296,6 +302,7 @@ def step_section(view: StepView, page: TrajectoryView) -> str:
         f'<code class="action-str" data-field="action">{esc(step.action)}</code>'
         f'<table class="kv">{_step_rows(view, page)}</table>'
         + (_critic_table(view) if view.critic else "")
+        + (_contributions(view, page) if view.contributions else "")
         + (_policy_table(view) if view.policy else "")
     )
     return (
@@ -353,6 +360,15 @@ def _critic_table(view: StepView) -> str:
         f'<table class="cands critic"><caption>Critic: top candidates by Q · <span data-field="data_rank">{rank_text}</span></caption>'
         f"<tr><th>#</th><th>Q</th><th>Q − V</th><th>action</th><th>cand</th></tr>{''.join(rows)}</table>"
     )
+
+
+def _contributions(view: StepView, page: TrajectoryView) -> str:
+    """The channel contributions of V(s), the dataset action and the candidates the critic table shows."""
+    from digiq.viewer.contributions import contributions_table
+
+    shown = [(0, "Q(s, a) dataset", "a")] + [(c.cand_idx, f"Q #{c.cand_idx} (rank {c.rank})", f"c{c.cand_idx}")
+                                             for c in (view.critic.candidates if view.critic else ()) if c.cand_idx != 0]
+    return contributions_table(view.contributions, page.channels, shown)
 
 
 def _policy_table(view: StepView) -> str:

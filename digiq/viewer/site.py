@@ -31,7 +31,7 @@ from digiq.atomic import atomic_path
 from digiq.errors import DigiqError
 from digiq.schema import Trajectory
 from digiq.store import Dataset
-from digiq.viewer.render import Shot, StepView, TrajectoryView, index_page, json_for_script, num, trajectory_page
+from digiq.viewer.render import Shot, StepView, TrajectoryView, esc, index_page, json_for_script, num, trajectory_page
 from digiq.viewer.tables import Key, SideTables
 
 SITE_FILE = "site.json"
@@ -190,11 +190,14 @@ def trajectory_view(
                 score=_get(side.scores, key),
                 critic=_get(side.candidates, key),
                 policy=_get(side.policy, key),
+                contributions=_get(side.contributions.steps if side.contributions else None, key),
             )
         )
     facts = {}
     if side.scores is not None:
         facts["mean |TD error|"] = num(mean_abs_td(traj, side))
+    if side.contributions is not None and side.contributions.note:
+        facts["channel contributions"] = esc(side.contributions.note)
     if side.labels is not None:
         labelled = [s.label for s in steps if s.label]
         facts["ε-labels Yes"] = f"{sum(lab.label == 'Yes' for lab in labelled)} of {len(labelled)}"
@@ -207,6 +210,7 @@ def trajectory_view(
         has_candidates=side.candidates is not None,
         has_policy=side.policy is not None,
         has_labels=side.labels is not None,
+        channels=side.contributions.channels if side.contributions else (),
         dataset_name=dataset_name,
         facts=facts,
     )

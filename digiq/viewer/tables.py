@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +20,9 @@ from digiq.actions import parse_action
 from digiq.errors import ActionParseError, DigiqError
 from digiq.parquet import read_table
 from digiq.schema import Action
+
+if TYPE_CHECKING:
+    from digiq.viewer.contributions import Contributions
 
 Key = tuple[str, int]  # (traj_id, step_id)
 
@@ -102,6 +105,7 @@ class SideTables:
     candidates: dict[Key, Ranking] | None = None
     policy: dict[Key, Ranking] | None = None
     sources: dict[str, Path] | None = None  # table name -> file it came from
+    contributions: Contributions | None = None  # the critic's channel contributions (digiq.viewer.contributions)
 
     @classmethod
     def load(
@@ -118,6 +122,11 @@ class SideTables:
             if cand_path.exists():
                 tables.candidates = load_candidate_scores(cand_path, top_k)
                 tables.sources["critic candidate scores"] = cand_path
+            from digiq.viewer.contributions import load_contributions
+
+            tables.contributions = load_contributions(critic)
+            if tables.contributions.steps is not None:
+                tables.sources["critic channel contributions"] = tables.contributions.source
         if policy is not None:
             path = critic_file(policy, POLICY_SCORES_FILE)
             tables.policy = load_policy_scores(path, top_k)
@@ -126,7 +135,8 @@ class SideTables:
 
     def keyed(self) -> dict[str, Iterable[Key]]:
         """The keys of each loaded table (to check them against the dataset's steps)."""
-        named = {"labels": self.labels, "critic step scores": self.scores, "critic candidate scores": self.candidates, "policy scores": self.policy}
+        named = {"labels": self.labels, "critic step scores": self.scores, "critic candidate scores": self.candidates, "policy scores": self.policy,
+                 "critic channel contributions": self.contributions.steps if self.contributions else None}
         return {name: table.keys() for name, table in named.items() if table is not None}
 
 
