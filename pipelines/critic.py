@@ -3,7 +3,8 @@
     data/embeddings/<variant>/, data/features/<variant>/ ─▶ offline store ─▶ training data (critic.inputs channels)
         ─┬─ train rows ─▶ one critic per rate of critic.lrs (train_critic_grid) ─▶ the kept critic
          └─ val rows (held-out trajectories) ─▶ held-out TD loss (which update), return error (which rate), diagnostics
-    outputs: models/critic/{model.safetensors, config.json, step_scores.parquet, candidate_scores.parquet}
+    outputs: models/critic/{model.safetensors, config.json, step_scores.parquet, candidate_scores.parquet,
+             channel_scores.parquet (per-channel ΔQ, ΔV for the viewer, :mod:`digiq.channel_attribution`; not for VLM-only)}
              metrics/critic.json, dvclive/critic/ (Q/V loss, TD error, mean Q per logged update)
     models/critic.ckpt: the training state of every run of the grid (saved every ``critic.checkpoint_every`` updates
              and at each run's end); a killed run resumes from it; removed once the outputs are written
@@ -82,6 +83,7 @@ def run(params: Params, *, progress: bool = False) -> CriticOutcome:
     import pyarrow.parquet as pq
     import torch
 
+    from digiq.channel_attribution import FILE as CHANNEL_SCORES, attribution_table
     from digiq.critic_diagnostics import (candidate_scores, critic_diagnostics, critic_metrics, per_task_diagnostics, step_scores,
                                           trajectory_task)
     from digiq.critic_grid import train_critic_grid
@@ -119,6 +121,8 @@ def run(params: Params, *, progress: bool = False) -> CriticOutcome:
         critic.save_pretrained(tmp)
         pq.write_table(step_scores(critic, data, np.flatnonzero(~data.truncated), split), tmp / STEP_SCORES)
         pq.write_table(candidate_scores(critic, data), tmp / CANDIDATE_SCORES)
+        if not p.inputs.vlm_only:
+            pq.write_table(attribution_table(critic, data, np.arange(len(data)), mean_rows=train_rows), tmp / CHANNEL_SCORES)
     timings = {"load": loaded - started, "train": trained - train_start, "total": time.perf_counter() - started,
                "updates_per_s": p.updates * len(p.lrs) / max(trained - train_start, 1e-9),
                **{f"frame_{k.removesuffix('_s')}": v for k, v in data.frame.timings.items()}, "threads": threads}
