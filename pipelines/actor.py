@@ -61,7 +61,8 @@ def run(params: Params, *, method: str, progress: bool = False) -> ActorOutcome:
     started = time.perf_counter()
     threads = set_threads()  # 128 states × K candidates per update: enough work for every core
     critic = load_critic(params.critic.out, required=method in NEEDS_CRITIC)
-    data = read_training_data(params.features)
+    vlm_only = p.inputs.vlm_only and (critic is None or critic.config.inputs.vlm_only) and params.critic.inputs.vlm_only
+    data = read_training_data(params.features, channels=None if vlm_only else params.channels.out)
     transitions = data.transitions(inputs=p.inputs)
     advantages = weights = None
     extra: dict[str, Any] = {}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SMALL_CRITIC, command_app, copy_feature_repo, feature_project, project_params, write_params
+from conftest import (SMALL_CRITIC, command_app, copy_feature_repo, feature_project, project_params, write_params,
+                      write_random_channels)
 from digiq.actor import METHODS, CandidatePolicy, check_dims
 from digiq.cli import actor as actor_cli
 from digiq.cli import critic as critic_cli
@@ -135,3 +136,22 @@ def test_critic_of_another_dimension_is_refused(project, frame, tmp_path):
     with pytest.raises(DigiqError, match="re-run `digiq critic`"):
         check_dims(DoubleCritic.from_pretrained(tmp_path / "critic"), frame.transitions(), tmp_path / "critic")
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("method", ["digiq", "digirl"])
+def test_the_default_channel_inputs_train_critic_and_policy(tmp_path, method):
+    """Default inputs everywhere: the stage reads the channels for the critic's advantages (or DigiRL's values) and
+    for the policy's own x_V, x_Q; the policy's widths are the channel widths."""
+    root = feature_project(tmp_path, n_states=N_STATES, k=K, dim=DIM, seed=2)
+    write_random_channels(root)
+    write_params(root, seed=1, critic={**SMALL_CRITIC, "updates": 40, "lrs": [1e-3]},
+                 actor={**PARAMS["actor"], "inputs": {"q": ["vlm", "image", "goal", "prev_action", "action"],
+                                                      "v": ["image", "goal", "prev_action"]}},
+                 digirl={"step_updates": 5, "instruction_updates": 5})
+    result = invoke(root, "critic", "--out", str(root / "models" / "critic"), "-S", f"critic.metrics={root / 'critic.json'}",
+                    "-S", f"critic.live_dir={root / 'dvclive' / 'critic'}")
+    assert result.exit_code == 0, result.output
+    result = run_actor(root, method)
+    assert result.exit_code == 0, result.output
+    policy = CandidatePolicy.from_pretrained(root / "actors" / "main" / method)
+    assert (policy.d_s, policy.d_sa) == (8 + 3 + 6, DIM + 8 + 3 + 6 + 6)

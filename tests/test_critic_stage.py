@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SMALL_CRITIC, command_app, feature_project, project_params, write_params
+from conftest import SMALL_CRITIC, command_app, feature_project, project_params, write_params, write_random_channels
 from digiq.cli import critic as critic_cli
 from digiq.config import CriticParams
 from digiq.critic import DoubleCritic
@@ -171,32 +171,6 @@ def test_a_fresh_workspace_trains_from_the_tracked_sources_alone(tmp_path):
     result = run_critic(project, "out")
     assert result.exit_code == 0, result.output
     assert not (project / "features" / "data").exists()
-
-
-def write_random_channels(project: Path, d_image: int = 4, d_e: int = 3) -> None:
-    """data/channels/ in the `digiq channels` contract for every step and candidate of ``project`` (random vectors)."""
-    import pyarrow as pa
-
-    from digiq.channel_tables import vectors, write_tables
-    from digiq.feature_contract import TIMESTAMP, cand_key, channel_candidates_schema, channel_states_schema, event_timestamp
-
-    rng = np.random.default_rng(0)
-    cands = pq.read_table(project / "data" / "candidates.parquet").to_pylist()
-    steps = sorted({(c["traj_id"], c["step_id"]) for c in cands})
-    n = len(steps)
-    states = pa.table({"state_key": [state_key(t, s) for t, s in steps], "traj_id": [t for t, _ in steps],
-                       "step_id": pa.array([s for _, s in steps], pa.int32()),
-                       "event_timestamp": pa.array([event_timestamp(s) for _, s in steps], TIMESTAMP),
-                       "image": vectors(rng.normal(size=(n, 2 * d_image))), "goal": vectors(rng.normal(size=(n, d_e))),
-                       "prev_action": vectors(rng.normal(size=(n, 2 * d_e))), "prev_type": [""] * n, "prev_text": [""] * n},
-                      schema=channel_states_schema(2 * d_image, d_e, 2 * d_e))
-    keys = [state_key(c["traj_id"], c["step_id"]) for c in cands]
-    candidates = pa.table({"cand_key": [cand_key(k, c["cand_idx"]) for k, c in zip(keys, cands)], "state_key": keys,
-                           "cand_idx": pa.array([c["cand_idx"] for c in cands], pa.int32()),
-                           "event_timestamp": pa.array([event_timestamp(c["step_id"]) for c in cands], TIMESTAMP),
-                           "action": vectors(rng.normal(size=(len(cands), 2 * d_e))), "action_type": ["tap"] * len(cands),
-                           "action_text": ["x"] * len(cands)}, schema=channel_candidates_schema(2 * d_e))
-    write_tables(project / "data" / "channels", states, candidates)
 
 
 def test_the_critic_reads_the_channels_critic_inputs_selects(tmp_path):
