@@ -1,4 +1,4 @@
-"""`digiq data stats|show` and `digiq import-digiq`.
+"""`digiq data stats|show|regime` and `digiq import-digiq`.
 
 Only typer and the stdlib at module top: rich, torch and the library load inside the commands.
 """
@@ -50,6 +50,36 @@ def show(
         typer.echo(json.dumps(view.model_dump(), indent=2))
         return
     _print_trajectory(view)
+
+
+@app.command("regime")
+@handle_errors
+def regime(
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder [params: collect.out]."),
+    candidates: Path | None = typer.Option(None, "--candidates", help="Candidate table [params: candidates.out]."),
+    eval_metrics: Path | None = typer.Option(None, "--eval", help="evaluate's metrics, for behavior-mode's live success [params: evaluate.out]."),
+    identity: str | None = typer.Option(None, "--identity", help="State identity: semantic | exact [params: regime.identity]."),
+    gate: bool | None = typer.Option(None, "--gate/--no-gate", help="Check the regime's bands, exit 2 outside them [params: regime.gate]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the regime as JSON instead of a table."),
+    params: Path = PARAMS_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+) -> None:
+    """Per task: π_β's sample success, mode agreement and live mode success, horizons, states with contrast,
+    mode-wrong states with supported corrections and how often π_β draws the correction (digiq/regime.py)."""
+    from digiq.regime import RegimeParams, check_regime, dataset_regime
+
+    settings = load(params, overrides)
+    given = getattr(settings, "regime", None) or RegimeParams()
+    bands = RegimeParams.model_validate({**given.model_dump(), **{k: v for k, v in {"identity": identity, "gate": gate}.items() if v is not None}})
+    summary = dataset_regime(data or Path(settings.collect.out), candidates or Path(settings.candidates.out),
+                             eval_metrics or Path(settings.evaluate.out), bands.identity)
+    result = check_regime(summary, bands) if bands.gate else None
+    if as_json:
+        typer.echo(json.dumps({**summary, "gate": None if result is None else {"success": result.success, "failures": result.failures}}, indent=2))
+    else:
+        _print_regime(summary, result)
+    if result is not None:
+        result.raise_for_failures(summary["raw"])
 
 
 @handle_errors
@@ -119,6 +149,31 @@ def _print_stats(summary) -> None:  # DatasetStats
         per_task.add_row(escape(task.task), str(task.trajectories), str(task.steps), _percent(task.success_rate), _number(task.mean_length), actions)
     tables = ["tables: " + ", ".join(f"{name} ({rows} rows)" for name, rows in summary.tables.items())] if summary.tables else []
     _show(header, kinds, per_task, *tables)
+
+
+def _print_regime(summary: dict, result) -> None:  # SuiteResult | None
+    """Two tables that fit 80 columns: π_β and horizons, then contrast and corrections; the legend; the gate."""
+    from rich import box
+    from rich.markup import escape
+
+    from digiq.regime import COLUMNS, LEGEND, rows
+
+    cells = rows(summary, unmeasured="n/m", space="")
+    tables = []
+    for title, part in ((f"regime of {summary['raw']}: π_β and horizons", slice(0, 6)),
+                        (f"contrast and corrections (state identity: {summary['identity']})", slice(6, None))):
+        table = _table(("task", *(short for short, _, _, _ in COLUMNS[part])), left=("task",), box=box.SIMPLE_HEAD,
+                       title=escape(title))
+        for name, values in cells:
+            table.add_row(escape(name), *values[part], style="bold" if name == "suite" else None)
+        tables.append(table)
+    source = summary["eval"] or "n/m, not measured (no behavior-mode in evaluate's greedy metrics)"
+    lines = [f"[dim]{escape(LEGEND)}[/dim]",
+             f"candidates: {escape(summary['candidates'])}\nlive mode success: {escape(source)}"]
+    if result is not None:
+        lines.append("[green]regime gate passed[/green]" if result.success
+                     else "[red]regime gate failed:[/red]\n  " + "\n  ".join(escape(f) for f in result.failures))
+    _show(*tables, *lines)
 
 
 def _print_trajectory(view) -> None:  # TrajectoryView
