@@ -160,7 +160,7 @@ def _print_regime(summary: dict, result) -> None:  # SuiteResult | None
 
     cells = rows(summary, unmeasured="n/m", space="")
     tables = []
-    for title, part in ((f"regime of {summary['raw']}: π_β and horizons", slice(0, 6)),
+    for title, part in (("regime: π_β and horizons", slice(0, 6)),
                         (f"contrast and corrections (state identity: {summary['identity']})", slice(6, None))):
         table = _table(("task", *(short for short, _, _, _ in COLUMNS[part])), left=("task",), box=box.SIMPLE_HEAD,
                        title=escape(title))
@@ -169,7 +169,7 @@ def _print_regime(summary: dict, result) -> None:  # SuiteResult | None
         tables.append(table)
     source = summary["eval"] or "n/m, not measured (no behavior-mode in evaluate's greedy metrics)"
     lines = [f"[dim]{escape(LEGEND)}[/dim]",
-             f"candidates: {escape(summary['candidates'])}\nlive mode success: {escape(source)}"]
+             f"data: {escape(summary['raw'])}\ncandidates: {escape(summary['candidates'])}\nlive mode success: {escape(source)}"]
     if result is not None:
         lines.append("[green]regime gate passed[/green]" if result.success
                      else "[red]regime gate failed:[/red]\n  " + "\n  ".join(escape(f) for f in result.failures))
