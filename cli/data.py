@@ -55,22 +55,24 @@ def show(
 @app.command("regime")
 @handle_errors
 def regime(
-    data: Path | None = typer.Option(None, "--data", help="Dataset folder [params: collect.out]."),
-    candidates: Path | None = typer.Option(None, "--candidates", help="Candidate table [params: candidates.out]."),
-    eval_metrics: Path | None = typer.Option(None, "--eval", help="evaluate's metrics, for behavior-mode's live success [params: evaluate.out]."),
-    identity: str | None = typer.Option(None, "--identity", help="State identity: semantic | exact [params: regime.identity]."),
-    gate: bool | None = typer.Option(None, "--gate/--no-gate", help="Check the regime's bands, exit 2 outside them [params: regime.gate]."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default: params collect.out)."),
+    candidates: Path | None = typer.Option(None, "--candidates", help="Candidate table (default: params candidates.out)."),
+    eval_metrics: Path | None = typer.Option(None, "--eval", help="evaluate's metrics, for behavior-mode's live success (default: params evaluate.out)."),
+    identity: str | None = typer.Option(None, "--identity", help="State identity: semantic | exact (default: params regime.identity)."),
+    gate: bool | None = typer.Option(None, "--gate/--no-gate", help="Check the regime's bands, exit 2 outside them (default: params regime.gate)."),
     as_json: bool = typer.Option(False, "--json", help="Print the regime as JSON instead of a table."),
     params: Path = PARAMS_OPTION,
     overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Per task: π_β's sample success, mode agreement and live mode success, horizons, states with contrast,
     mode-wrong states with supported corrections and how often π_β draws the correction (digiq/regime.py)."""
+    from digiq.config import validated
     from digiq.regime import RegimeParams, check_regime, dataset_regime
 
     settings = load(params, overrides)
-    given = getattr(settings, "regime", None) or RegimeParams()
-    bands = RegimeParams.model_validate({**given.model_dump(), **{k: v for k, v in {"identity": identity, "gate": gate}.items() if v is not None}})
+    given = getattr(settings, "regime", None) or RegimeParams()  # Params embeds it as `regime` (else its defaults)
+    flags = {key: value for key, value in {"identity": identity, "gate": gate}.items() if value is not None}
+    bands = validated(RegimeParams, {**given.model_dump(), **flags}, "regime")
     summary = dataset_regime(data or Path(settings.collect.out), candidates or Path(settings.candidates.out),
                              eval_metrics or Path(settings.evaluate.out), bands.identity)
     result = check_regime(summary, bands) if bands.gate else None

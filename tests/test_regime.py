@@ -157,3 +157,5 @@ def test_cli_prints_the_tables_json_and_gates(data, tmp_path):
     result = runner.invoke(app, ["data", "regime", *paths, "--gate"])
     assert result.exit_code == 2
     assert "regime failed" in result.stderr and "dead: successful episodes ≥ 15%" in result.stderr
+    result = runner.invoke(app, ["data", "regime", *paths, "--identity", "fuzzy"])
+    assert result.exit_code == 2 and "regime.identity" in result.stderr and "Traceback" not in result.output
