@@ -159,3 +159,13 @@ def test_cli_prints_the_tables_json_and_gates(data, tmp_path):
     assert "regime failed" in result.stderr and "dead: successful episodes ≥ 15%" in result.stderr
     result = runner.invoke(app, ["data", "regime", *paths, "--identity", "fuzzy"])
     assert result.exit_code == 2 and "regime.identity" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_candidate_table_of_other_data_is_refused(data, tmp_path):
+    from digiq.errors import DigiqError
+
+    raw, _ = data
+    row = {"traj_id": "t1", "step_id": 0, "elements": json.dumps(E0)}
+    write_candidates(candidate_table([(row, [format_action(a1), format_action(B)])]), tmp_path / "few.parquet")
+    with pytest.raises(DigiqError, match=r"no candidates for state t1/1 \(9 of 10 steps\)"):
+        dataset_regime(raw, tmp_path / "few.parquet")
