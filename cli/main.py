@@ -50,7 +50,7 @@ def main(
     """Run `digiq COMMAND --help` for each stage's options; every default comes from params.yaml."""
 
 
-app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (stats, show).")
+app.add_typer(data_cli.app, name="data", help="Inspect a trajectory dataset (stats, show, regime).")
 app.add_typer(model_cli.app, name="model", help="Build the default VLM; summarise a checkpoint folder.")
 app.add_typer(features_cli.app, name="features", help="Feast feature store: materialize frozen features, read them online.")
 data_cli.register(app)

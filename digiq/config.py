@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from digiq.channels import ChannelsParams, Inputs
 from digiq.digirl import DigirlParams
+from digiq.regime import RegimeParams
 from digiq.envs.behavior import IMPATIENT, scores_with
 from digiq.errors import DigiqError
 from digiq.evaluate import EvaluateParams
@@ -312,6 +313,7 @@ class Params(Section):
     critic: CriticParams = Field(default_factory=CriticParams)
     actor: ActorParams = Field(default_factory=ActorParams)
     digirl: DigirlParams = Field(default_factory=DigirlParams)
+    regime: RegimeParams = Field(default_factory=RegimeParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
     view: ViewParams = Field(default_factory=ViewParams)

@@ -89,13 +89,13 @@ class Evaluation:
                                  "candidate_rule": CANDIDATE_RULE}
         if method not in BASELINES:
             from digiq.extractor import model_hash
-
-            parts["actor"] = file_digest(self.model_dir(method))
-            parts["features"] = self.features
             from digiq.live_features import channel_hash
 
+            parts["actor"] = file_digest(self.model_dir(method))
+            parts["features"] = {k: v for k, v in self.features.items() if k != "channels"}
             parts["model"] = model_hash(self.features["model"])
-            parts["channel_models"] = channel_hash(self.features.get("channels") or {})
+            if reads_channels(self.model_dir(method)):
+                parts["channels"] = channel_hash(self.features["channels"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
@@ -169,6 +169,17 @@ def check_disjoint_seeds(evaluation: Evaluation) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- shards
+
+
+def reads_channels(folder: Path) -> bool:
+    """Whether the chooser saved in ``folder`` reads channels beyond the VLM feature (its config.json's inputs)."""
+    from digiq.live_features import vlm_only
+
+    try:
+        config = json.loads((folder / "config.json").read_text()).get("config", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False  # check() has refused a missing folder; an unreadable one fails where the chooser loads
+    return not vlm_only(config.get("inputs"))
 
 
 def file_digest(folder: Path) -> str:

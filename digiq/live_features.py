@@ -57,9 +57,10 @@ class LiveFeaturizer:
         self.variant, self.model, self.device, self.channel_recipe = variant, model, device, dict(channels or {})
         self.extractor, self.model_hash, dtype_name = build_extractor(variant, model, layer=layer, pooling=pooling,
                                                                       dtype=dtype, device=device)
-        self.recipe = json.dumps([variant, self.model_hash, layer, pooling, dtype_name, channel_hash(self.channel_recipe)])
+        self.recipe = json.dumps([variant, self.model_hash, layer, pooling, dtype_name])
         self.cache = Path(cache) if cache else None
         self._channels: Any = None  # EpisodeChannels, loaded on the first call that reads a channel
+        self._channel_hash: str | None = None
 
     @property
     def channels(self) -> Any:
@@ -131,8 +132,11 @@ class LiveFeaturizer:
         h = hashlib.sha256(self.recipe.encode())
         h.update(json.dumps([repr(inputs), view.goal, view.observation, [format_action(a) for a in actions]]).encode())
         h.update(json.dumps(view.elements, sort_keys=True, default=str).encode())
-        if not vlm_only(inputs):  # the channels also read the previous step (f(s), f(s, a) read this screen alone)
-            h.update(self.channels.previous_key())
+        if not vlm_only(inputs):  # the channels' models, and the previous step (f(s), f(s, a) read this screen alone)
+            previous = self.channels.previous_key()  # loads the channels (a clear error when none are named)
+            if self._channel_hash is None:
+                self._channel_hash = channel_hash(self.channel_recipe)
+            h.update(self._channel_hash.encode() + previous)
         h.update(f"{view.screenshot.shape}{view.screenshot.dtype}".encode() + view.screenshot.tobytes())
         return h.hexdigest()
 

@@ -316,3 +316,59 @@ def test_training_without_channel_sources_names_the_stage(tmp_path):
         read_training_data(params.features, channels=project / "data" / "channels")
     with pytest.raises(DigiqError, match="channel 'image' selected but no state channel"):
         read_training_data(params.features).transitions(inputs=Inputs())
+
+
+def test_live_featurizer_composes_the_channels_as_training_sets_do(tmp_path, tiny_models):
+    """LiveFeaturizer (live evaluation) gives, step by step, x_V / x_Q = compose(f(s), f(s, a), this step's channels):
+    v(s_prev) is the step before's v, the previous action is named on the previous page; a second featurizer reads
+    the same values back from the shared cache; VLM-only inputs give f(s), f(s, a) alone."""
+    import torch
+
+    from digiq.actions import parse_action
+    from digiq.channels import EpisodeChannels
+    from digiq.envs.view import StepView
+    from digiq.extractor import build_extractor, featurize
+    from digiq.live_features import LiveFeaturizer
+    from digiq.store import Dataset
+
+    _tiny_dataset(tmp_path)
+    dataset = Dataset(tmp_path / "raw")
+    steps = sorted((r for r in dataset.table().to_pylist() if r["traj_id"] == "traj0"), key=lambda r: r["step_id"])
+    images = [dataset.load_image(r["screenshot"]) for r in steps]
+    pages = [json.loads(r["elements"]) for r in steps]
+    actions = [parse_action(r["action"]) for r in steps]
+    candidates = [actions[0], Action.tap(0.15, 0.5), Action.type_text("vina")]
+    views = [StepView("test", r["goal"], r["observation"], page, actions[:i][-1:], np.asarray(image))
+             for i, (r, page, image) in enumerate(zip(steps, pages, images))]
+    recipe = {"variant": "finetuned", "model": str(tiny_models[0]), "layer": 1, "pooling": "last", "dtype": "float32",
+              "device": "cpu", "channels": {"model": str(tiny_models[0]), "encoder": str(tiny_models[1]),
+                                            "dtype": "float32", "batch_size": 4}}
+    inputs = Inputs()
+    live = LiveFeaturizer(**recipe, cache=str(tmp_path / "cache"))
+    live.reset()
+    got = [live(view, candidates, inputs) for view in views]
+
+    extractor, _, _ = build_extractor("finetuned", str(tiny_models[0]), layer=1, pooling="last", dtype="float32", device="cpu")
+    channels = EpisodeChannels.load(_stage_params(tmp_path, tiny_models).channels)
+    channels.reset()
+    for i, (view, image, page) in enumerate(zip(views, images, pages)):
+        f_s, f_sa = featurize(extractor, image, view.goal, view.observation, candidates, page)
+        state = channels.step(image, view.goal, page, actions[i - 1] if i else None)
+        x_v, x_q = compose(inputs, f_s=f_s[None], f_sa=f_sa[None], state=state, action=channels.actions(candidates, page)[None])
+        assert np.allclose(got[i][0].numpy(), x_v, atol=1e-5) and np.allclose(got[i][1].numpy(), x_q, atol=1e-5), i
+    d_v, d_e = channels.vision.dim, channels.encoder.dim
+    assert tuple(got[0][0].shape) == (1, live.dims(inputs)[0]) and tuple(got[0][1].shape) == (1, 3, live.dims(inputs)[1])
+    assert live.dims(inputs) == input_dims(inputs, extractor.dim_state, extractor.dim_candidate, d_v, d_e)
+    assert not got[0][0][0, d_v:2 * d_v].any() and np.allclose(got[1][0][0, d_v:2 * d_v], got[0][0][0, :d_v])  # v(s_prev)
+
+    cached = sorted((tmp_path / "cache").iterdir())
+    again = LiveFeaturizer(**recipe, cache=str(tmp_path / "cache"))
+    again.reset()
+    for view, (x_v, x_q) in zip(views, got):
+        y_v, y_q = again(view, candidates, inputs)
+        assert torch.equal(y_v, x_v) and torch.equal(y_q, x_q)
+    assert sorted((tmp_path / "cache").iterdir()) == cached  # every step read back, nothing recomputed
+
+    s, cand = LiveFeaturizer(**recipe)(views[0], candidates, Inputs(q=["vlm"], v=["vlm"]))
+    f_s, f_sa = featurize(extractor, images[0], views[0].goal, views[0].observation, candidates, pages[0])
+    assert np.allclose(s[0].numpy(), f_s) and np.allclose(cand[0].numpy(), f_sa)

@@ -129,7 +129,7 @@ def test_embed_killed_twice_resumes_to_the_same_tables(tmp_path, embed_inputs):
 # ----------------------------------------------------------------------------------------------- critic
 
 CRITIC = {"seed": 2, "critic": {"updates": 600, "hidden": [32], "batch_size": 32, "log_every": 20,
-                                "checkpoint_every": 60, "device": "cpu"}}
+                                "checkpoint_every": 60, "device": "cpu", "inputs": {"q": ["vlm"], "v": ["vlm"]}}}
 
 
 def test_critic_killed_twice_resumes_to_the_same_critic(tmp_path):
@@ -145,7 +145,7 @@ def test_critic_killed_twice_resumes_to_the_same_critic(tmp_path):
     root = project / "killed"
     root.mkdir()
     checkpoint = root / "critic.ckpt"
-    # 600 updates: a checkpoint every 60 (at logged points), the last at 540
+    # the default lr grid, 600 updates per rate: a checkpoint every 60 updates (at logged points), one file for the grid
     kill_and_resume("critic", argv("killed"), root, lambda: Replacements(checkpoint), root / "critic.json",
                     events=(0, 3), delay=0.3)
 
