@@ -32,6 +32,8 @@ how well the policy predicts, on states it never saw, what the method asks for (
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
@@ -217,6 +219,7 @@ def train_actor(
     if advantages is None and critic is not None:
         advantages = advantage(critic, data.s, data.cand_sa)
     count = data.cand_count if data.cand_count is not None else data.cand_mask.float()
+    data, count, advantages, weights = packed_candidates(data, count, advantages, weights)
     train_rows = torch.arange(len(data.s)) if held_out is None else (~held_out.cpu().bool()).nonzero().squeeze(1)
     if len(train_rows) == 0:
         raise DigiqError("every row is held out: nothing to train on", file=data.source, field="held_out")
@@ -281,6 +284,25 @@ def train_actor(
         metrics.update(kl_prior_heldout=math.nan, heldout_target_ce=math.nan, heldout_ce_kept=math.nan,
                        heldout_ce_not_kept=math.nan, n_heldout=0, heldout_frac_kept=math.nan)
     return policy, metrics, history
+
+
+def packed_candidates(data: Transitions, *per_candidate: torch.Tensor | None) -> tuple[Transitions, ...]:
+    """``data`` and the [B, K] ``per_candidate`` tensors with each state's valid candidates moved to the front (order
+    kept, so the dataset action stays column 0) and K cut to the most valid candidates of any state. A state has far
+    fewer distinct candidates than K draws, and every update copies its batch's candidate rows: packing them is what
+    keeps wide channel inputs affordable. Nothing else changes: invalid slots are never scored."""
+    mask = data.cand_mask
+    width = int(mask.sum(dim=1).max())
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+
+    def gather(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        index = order.view(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:])
+        return t.gather(1, index.to(t.device))
+
+    packed = dataclasses.replace(data, cand_sa=gather(data.cand_sa), cand_mask=gather(mask), cand_count=gather(data.cand_count))
+    return (packed, *(gather(t) for t in per_candidate))
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import toy_transitions
-from digiq.actor import CandidatePolicy, actor_record, imitation_loss, train_actor
+from digiq.actor import CandidatePolicy, actor_record, imitation_loss, packed_candidates, train_actor
 from digiq.config import ActorParams, CriticParams
 from digiq.critic import first_argmax, train_critic
 from digiq.transitions import Transitions
@@ -274,3 +274,17 @@ def test_standardized_policy_scores_standardized_inputs_and_reloads_with_its_sca
     assert torch.equal(loaded.norm_s.mean, policy.norm_s.mean)
     assert torch.equal(loaded.act(data.s, data.cand_sa, data.cand_mask, data.cand_count),
                        policy.act(data.s, data.cand_sa, data.cand_mask, data.cand_count))
+
+
+def test_packed_candidates_move_valid_ones_first_and_drop_empty_columns():
+    mask = torch.tensor([[True, False, True, False], [True, True, False, False]])
+    sa = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)
+    data = Transitions(s=torch.zeros(2, 3), sa=sa[:, 0], s_next=torch.zeros(2, 3), reward=torch.zeros(2),
+                       done=torch.zeros(2), mc_return=torch.zeros(2), cand_sa=sa, cand_mask=mask,
+                       cand_count=torch.tensor([[2.0, 0.0, 5.0, 0.0], [1.0, 3.0, 0.0, 0.0]]))
+    adv = torch.tensor([[0.1, 9.0, 0.3, 9.0], [0.5, 0.6, 9.0, 9.0]])
+    packed, packed_adv, none = packed_candidates(data, adv, None)
+    assert packed.cand_mask.tolist() == [[True, True], [True, True]] and none is None
+    assert packed.cand_sa.tolist() == [[sa[0, 0].tolist(), sa[0, 2].tolist()], [sa[1, 0].tolist(), sa[1, 1].tolist()]]
+    assert packed.cand_count.tolist() == [[2.0, 5.0], [1.0, 3.0]] and packed_adv.tolist() == [[0.1, 0.3], [0.5, 0.6]]
+    assert torch.equal(packed.sa, data.sa) and torch.equal(packed.s, data.s)  # the dataset action stays column 0
