@@ -282,9 +282,9 @@ def test_packed_candidates_move_valid_ones_first_and_drop_empty_columns():
     data = Transitions(s=torch.zeros(2, 3), sa=sa[:, 0], s_next=torch.zeros(2, 3), reward=torch.zeros(2),
                        done=torch.zeros(2), mc_return=torch.zeros(2), cand_sa=sa, cand_mask=mask,
                        cand_count=torch.tensor([[2.0, 0.0, 5.0, 0.0], [1.0, 3.0, 0.0, 0.0]]))
-    adv = torch.tensor([[0.1, 9.0, 0.3, 9.0], [0.5, 0.6, 9.0, 9.0]])
+    adv = torch.tensor([[0.25, 9.0, 0.5, 9.0], [1.5, 2.0, 9.0, 9.0]])
     packed, packed_adv, none = packed_candidates(data, adv, None)
     assert packed.cand_mask.tolist() == [[True, True], [True, True]] and none is None
     assert packed.cand_sa.tolist() == [[sa[0, 0].tolist(), sa[0, 2].tolist()], [sa[1, 0].tolist(), sa[1, 1].tolist()]]
-    assert packed.cand_count.tolist() == [[2.0, 5.0], [1.0, 3.0]] and packed_adv.tolist() == [[0.1, 0.3], [0.5, 0.6]]
+    assert packed.cand_count.tolist() == [[2.0, 5.0], [1.0, 3.0]] and packed_adv.tolist() == [[0.25, 0.5], [1.5, 2.0]]
     assert torch.equal(packed.sa, data.sa) and torch.equal(packed.s, data.s)  # the dataset action stays column 0
