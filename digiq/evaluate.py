@@ -58,7 +58,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from digiq.errors import DigiqError
 
@@ -110,19 +110,12 @@ class EvaluateParams(BaseModel):
     out: str = Field("metrics/eval.json", description="evaluation metrics")
     plots: str = Field("plots/eval.csv", description="DVC plot data: protocol, method, task, success, CI")
 
-    @field_validator("methods")
+    @field_validator("methods", "protocols")
     @classmethod
-    def _distinct_methods(cls, methods: list[str]) -> list[str]:
+    def _distinct(cls, names: list[str], info: ValidationInfo) -> list[str]:
         from digiq.config import distinct  # here: digiq.config imports this module
 
-        return distinct(methods, "methods")
-
-    @field_validator("protocols")
-    @classmethod
-    def _distinct_protocols(cls, protocols: list[str]) -> list[str]:
-        from digiq.config import distinct
-
-        return distinct(protocols, "protocols")
+        return distinct(names, info.field_name)
 
     @model_validator(mode="before")
     @classmethod
