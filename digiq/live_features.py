@@ -41,10 +41,9 @@ if TYPE_CHECKING:
 
 def vlm_only(inputs: Any) -> bool:
     """True for ``inputs`` None (a model saved before channels existed) or an Inputs reading the VLM feature alone."""
-    if inputs is None:
-        return True
-    q, v = (inputs.get(k) if isinstance(inputs, dict) else getattr(inputs, k, None) for k in ("q", "v"))
-    return list(q or []) == ["vlm"] and list(v or []) == ["vlm"]
+    from digiq.channels import as_inputs
+
+    return inputs is None or as_inputs(inputs).vlm_only
 
 
 class LiveFeaturizer:

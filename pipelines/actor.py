@@ -63,18 +63,27 @@ def run(params: Params, *, method: str, progress: bool = False) -> ActorOutcome:
     critic = load_critic(params.critic.out, required=method in NEEDS_CRITIC)
     vlm_only = p.inputs.vlm_only and (critic is None or critic.config.inputs.vlm_only) and params.critic.inputs.vlm_only
     data = read_training_data(params.features, channels=None if vlm_only else params.channels.out)
-    transitions = data.transitions(inputs=p.inputs)
+    composed: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+
+    def transitions_on(inputs: Any) -> Any:
+        """Every row composed on ``inputs``, once per distinct channel selection (each is K × width floats a row)."""
+        key = (tuple(inputs.q), tuple(inputs.v))
+        if key not in composed:
+            composed[key] = data.transitions(inputs=inputs)
+        return composed[key]
+
+    transitions = transitions_on(p.inputs)
     advantages = weights = None
     extra: dict[str, Any] = {}
     if critic is not None:  # A on the critic's own channels, whatever the policy reads
-        critic_view = data.transitions(inputs=critic.config.inputs)
+        critic_view = transitions_on(critic.config.inputs)
         check_dims(critic, critic_view, params.critic.out)
         advantages = advantage(critic, critic_view.s, critic_view.cand_sa)
     if method == "digirl":
         from digiq.digirl import DigirlParams, digirl_weights
 
         digirl = getattr(params, "digirl", None) or DigirlParams()
-        weights, extra = digirl_weights(data, data.transitions(inputs=params.critic.inputs), digirl, params.gamma, params.seed)
+        weights, extra = digirl_weights(data, transitions_on(params.critic.inputs), digirl, params.gamma, params.seed)
     held_out = torch.from_numpy(split_trajectories(data.traj_id, params.critic.val_fraction, params.seed))
     loaded = time.perf_counter()
     with live_curves(Path(p.live_dir) / method, CURVES, open_live) as log_fn:
