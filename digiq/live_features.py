@@ -15,9 +15,10 @@ so it must see every step of an episode in order.
 
 Every method of an evaluation plays the same seeds and sees the same candidates in the same state (its first step
 always), so a state's features are computed once per run: with a ``cache`` folder, the features of a call are
-stored under the sha256 of everything they depend on (the recipe, the channels, the previous screenshot, the
-screenshot's bytes, goal, observation, DOM elements and candidate strings) and read back by any later call, in any
-worker, with the same key. The cache is scratch space of one run (the evaluate stage removes it).
+stored under the sha256 of everything they depend on (the recipe; whether channels are read and, if so, the channel
+models and the previous step's v and page; the screenshot's bytes, goal, observation, DOM elements and candidate
+strings) and read back by any later call, in any worker, with the same key: choosers reading different channel
+selections share an entry, as every channel is stored and the selection composed after. The cache is scratch space of one run (the evaluate stage removes it).
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ class LiveFeaturizer:
         from digiq.actions import format_action
 
         h = hashlib.sha256(self.recipe.encode())
-        h.update(json.dumps([repr(inputs), view.goal, view.observation, [format_action(a) for a in actions]]).encode())
+        channels = not vlm_only(inputs)  # what is stored: f(s), f(s, a) and, when read, every channel (composed after)
+        h.update(json.dumps([channels, view.goal, view.observation, [format_action(a) for a in actions]]).encode())
         h.update(json.dumps(view.elements, sort_keys=True, default=str).encode())
-        if not vlm_only(inputs):  # the channels' models, and the previous step (f(s), f(s, a) read this screen alone)
+        if channels:  # the channels' models, and the previous step (f(s), f(s, a) read this screen alone)
             previous = self.channels.previous_key()  # loads the channels (a clear error when none are named)
             if self._channel_hash is None:
                 self._channel_hash = channel_hash(self.channel_recipe)
