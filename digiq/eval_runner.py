@@ -16,6 +16,7 @@ any evaluation seed is one of collect's (collect.seed, collect.tasks, collect.ep
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -88,15 +89,26 @@ class Evaluation:
                                  "time_limit_s": ev.time_limit_s, "method": method, "protocol": protocol,
                                  "candidate_rule": CANDIDATE_RULE}
         if method not in BASELINES:
-            from digiq.extractor import model_hash
-            from digiq.live_features import channel_hash
-
             parts["actor"] = file_digest(self.model_dir(method))
             parts["features"] = {k: v for k, v in self.features.items() if k != "channels"}
-            parts["model"] = model_hash(self.features["model"])
+            parts["model"] = self.model_hash
             if reads_channels(self.model_dir(method)):
-                parts["channels"] = channel_hash(self.features["channels"])
+                parts["channels"] = self.channel_hash
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    @functools.cached_property
+    def model_hash(self) -> str:
+        """The feature model's hash (hundreds of MB: hashed once per run, not per method)."""
+        from digiq.extractor import model_hash
+
+        return model_hash(self.features["model"])
+
+    @functools.cached_property
+    def channel_hash(self) -> str | None:
+        """The channel models' hash, once per run and only when some chooser reads channels."""
+        from digiq.live_features import channel_hash
+
+        return channel_hash(self.features.get("channels") or {})
 
     @property
     def scratch(self) -> Path:
