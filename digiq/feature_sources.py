@@ -328,7 +328,9 @@ def check_channels(inputs: FeatureInputs, transitions: pa.Table) -> dict[str, in
             if missing:
                 raise DigiqError(f"no channels for {key} {first!r} ({missing} missing; re-run `digiq channels` on this "
                                  "dataset and candidate table)", file=path, field=key)
-    return {f"dim_{name}": vector_dim(schema, name) for schema, names in ((state_schema, ("image", "goal", "prev_action")),
+    from digiq.channels import STATE_CHANNELS
+
+    return {f"dim_{name}": vector_dim(schema, name) for schema, names in ((state_schema, STATE_CHANNELS),
                                                                           (cand_schema, ("action",))) for name in names}
 
 

@@ -100,18 +100,18 @@ class LiveFeaturizer:
             if path is not None:
                 _store(path, arrays)
         if not vlm_only(inputs):
-            from digiq.channels import compose
+            from digiq.channels import STATE_CHANNELS, compose
 
             self.channels.remember(arrays["image"][0], view.elements)
-            state = {name: arrays[name] for name in ("image", "goal", "prev_action")}
+            state = {name: arrays[name] for name in STATE_CHANNELS}
             x_v, x_q = compose(inputs, f_s=arrays["f_s"][None], f_sa=arrays["f_sa"][None], state=state,
                                action=arrays["action"][None])
             return torch.from_numpy(x_v).float(), torch.from_numpy(np.ascontiguousarray(x_q)).float()
         return torch.from_numpy(arrays["f_s"]).unsqueeze(0).float(), torch.from_numpy(arrays["f_sa"]).unsqueeze(0).float()
 
     def compute(self, view: StepView, actions: list[Action], *, with_channels: bool) -> dict[str, np.ndarray]:
-        """f(s) [d_s], f(s, a_k) [K, d_sa] and, ``with_channels``, this step's channels: image, goal, prev_action
-        [1, d] each and the candidates' action channel [K, 2·d_e]."""
+        """f(s) [d_s], f(s, a_k) [K, d_sa] and, ``with_channels``, this step's channels: the state channels
+        (image, goal, prev_action, fields) [1, d] each and the candidates' action channel [K, 2·d_e]."""
         from PIL import Image
 
         from digiq.extractor import featurize

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from digiq import feature_contract as fc
+from digiq.channels import STATE_CHANNELS
 from digiq.errors import DigiqError
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ REPO_MODULE = "digiq_feature_repo.py"
 STORE_CONFIG = "feature_store.yaml"
 STATE_REFS = fc.refs("state_embedding", "transition", "eps_label")
 CANDIDATE_REFS = fc.refs("candidate_block")
-STATE_CHANNELS = ("image", "goal", "prev_action")  # served on state_key; "action" on cand_key
 
 
 # ----------------------------------------------------------------------------- the Feast repository
@@ -235,8 +235,8 @@ class TrainingFrame:
     candidate_draws: np.ndarray    # [N, K] int64  π_β draws a candidate stands for; 0 on a repeat and where masked
     label: np.ndarray              # [N] object  ε-label "Yes"/"No" (None where unlabelled, e.g. terminal steps)
     timings: dict[str, float] = field(default_factory=dict)
-    channels: dict[str, np.ndarray] = field(default_factory=dict)       # image, goal, prev_action [N, d]; action [N, K, d] (zeros where masked); empty without channel views
-    next_channels: dict[str, np.ndarray] = field(default_factory=dict)  # image, goal, prev_action of s' [N, d]; zeros where has_next is False
+    channels: dict[str, np.ndarray] = field(default_factory=dict)       # STATE_CHANNELS [N, d]; action [N, K, d] (zeros where masked); empty without channel views
+    next_channels: dict[str, np.ndarray] = field(default_factory=dict)  # STATE_CHANNELS of s' [N, d]; zeros where has_next is False
 
     def __len__(self) -> int:
         return len(self.state_key)
@@ -273,7 +273,7 @@ def has_channels(store: FeatureStore) -> bool:
 
 
 def online_channels(store: FeatureStore, traj_id: str, step_id: int) -> dict[str, np.ndarray]:
-    """A dataset step's state channels from the online store (image, goal, prev_action; float32 vectors)."""
+    """A dataset step's state channels from the online store (STATE_CHANNELS; float32 vectors)."""
     key = fc.state_key(traj_id, step_id)
     found = _online(store, [f"{fc.CHANNEL_VIEWS[name]}:{name}" for name in STATE_CHANNELS], {"state_key": [key]})
     if any(found[name][0] is None for name in STATE_CHANNELS):

@@ -231,8 +231,9 @@ def write_random_channels(project: Path, d_image: int = 4, d_e: int = 3) -> None
                        "step_id": pa.array([s for _, s in steps], pa.int32()),
                        "event_timestamp": pa.array([event_timestamp(s) for _, s in steps], TIMESTAMP),
                        "image": vectors(rng.normal(size=(n, 2 * d_image))), "goal": vectors(rng.normal(size=(n, d_e))),
-                       "prev_action": vectors(rng.normal(size=(n, 2 * d_e))), "prev_type": [""] * n, "prev_text": [""] * n},
-                      schema=channel_states_schema(2 * d_image, d_e, 2 * d_e))
+                       "prev_action": vectors(rng.normal(size=(n, 2 * d_e))), "prev_type": [""] * n, "prev_text": [""] * n,
+                       "fields": vectors(rng.normal(size=(n, d_e))), "fields_text": [""] * n},
+                      schema=channel_states_schema(2 * d_image, d_e, 2 * d_e, d_e))
     keys = [state_key(c["traj_id"], c["step_id"]) for c in cands]
     candidates = pa.table({"cand_key": [cand_key(k, c["cand_idx"]) for k, c in zip(keys, cands)], "state_key": keys,
                            "cand_idx": pa.array([c["cand_idx"] for c in cands], pa.int32()),

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import command_app, copy_feature_repo, feature_project, project_params, write_params, write_synthetic_sources
 from digiq import feature_contract as fc
-from digiq.channels import Inputs, action_strings, compose, input_dims
+from digiq.channels import ORDER, STATE_CHANNELS, Inputs, action_strings, compose, input_dims
 from digiq.cli import channels as channels_cli
 from digiq.errors import DigiqError
 from digiq.schema import Action, ActionType
@@ -54,8 +54,10 @@ def test_action_strings_name_the_tapped_control_the_typed_text_and_the_kind():
 # ----------------------------------------------------------------------------- composition
 
 def _marked(b=2, k=3, d_s=4, d_sa=5, d_v=3, d_e=2):
-    """Arrays whose values say where they came from: f(s) 1, f(s,a) 2, image 3, goal 4, prev_action 5, action 6."""
-    state = {"image": np.full((b, 2 * d_v), 3.0), "goal": np.full((b, d_e), 4.0), "prev_action": np.full((b, 2 * d_e), 5.0)}
+    """Arrays whose values say where they came from: f(s) 1, f(s,a) 2, image 3, goal 4, prev_action 5, action 6,
+    fields 7."""
+    state = {"image": np.full((b, 2 * d_v), 3.0), "goal": np.full((b, d_e), 4.0), "prev_action": np.full((b, 2 * d_e), 5.0),
+             "fields": np.full((b, d_e), 7.0)}
     return dict(f_s=np.full((b, d_s), 1.0), f_sa=np.full((b, k, d_sa), 2.0), state=state, action=np.full((b, k, 2 * d_e), 6.0))
 
 
@@ -69,6 +71,11 @@ def test_compose_puts_each_channel_in_its_slice_in_canonical_order():
     x_v, x_q = compose(Inputs(q=["action", "goal"], v=["vlm", "goal"]), **_marked())
     assert x_v[0].tolist() == [1.0] * 4 + [4.0] * 2 and x_q[0, 0].tolist() == [4.0] * 2 + [6.0] * 4
     assert input_dims(Inputs(q=["action", "goal"], v=["vlm", "goal"]), d_s=4, d_sa=5, d_v=3, d_e=2) == (6, 6)
+    read = Inputs(q=["vlm", "image", "goal", "prev_action", "fields", "action"], v=["fields", "image", "goal", "prev_action"])
+    x_v, x_q = compose(read, **_marked())  # fields: after prev_action, before action, in both heads
+    assert x_v[0].tolist() == [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [7.0] * 2
+    assert x_q[0, 1].tolist() == [2.0] * 5 + [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [7.0] * 2 + [6.0] * 4
+    assert input_dims(read, d_s=4, d_sa=5, d_v=3, d_e=2) == (14, 23)
 
 
 def test_compose_vlm_only_is_todays_features():
@@ -157,7 +164,7 @@ def _tiny_dataset(root: Path) -> tuple[Path, Path]:
             shot, sha = writer.put_image(np.full((8, 8, 3), 40 * (t * 3 + s), dtype=np.uint8))
             rows.append(Step(traj_id=f"traj{t}", step_id=s, task="test", goal=goal, observation="o", screenshot=shot,
                              screenshot_sha256=sha, action=action, reward=0.0, done=False,
-                             elements=json.dumps([FIELD, BUTTON])))
+                             elements=json.dumps([FIELD | {"value": "Karrie"} if (t, s) == (0, 2) else FIELD, BUTTON])))
         trajectories.append(Trajectory(traj_id=f"traj{t}", task="test", goal=goal, steps=rows))
     writer.write_shard("s0", trajectories)
     writer.finalize()
@@ -190,7 +197,7 @@ def test_stage_writes_the_channel_tables(tmp_path, tiny_models):
     metrics = stage.run(_stage_params(tmp_path, tiny_models, batch_size=2))
     states, cands = (pq.read_table(tmp_path / "channels" / name) for name in (fc.STATES_FILE, fc.CANDIDATES_FILE))
     assert metrics["states"] == states.num_rows == 4 and metrics["candidates"] == cands.num_rows == 12
-    assert metrics["dims"] == {"image": 64, "goal": 8, "prev_action": 16, "action": 16}  # tiny CLIP tower: 32 wide
+    assert metrics["dims"] == {"image": 64, "goal": 8, "prev_action": 16, "fields": 8, "action": 16}  # tiny CLIP tower: 32 wide
     assert json.loads((tmp_path / "metrics" / "channels.json").read_text())["states"] == 4
     rows = {r["state_key"]: r for r in states.to_pylist()}
     assert [rows[k]["prev_type"] for k in ("traj0/0", "traj0/1", "traj0/2", "traj1/0")] == ["", "tap", "type", ""]
@@ -201,6 +208,9 @@ def test_stage_writes_the_channel_tables(tmp_path, tiny_models):
     encoder = SentenceEncoder(tiny_models[1])
     assert np.allclose(rows["traj0/1"]["prev_action"], np.concatenate(encoder(["tap", "Submit"])), atol=1e-6)
     assert np.allclose(rows["traj1/0"]["goal"], encoder(["Click anywhere"])[0], atol=1e-6)
+    assert rows["traj0/1"]["fields_text"] == "Text fields: input_text#tt is empty."
+    assert rows["traj0/2"]["fields_text"] == 'Text fields: input_text#tt holds "Karrie".'  # what was typed at step 1
+    assert np.allclose(rows["traj0/2"]["fields"], encoder(['Text fields: input_text#tt holds "Karrie".'])[0], atol=1e-6)
     dataset = Dataset(tmp_path / "raw")
     shot = next(r["screenshot"] for r in dataset.table().to_pylist() if (r["traj_id"], r["step_id"]) == ("traj0", 2))
     assert np.allclose(image["traj0/2"][:32], VisionTower(tiny_models[0], device="cpu")([dataset.load_image(shot)])[0], atol=1e-5)
@@ -220,7 +230,8 @@ def test_stage_writes_the_channel_tables(tmp_path, tiny_models):
         page = json.loads(row["elements"])
         state = live.step(dataset.load_image(row["screenshot"]), row["goal"], page, previous)
         key = fc.state_key(row["traj_id"], row["step_id"])
-        for name in ("image", "goal", "prev_action"):
+        assert set(state) == set(STATE_CHANNELS)
+        for name in STATE_CHANNELS:
             assert np.allclose(state[name][0], rows[key][name], atol=1e-5), (key, name)
         offline = [c[fc.cand_key(key, k)]["action"] for k in range(3)]
         candidates = [parse_action(a) for a in pq.read_table(tmp_path / "candidates.parquet").to_pandas().query(
@@ -279,7 +290,7 @@ def test_channel_views_serve_training_sets_and_compose(tmp_path, tiny_models):
     data = read_training_data(params.features, channels=params.channels.out)
     f = data.frame
     by_key = {r["state_key"]: r for r in states.to_pylist()}
-    for name in ("image", "goal", "prev_action"):
+    for name in STATE_CHANNELS:
         assert np.array_equal(f.channels[name], np.array([by_key[k][name] for k in f.state_key], np.float32))
     action = {r["cand_key"]: r["action"] for r in cands.to_pylist()}
     assert np.array_equal(f.channels["action"][3, 1], np.asarray(action[fc.cand_key(f.state_key[3], 1)], np.float32))
@@ -343,7 +354,7 @@ def test_live_featurizer_composes_the_channels_as_training_sets_do(tmp_path, tin
     recipe = {"variant": "finetuned", "model": str(tiny_models[0]), "layer": 1, "pooling": "last", "dtype": "float32",
               "device": "cpu", "channels": {"model": str(tiny_models[0]), "encoder": str(tiny_models[1]),
                                             "dtype": "float32", "batch_size": 4}}
-    inputs = Inputs()
+    inputs = Inputs(q=list(ORDER), v=list(STATE_CHANNELS))  # every channel, the text fields' contents included
     live = LiveFeaturizer(**recipe, cache=str(tmp_path / "cache"))
     live.reset()
     got = [live(view, candidates, inputs) for view in views]
