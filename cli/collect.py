@@ -9,13 +9,16 @@ import typer
 
 from digiq.cli.common import Flag, episodes, out, seed, stage_command, tasks, workers
 
+EXECUTOR_HELP = "where the browsers run: local | ray (the cluster at RAY_ADDRESS, else a local Ray)"
+
+
 def register(app: typer.Typer) -> None:
     stage_command(app, "collect", collect, tasks("collect.tasks"), episodes("collect.episodes_per_task"), seed("collect.seed"),
-                  workers("collect.workers"), out("collect.out", "dataset folder"))
+                  workers("collect.workers"), Flag("--executor", EXECUTOR_HELP, "collect.executor"), out("collect.out", "dataset folder"))
     stage_command(app, "rollout", rollout,
                   Flag("--policy", "registered policy name or package.module:factory", default="behavior"),
                   Flag("--policy-arg", "passed to the policy factory (repeatable)", type=list[str], metavar="KEY=VALUE"),
-                  tasks("collect.tasks"), workers("collect.workers"),
+                  tasks("collect.tasks"), workers("collect.workers"), Flag("--executor", EXECUTOR_HELP, "collect.executor"),
                   Flag("--episodes", "episodes per task", type=int, default=20),
                   Flag("--seed", "base seed (pick one the training data was not collected with)", type=int, default=1000),
                   Flag("--out", "write the results as JSON here", type=Path))

@@ -6,13 +6,14 @@ from typing import Any
 
 import typer
 
+from digiq.cli.collect import EXECUTOR_HELP
 from digiq.cli.common import Flag, comma_list, episodes, out, seed, stage_command, tasks, workers
 
 
 def register(app: typer.Typer) -> None:
     stage_command(app, "evaluate", evaluate, Flag("--methods", "comma-separated methods", "evaluate.methods", convert=comma_list),
                   tasks("evaluate.tasks"), episodes("evaluate.episodes_per_task"), seed("evaluate.seed", "base seed of evaluation episodes"),
-                  workers("evaluate.workers"), out("evaluate.out", "metrics JSON"),
+                  workers("evaluate.workers"), Flag("--executor", EXECUTOR_HELP, "evaluate.executor"), out("evaluate.out", "metrics JSON"),
                   Flag("--progress/--no-progress", "show a progress bar", type=bool, default=True))
 
 

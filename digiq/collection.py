@@ -29,6 +29,9 @@ from digiq.progress import Bar, progress_bar
 from digiq.store import MANIFEST, SCREENSHOTS_DIR, STEP_SCHEMA, Dataset
 
 PLAN_FILE = "collect.json"
+# modules of digiq/envs that decide where and how episodes run, not what they contain (tests/test_ray.py: the same
+# shards from every executor): changing them keeps a collection's shards
+EXECUTION_ONLY = ("workers.py", "browser_cleanup.py")
 SOURCE = "miniwob/behavior"
 
 
@@ -65,7 +68,8 @@ def code_version() -> str:
 
     digest = hashlib.sha256()
     for module in sorted(Path(envs.__file__).parent.glob("*.py")):  # the adapter, π_β, views, rollouts
-        digest.update(module.read_bytes())
+        if module.name not in EXECUTION_ONLY:
+            digest.update(module.read_bytes())
     browser = BrowserConfig()
     try:
         chromium = subprocess.run([browser.binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
@@ -170,15 +174,16 @@ def behavior_run(section: CollectParams, root: Path, gamma: float, browser: Brow
     )
 
 
-def collect_units(todo: list[Unit], run: RunConfig, workers: int, progress: bool = False) -> Collected:
-    """Run the missing units on the worker pool; each writes its shard when done."""
+def collect_units(todo: list[Unit], run: RunConfig, workers: int, progress: bool = False, executor: str = "local") -> Collected:
+    """Run the missing units on ``workers`` browsers of ``executor``; the driver commits each shard when it is done."""
     started = time.perf_counter()
     episodes = sum(len(u.indices) for u in todo)
     status = "{steps} steps · {rate} steps/s · {success} success"
     with progress_bar("collect", episodes, enabled=progress and episodes > 0, unit="episodes", status=status,
                       transient=False, steps=0, rate="–", success="–") as bar:
         feed = _EpisodeFeed(bar, show_restarts=progress)
-        summaries = run_units(todo, run, workers, on_step=feed.step, on_episode=feed.episode, on_restart=feed.restart)
+        summaries = run_units(todo, run, workers, on_step=feed.step, on_episode=feed.episode, on_restart=feed.restart,
+                              executor=executor)
         feed.refresh()
     return Collected(todo, summaries, feed.restarts, time.perf_counter() - started)
 
@@ -253,7 +258,7 @@ def roll_out(policy: PolicySpec, section: CollectParams, *, episodes: int, seed:
                     hang_timeout_s=section.hang_timeout_s)
     started = time.perf_counter()
     with progress_bar("rollout", episodes * len(section.tasks), enabled=progress, unit="episodes", transient=False) as bar:
-        summaries = run_units(units, run, section.workers, on_episode=lambda summary: bar.advance())
+        summaries = run_units(units, run, section.workers, on_episode=lambda summary: bar.advance(), executor=section.executor)
     return summarise(summaries, list(section.tasks), time.perf_counter() - started)
 
 

@@ -45,6 +45,8 @@ class CollectParams(Section):
     episodes_per_task: int = Field(70, ge=1, description="episodes collected per task")
     seed: int = Field(0, ge=0, description="base seed; episode e of task t uses a seed derived from it")
     workers: int = Field(2, ge=1, description="parallel browser processes")
+    executor: Literal["local", "ray"] = Field("local", description="where the browsers run: local (processes of this machine) or ray "
+                                                               "(actors on the cluster at RAY_ADDRESS, else a local Ray; the digiq[ray] extra)")
     max_steps: int = Field(8, ge=1, description="episode length cap (steps)")
     noise: float = Field(0.3, ge=0.0, le=1.0, description="behaviour policy temperature / noise level")
     behavior: dict[str, float] = Field(

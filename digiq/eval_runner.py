@@ -269,7 +269,8 @@ def run_methods(evaluation: Evaluation, prints: Fingerprints, *, progress: bool 
             protocol, method = run
             writer = ShardWriter(evaluation, run, todo[run], prints[run], bar.advance)
             started = time.perf_counter()
-            episodes = run_units(todo[run], evaluation.run_config(method, protocol, browser), ev.workers, on_episode=writer)
+            episodes = run_units(todo[run], evaluation.run_config(method, protocol, browser), ev.workers, on_episode=writer,
+                                 executor=ev.executor)
             timing.setdefault(protocol, {})[method] = method_timing(episodes, time.perf_counter() - started)
     return timing
 

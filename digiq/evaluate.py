@@ -102,6 +102,8 @@ class EvaluateParams(BaseModel):
     noise: float | None = Field(None, ge=0.0, le=1.0, description="π_β noise for the candidates; null: collect.noise")
     max_steps: int | None = Field(None, ge=1, description="episode step cap; null: collect.max_steps")
     workers: int = Field(3, ge=1, description="parallel browser processes")
+    executor: Literal["local", "ray"] = Field("local", description="where the browsers run: local (processes of this machine) or ray "
+                                                               "(actors on the cluster at RAY_ADDRESS, else a local Ray; the digiq[ray] extra)")
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")

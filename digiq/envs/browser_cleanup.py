@@ -2,7 +2,7 @@
 
 Every browser gets a fresh profile folder ``<temp>/digiq-chromium-<owner pid>-*``; the processes running on a
 profile are found by their command line (``--user-data-dir=<profile>``), so a crashed driver's Chromium, or the
-browsers of a killed worker, can be ended and their profiles deleted.
+browsers of a killed worker or Ray actor, can be ended and their profiles deleted.
 """
 
 from __future__ import annotations
@@ -41,16 +41,28 @@ def remove_profiles_of(pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def sweep_stale_profiles() -> list[Path]:
-    """Delete digiq Chromium profiles whose owner process is gone and that no running process uses."""
-    in_use = b"\0".join(_read_cmdline(p) for p in Path("/proc").glob("[0-9]*/cmdline"))
+def end_orphan_browsers() -> list[Path]:
+    """End the browsers whose owner process is gone (a worker or Ray actor killed, or lost with its raylet) and delete
+    their profiles; return the profiles. Owners lead their own process group, so their chromedriver goes too.
+    Profiles live in this host's temp folder: the owner's pid is checked on the host that started it."""
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{PROFILE_PREFIX}*-*"):
         owner = path.name[len(PROFILE_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)) and str(path).encode() not in in_use:
+        if owner.isdigit() and not _alive(int(owner)):
+            _kill_group(int(owner))
+            kill_profile_processes(str(path))
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _kill_group(pgid: int) -> None:
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _read_cmdline(path: Path) -> bytes:

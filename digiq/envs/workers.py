@@ -1,17 +1,16 @@
-"""Rollout workers: one process and one browser each, running blocks of episodes ("units").
+"""Rollout workers: one browser each, running blocks of episodes ("units"), under an executor that hands them out.
 
-The parent hands units to workers, counts their steps for the progress bar, and watches them: a worker
-whose process died or that has sent nothing for ``hang_timeout_s`` is killed together with its browser
-(its own process group) and restarted, and its unit is handed out again. Inside a worker, a browser
-error during an episode closes the browser, starts a new one and replays the episode from its seed.
+Executors (one contract, :class:`Executor`): ``local``, worker processes of this machine (:class:`LocalPool`), and
+``ray``, one Ray actor per browser on a cluster (:mod:`digiq.ray_executor`). Both run a :class:`UnitRunner` on each
+unit and hand its :class:`UnitResult` to the driver (this process), which commits a unit with a ``shard`` name in a
+run with a ``Recording``: its screenshots, then the shard (atomically: the commit point). An interrupted run loses at
+most the units in flight; a re-run skips every shard on disk. Episodes depend only on (task, episode seed), never on
+the worker, host or executor that ran them, nor on the order.
 
-When the run has a ``Recording``, a unit with a ``shard`` name is recorded: its trajectories are written as
-that shard of the dataset (atomically, when the whole unit is done), so an interrupted run loses at most the
-units in flight and a re-run skips every shard already on disk. Episodes depend only on (task, episode seed), never on which
-worker ran them or in what order.
-
-Workers are started with the ``spawn`` method, ask the kernel to SIGTERM them when the parent dies
-(``PR_SET_PDEATHSIG``), and close their browser on the way out.
+Local pool: a worker whose process died or that has sent nothing for ``hang_timeout_s`` is killed with its browser
+(its own process group) and restarted, and its unit handed out again; a browser error during an episode closes the
+browser, starts a new one and replays the episode from its seed. Workers are started with ``spawn``, ask the kernel
+to SIGTERM them when the parent dies (``PR_SET_PDEATHSIG``), and close their browser on the way out.
 """
 
 from __future__ import annotations
@@ -21,20 +20,22 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from digiq.envs.browser_cleanup import remove_profiles_of, sweep_stale_profiles, wait_for_exit
+from digiq.envs.browser_cleanup import end_orphan_browsers, remove_profiles_of, wait_for_exit
 from digiq.envs.miniwob import BrowserConfig, BrowserError, MiniWoBEnv
 from digiq.envs.policy import PolicySpec
 from digiq.envs.rollout import episode_seed, run_episode, to_trajectory, trajectory_id
 from digiq.errors import DigiqError
 
 _PR_SET_PDEATHSIG = 1
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,39 @@ class RunConfig:
     record: Recording | None = None  # None: episodes are only summarised, units with a shard name are not written
     episode_retries: int = 3  # browser restarts per episode before the unit fails
     hang_timeout_s: float = 120.0  # silence after which the parent kills and restarts a worker
-    unit_retries: int = 3  # worker restarts per unit before the run fails
+    unit_retries: int = 3  # worker restarts per unit before the run fails (Ray: actor restarts and task retries)
+
+
+@dataclass
+class UnitResult:
+    """A finished unit as a worker hands it to the driver: its episode summaries, the worker that ran it
+    (``host:pid``), and for a recorded unit its trajectories and the PNG bytes their steps name."""
+
+    key: str
+    summaries: list[dict[str, Any]]
+    worker: str
+    trajectories: list[Any] = field(default_factory=list)  # digiq.schema.Trajectory
+    images: dict[str, bytes] = field(default_factory=dict)  # relative path in the dataset -> PNG
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+@dataclass
+class Events:
+    """What an executor tells the driver: steps and episodes as they happen (progress), worker restarts, finished units."""
+
+    on_unit: Callable[[Unit, UnitResult], None]
+    step: Callable[[], None] = _nothing
+    episode: Callable[[dict[str, Any]], None] = _nothing
+    restart: Callable[[str], None] = _nothing
+
+
+class Executor(Protocol):
+    """Runs every unit on ``workers`` browsers, each unit whole on one of them, and reports through ``events``."""
+
+    def run(self, units: list[Unit], config: RunConfig, events: Events) -> None: ...
 
 
 def run_units(
@@ -86,40 +119,87 @@ def run_units(
     on_step: Callable[[], None] | None = None,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     on_restart: Callable[[str], None] | None = None,
+    executor: str = "local",
 ) -> list[dict[str, Any]]:
-    """Run every unit on ``workers`` processes; return the episode summaries (sorted by task, index).
-
-    ``on_restart(reason)`` is called whenever a dead or silent worker is replaced.
-    """
+    """Run every unit on ``workers`` browsers of ``executor`` ("local" or "ray"), committing recorded units as they
+    finish; return the episode summaries (sorted by task, index). ``on_restart(reason)``: a worker was replaced."""
     if not units:
         return []
-    sweep_stale_profiles()  # left by workers of a run that was killed while starting a browser
-    pool = _Pool(config, min(workers, len(units)), on_step, on_episode, on_restart)
-    try:
-        summaries = pool.run(units)
-    except BaseException:  # Ctrl-C or a failed unit: stop the workers now, their browsers with them
-        pool.stop()
-        raise
-    pool.shutdown()
-    return summaries
+    commit = ShardCommitter(config.record)
+    summaries: list[dict[str, Any]] = []
+
+    def finished(unit: Unit, result: UnitResult) -> None:
+        commit(unit, result)
+        summaries.extend(result.summaries)
+
+    events = Events(finished, on_step or _nothing, on_episode or _nothing, on_restart or _nothing)
+    make_executor(executor, min(workers, len(units))).run(units, config, events)
+    return sorted(summaries, key=lambda s: (s["task"], s["index"]))
+
+
+def make_executor(name: str, workers: int) -> Executor:
+    """The executor called ``name`` with ``workers`` browsers; ``ray`` needs the ``digiq[ray]`` extra."""
+    if name == "local":
+        return LocalPool(workers)
+    if name == "ray":
+        from digiq.ray_executor import RayExecutor
+
+        return RayExecutor(workers)
+    raise DigiqError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})", field="executor")
+
+
+class ShardCommitter:
+    """The driver's side of recording: a recorded unit's screenshots, then its shard (atomically: the commit point)."""
+
+    def __init__(self, record: Recording | None):
+        self.writer = None
+        if record is not None:
+            from digiq.store import DatasetWriter
+
+            self.writer = DatasetWriter(record.dataset, gamma=record.gamma, source=record.source)
+
+    def __call__(self, unit: Unit, result: UnitResult) -> None:
+        if self.writer is None or unit.shard is None:
+            return
+        for rel, data in result.images.items():
+            if self.writer.put_image(data)[0] != rel:
+                raise DigiqError(f"screenshot {rel} arrived changed from worker {result.worker}", field="collect")
+        self.writer.write_shard(unit.shard, result.trajectories)
+
+
+def next_unit(todo: list[Unit], last_task: str | None) -> Unit:
+    """The next unit for a worker: one of its current task while there is one (no browser restart), else the first."""
+    return todo.pop(next((i for i, u in enumerate(todo) if u.task == last_task), 0))
+
+
+class LocalPool:
+    """Worker processes of this machine; each talks to the parent over its own pipe, so killing a worker cannot
+    corrupt another's channel."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def run(self, units: list[Unit], config: RunConfig, events: Events) -> None:
+        end_orphan_browsers()  # left by workers of a run that was killed
+        pool = _Pool(config, self.workers, events)
+        try:
+            pool.run(units)
+        except BaseException:  # Ctrl-C or a failed unit: stop the workers now, their browsers with them
+            pool.stop()
+            raise
+        pool.shutdown()
 
 
 class _Pool:
-    """Workers talk to the parent over one pipe each, so killing a worker cannot corrupt another's channel."""
-
-    def __init__(self, config: RunConfig, n: int, on_step: Callable[[], None] | None,
-                 on_episode: Callable[[dict[str, Any]], None] | None, on_restart: Callable[[str], None] | None):
+    def __init__(self, config: RunConfig, n: int, events: Events):
         self.config = config
-        self.on_restart = on_restart
+        self.events = events
         self.ctx = mp.get_context("spawn")
-        self.on_step = on_step
-        self.on_episode = on_episode
         self.procs: dict[int, Any] = {}
         self.pipes: dict[int, Any] = {}
         self.busy: dict[int, Unit] = {}
         self.last_task: dict[int, str | None] = {}
         self.seen: dict[int, float] = {}
-        self.pending_episodes: dict[int, list[dict[str, Any]]] = {}
         for wid in range(n):
             self._start(wid)
 
@@ -132,10 +212,9 @@ class _Pool:
         self.last_task[wid] = None
         self.seen[wid] = time.monotonic()
 
-    def run(self, units: list[Unit]) -> list[dict[str, Any]]:
+    def run(self, units: list[Unit]) -> None:
         todo = list(units)
         attempts: dict[str, int] = {}
-        summaries: list[dict[str, Any]] = []
         while todo or self.busy:
             self._assign(todo)
             for conn in mp_connection.wait(list(self.pipes.values()), timeout=0.5):
@@ -143,7 +222,7 @@ class _Pool:
                     event = conn.recv()
                 except (EOFError, OSError):  # the worker is gone; _stuck() notices and restarts it
                     continue
-                self._handle(event, summaries)
+                self._handle(event)
             for wid in self._stuck():
                 unit = self.busy.pop(wid)
                 attempts[unit.key] = attempts.get(unit.key, 0) + 1
@@ -151,11 +230,9 @@ class _Pool:
                 why = f"worker exited with code {code}" if code is not None else f"worker silent for {self.config.hang_timeout_s:g} s"
                 if attempts[unit.key] > self.config.unit_retries:
                     raise DigiqError(f"unit {unit.key} failed {attempts[unit.key]} times (last: {why})", field="collect")
-                if self.on_restart is not None:
-                    self.on_restart(f"{unit.key}: {why}; restarted it")
+                self.events.restart(f"{unit.key}: {why}; restarted it")
                 self._restart(wid)
                 todo.insert(0, unit)
-        return sorted(summaries, key=lambda s: (s["task"], s["index"]))
 
     def _assign(self, todo: list[Unit]) -> None:
         for wid in self.procs:
@@ -163,29 +240,23 @@ class _Pool:
                 continue
             if not self.procs[wid].is_alive():  # died while idle: replace it before handing it work
                 self._restart(wid)
-            # keep a worker on its current task while there is work for it (no browser restart)
-            pick = next((i for i, u in enumerate(todo) if u.task == self.last_task[wid]), 0)
-            unit = todo.pop(pick)
+            unit = next_unit(todo, self.last_task[wid])
             self.busy[wid] = unit
             self.last_task[wid] = unit.task
             self.seen[wid] = time.monotonic()
-            self.pending_episodes[wid] = []
             self.pipes[wid].send(unit)
 
-    def _handle(self, event: tuple[Any, ...], summaries: list[dict[str, Any]]) -> None:
+    def _handle(self, event: tuple[Any, ...]) -> None:
         kind, wid = event[0], event[1]
         self.seen[wid] = time.monotonic()
         if kind == "step":
-            if self.on_step is not None:
-                self.on_step()
+            self.events.step()
         elif kind == "episode":
-            self.pending_episodes.setdefault(wid, []).append(event[2])
-            if self.on_episode is not None:
-                self.on_episode(event[2])
+            self.events.episode(event[2])
         elif kind == "unit":
-            if wid in self.busy and self.busy[wid].key == event[2]:
-                del self.busy[wid]
-                summaries.extend(self.pending_episodes.pop(wid, []))
+            result: UnitResult = event[2]
+            if wid in self.busy and self.busy[wid].key == result.key:
+                self.events.on_unit(self.busy.pop(wid), result)
         elif kind == "error":
             raise DigiqError(f"worker {wid}: {event[2]}", field="collect")
 
@@ -199,7 +270,6 @@ class _Pool:
 
     def _restart(self, wid: int) -> None:
         _kill_group(self.procs[wid])
-        self.pending_episodes.pop(wid, None)
         self.pipes[wid].close()
         self._start(wid)
 
@@ -252,14 +322,16 @@ def _worker_main(wid: int, config: RunConfig, conn: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    worker: _Worker | None = None
+    runner: UnitRunner | None = None
     try:
-        worker = _Worker(wid, config, conn)
+        runner = UnitRunner(config)
         while True:
             unit = conn.recv()
             if unit is None:
                 return
-            worker.run_unit(unit)
+            result = runner.run_unit(unit, on_step=lambda: conn.send(("step", wid)),
+                                     on_episode=lambda summary: conn.send(("episode", wid, summary)))
+            conn.send(("unit", wid, result))
     except (SystemExit, EOFError, BrokenPipeError):
         pass
     except DigiqError as exc:
@@ -267,12 +339,12 @@ def _worker_main(wid: int, config: RunConfig, conn: Any) -> None:
     except Exception:  # a bug, not a browser failure: report it instead of restarting forever
         conn.send(("error", wid, traceback.format_exc(limit=-3).strip().replace("\n", " | ")))
     finally:
-        if worker is not None:
-            worker.close()
-        _end_own_browsers()
+        if runner is not None:
+            runner.close()
+        end_own_browsers()
 
 
-def _end_own_browsers() -> None:
+def end_own_browsers() -> None:
     """Kill whatever is left in this worker's process group (a browser being started when SIGTERM came)."""
     me, group = os.getpid(), os.getpgrp()
     killed = []
@@ -305,37 +377,52 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-class _Worker:
-    def __init__(self, wid: int, config: RunConfig, conn: Any):
-        self.wid = wid
+class _PngBuffer:
+    """``put_image`` for a worker: the PNG under the name the dataset gives it, kept for the driver to write."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, bytes] = {}
+
+    def put_image(self, image: Any) -> tuple[str, str]:
+        from digiq.store import SCREENSHOTS_DIR, encode_png, sha256_bytes
+
+        data = encode_png(image)
+        digest = sha256_bytes(data)
+        rel = f"{SCREENSHOTS_DIR}/{digest[:2]}/{digest}.png"
+        self.images[rel] = data
+        return rel, digest
+
+
+class UnitRunner:
+    """One policy and one browser (restarted on a browser error) running whole units: a local worker's or a Ray actor's."""
+
+    def __init__(self, config: RunConfig):
         self.config = config
-        self.conn = conn
         self.policy = config.policy.build()
         self.env: MiniWoBEnv | None = None
-        self.writer = None
-        if config.record is not None:
-            from digiq.store import DatasetWriter
 
-            self.writer = DatasetWriter(config.record.dataset, gamma=config.record.gamma, source=config.record.source)
-
-    def run_unit(self, unit: Unit) -> None:
-        trajectories = []
+    def run_unit(self, unit: Unit, on_step: Callable[[], None] | None = None,
+                 on_episode: Callable[[dict[str, Any]], None] | None = None) -> UnitResult:
+        recorded = self.config.record is not None and unit.shard is not None
+        result = UnitResult(unit.key, [], f"{socket.gethostname()}:{os.getpid()}")
+        images = _PngBuffer()
         for index in unit.indices:
-            episode = self._episode_with_retries(unit.task, index)
-            self.conn.send(("episode", self.wid, episode.summary()))
-            if self.writer is not None:
-                trajectories.append(to_trajectory(episode, self.writer.put_image, trajectory_id(unit.task, self.config.seed, index)))
-        if self.writer is not None and unit.shard is not None:
-            self.writer.write_shard(unit.shard, trajectories)
-        self.conn.send(("unit", self.wid, unit.key))
+            episode = self._episode_with_retries(unit.task, index, on_step)
+            result.summaries.append(episode.summary())
+            if on_episode is not None:
+                on_episode(episode.summary())
+            if recorded:
+                result.trajectories.append(to_trajectory(episode, images.put_image, trajectory_id(unit.task, self.config.seed, index)))
+        result.images = images.images
+        return result
 
-    def _episode_with_retries(self, task: str, index: int):
+    def _episode_with_retries(self, task: str, index: int, on_step: Callable[[], None] | None):
         seed = episode_seed(self.config.seed, task, index)
         for attempt in range(self.config.episode_retries + 1):
             try:
                 env = self._env(task)
                 episode = run_episode(env, self.policy, index=index, seed=seed, max_steps=self.config.max_steps,
-                                      history=self.config.history, on_step=self._step_event)
+                                      history=self.config.history, on_step=on_step)
                 episode.retries = attempt
                 return episode
             except BrowserError as exc:
@@ -348,11 +435,8 @@ class _Worker:
         if self.env is not None and self.env.task != task:
             self.close()
         if self.env is None:
-            self.env = MiniWoBEnv(task, self.config.browser, final_screenshot=self.writer is not None)
+            self.env = MiniWoBEnv(task, self.config.browser, final_screenshot=self.config.record is not None)
         return self.env
-
-    def _step_event(self) -> None:
-        self.conn.send(("step", self.wid))
 
     def close(self) -> None:
         env, self.env = self.env, None
@@ -361,4 +445,3 @@ class _Worker:
                 env.close()
             except Exception:  # a dead browser may fail to quit; its process group is still ours
                 pass
-

@@ -1,0 +1,197 @@
+"""Rollouts on Ray (``executor: ray``): a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster), real
+browsers. A collection and an evaluation equal the local pool's byte for byte (the evaluation: its episodes and
+metrics, all but the timings); a killed actor process, a browser crash and a lost node end with every episode once
+and the shards of an uninterrupted run; without Ray installed, one clear error names the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from processes import browsers, tree_hashes, wait_for_no_browsers
+
+from digiq import collection
+from digiq.envs.behavior import BehaviorPolicy
+from digiq.envs.browser_cleanup import end_orphan_browsers
+from digiq.envs.miniwob import BrowserConfig
+from digiq.envs.policy import PolicySpec
+from digiq.envs.workers import run_units
+from digiq.params_file import validate_params
+from digiq.pipelines import collect as collect_stage
+from digiq.pipelines import evaluate as evaluate_stage
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.browser]
+
+TASKS = ["click-button", "enter-text"]
+
+
+def collect_params(out: Path, **collect):
+    values = dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, shard_episodes=1,
+                  out=str(out), success_band=[0.0, 1.0], required_action_kinds=["tap", "type"],
+                  metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"))
+    return validate_params({"collect": {**values, **collect}})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of 2 CPUs each (a head and a worker node); this process is the driver. Every browser and Ray
+    process it started is ended on teardown."""
+    from ray.cluster_utils import Cluster
+
+    fast_failure = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))  # FlakyPolicy, in actors
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                         "_system_config": fast_failure})
+    worker_node = nodes.add_node(num_cpus=2)
+    ray.init(address=nodes.address, log_to_driver=False)
+    try:
+        yield nodes, worker_node
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+        time.sleep(1)
+        end_orphan_browsers()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """2 tasks × 2 episodes, one episode per shard, collected by the local pool."""
+    out = tmp_path_factory.mktemp("ray") / "local"
+    collect_stage.run(collect_params(out))
+    return out
+
+
+def recorded(root: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_hashes(root).items() if k.startswith(("steps/", "screenshots/"))}
+
+
+def test_ray_collection_equals_the_local_pools(cluster, reference, tmp_path):
+    out = tmp_path / "ray"
+    outcome = collect_stage.run(collect_params(out, executor="ray"))
+    assert outcome.collected_units == 4
+    assert tree_hashes(out) == tree_hashes(reference)
+
+
+class FlakyPolicy:
+    """π_β that breaks its Ray actor once per marker: SIGKILLs the actor process (click-button), kills the actor's
+    Chromium (enter-text), or hangs on the node ``doomed`` until the test removes that node."""
+
+    def __init__(self, noise: float, markers: str, doomed: str | None = None):
+        self.inner, self.markers, self.doomed = BehaviorPolicy(noise), Path(markers), doomed
+
+    def reset(self, seed: int) -> None:
+        self.inner.reset(seed)
+
+    def act(self, view):
+        if self.doomed is not None:
+            if ray.get_runtime_context().get_node_id() == self.doomed and _claim(self.markers / "hang"):
+                time.sleep(3600)
+        elif view.task == "click-button" and _claim(self.markers / "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif view.task == "enter-text" and _claim(self.markers / "crash"):
+            _kill_own_chromium()
+        return self.inner.act(view)
+
+
+def _claim(marker: Path) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _kill_own_chromium() -> None:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            pid = int(cmdline.parent.name)
+            if args[0].endswith(b"chromium") and not any(a.startswith(b"--type=") for a in args) and os.getpgid(pid) == os.getpgrp():
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            continue
+
+
+def flaky_run(reference: Path, out: Path, markers: Path, doomed: str | None = None):
+    params = collect_params(reference)
+    section = params.collect
+    markers.mkdir()
+    run = collection.behavior_run(section, out, params.gamma, BrowserConfig(time_limit_s=section.time_limit_s))
+    policy = PolicySpec(f"{__name__}:FlakyPolicy", {"noise": section.noise, "markers": str(markers), "doomed": doomed})
+    return collection.plan(section), dataclasses.replace(run, policy=policy)
+
+
+def test_a_killed_actor_and_a_crashed_browser_lose_and_duplicate_nothing(cluster, reference, tmp_path):
+    units, run = flaky_run(reference, tmp_path / "out", tmp_path / "markers")
+    restarts: list[str] = []
+    summaries = run_units(units, run, workers=2, on_restart=restarts.append, executor="ray")
+    assert {p.name for p in (tmp_path / "markers").iterdir()} == {"kill", "crash"}  # both faults happened
+    assert sorted((s["task"], s["index"]) for s in summaries) == [(t, i) for t in TASKS for i in range(2)]
+    assert [s["retries"] for s in summaries if s["retries"]] == [1]  # the crashed browser: its episode replayed
+    assert any(r.startswith("click-button") and "restarted" in r for r in restarts), restarts  # Ray restarted the actor
+    assert recorded(tmp_path / "out") == recorded(reference)
+
+
+def test_a_lost_node_loses_and_duplicates_nothing(cluster, reference, tmp_path):
+    nodes, worker_node = cluster
+    units, run = flaky_run(reference, tmp_path / "out", tmp_path / "markers", doomed=worker_node.node_id)
+    hang, done = tmp_path / "markers" / "hang", threading.Event()
+
+    def remove_when_hung() -> None:
+        while not hang.exists() and not done.is_set():
+            time.sleep(0.05)
+        if hang.exists():
+            nodes.remove_node(worker_node, allow_graceful=False)  # the raylet and its workers, SIGKILLed
+
+    remover = threading.Thread(target=remove_when_hung)
+    remover.start()
+    try:
+        summaries = run_units(units, run, workers=2, executor="ray")
+    finally:
+        done.set()
+        remover.join()
+    assert hang.exists() and len(ray.nodes()) == 2 and sum(n["Alive"] for n in ray.nodes()) == 1
+    assert sorted((s["task"], s["index"]) for s in summaries) == [(t, i) for t in TASKS for i in range(2)]
+    assert recorded(tmp_path / "out") == recorded(reference)
+
+
+def eval_params(tmp_path: Path, **evaluate):
+    values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes_per_task=2, seed=1000, workers=2,
+                  episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "eval.json"),
+                  plots=str(tmp_path / "eval.csv"), actors=str(tmp_path / "actors"), **evaluate)
+    col = {"seed": 0, "tasks": ["click-button"], "episodes_per_task": 60, "noise": 0.3, "max_steps": 4}
+    return validate_params({"collect": col, "evaluate": values, "candidates": {"k": 8}})
+
+
+def test_ray_evaluation_equals_the_local_pools(cluster, tmp_path):
+    local = evaluate_stage.run(eval_params(tmp_path / "local"))
+    on_ray = evaluate_stage.run(eval_params(tmp_path / "ray", executor="ray"))
+    assert {k: v for k, v in on_ray.items() if k != "timing"} == {k: v for k, v in local.items() if k != "timing"}
+    assert (tmp_path / "ray" / "eval.csv").read_bytes() == (tmp_path / "local" / "eval.csv").read_bytes()
+    shards = sorted(p.relative_to(tmp_path / "local" / "shards") for p in (tmp_path / "local" / "shards").rglob("*.json"))
+    assert len(shards) == 6  # behavior, random (sample) and behavior-mode (greedy), 2 episodes each
+    for name in shards:
+        episodes = [json.loads((tmp_path / side / "shards" / name).read_text())["episodes"] for side in ("local", "ray")]
+        assert episodes[0] == episodes[1]
+
+
+def test_without_ray_one_error_names_the_setting(tmp_path):
+    script = ("import sys; sys.modules['ray'] = None\n"
+              "from digiq.envs.workers import make_executor, Unit, RunConfig\n"
+              "from digiq.envs.policy import PolicySpec\n"
+              "from digiq.errors import DigiqError\n"
+              "try:\n    make_executor('ray', 1).run([Unit('click-button', (0,))], RunConfig(PolicySpec('behavior'), 0, 1), None)\n"
+              "except DigiqError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "executor 'ray' needs Ray: pip install 'digiq[ray]'" in result.stdout and "executor" in result.stdout, result.stderr
