@@ -34,11 +34,15 @@ pytestmark = [pytest.mark.browser]
 TASKS = ["click-button", "enter-text"]
 
 
+def collect_section(out: Path, **collect) -> dict:
+    """2 tasks × 2 episodes, one per shard, into ``out`` (metrics and Data Docs beside it)."""
+    return dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, shard_episodes=1,
+                out=str(out), success_band=[0.0, 1.0], required_action_kinds=["tap", "type"],
+                metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"), **collect)
+
+
 def collect_params(out: Path, **collect):
-    values = dict(tasks=TASKS, episodes_per_task=2, seed=11, workers=2, max_steps=6, noise=0.3, shard_episodes=1,
-                  out=str(out), success_band=[0.0, 1.0], required_action_kinds=["tap", "type"],
-                  metrics=str(out.parent / f"{out.name}-metrics.json"), checks=str(out.parent / f"{out.name}-checks"))
-    return validate_params({"collect": {**values, **collect}})
+    return validate_params({"collect": collect_section(out, **collect)})
 
 
 @pytest.fixture(scope="module")
@@ -143,29 +147,6 @@ def test_a_killed_actor_and_a_crashed_browser_lose_and_duplicate_nothing(cluster
     assert recorded(tmp_path / "out") == recorded(reference)
 
 
-def test_a_lost_node_loses_and_duplicates_nothing(cluster, reference, tmp_path):
-    nodes, worker_node = cluster
-    units, run = flaky_run(reference, tmp_path / "out", tmp_path / "markers", doomed=worker_node.node_id)
-    hang, done = tmp_path / "markers" / "hang", threading.Event()
-
-    def remove_when_hung() -> None:
-        while not hang.exists() and not done.is_set():
-            time.sleep(0.05)
-        if hang.exists():
-            nodes.remove_node(worker_node, allow_graceful=False)  # the raylet and its workers, SIGKILLed
-
-    remover = threading.Thread(target=remove_when_hung)
-    remover.start()
-    try:
-        summaries = run_units(units, run, workers=2, executor="ray")
-    finally:
-        done.set()
-        remover.join()
-    assert hang.exists() and len(ray.nodes()) == 2 and sum(n["Alive"] for n in ray.nodes()) == 1
-    assert sorted((s["task"], s["index"]) for s in summaries) == [(t, i) for t in TASKS for i in range(2)]
-    assert recorded(tmp_path / "out") == recorded(reference)
-
-
 def eval_params(tmp_path: Path, **evaluate):
     values = dict(methods=["behavior", "random"], tasks=["click-button"], episodes_per_task=2, seed=1000, workers=2,
                   episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "eval.json"),
@@ -195,3 +176,54 @@ def test_without_ray_one_error_names_the_setting(tmp_path):
               "except DigiqError as exc:\n    print(exc)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "executor 'ray' needs Ray: pip install 'digiq[ray]'" in result.stdout and "executor" in result.stdout, result.stderr
+
+
+def test_the_driver_killed_and_rerun_resumes_from_committed_shards(cluster, reference, tmp_path):
+    """`digiq collect --executor ray` on the cluster, SIGKILLed after its first committed shard: Ray ends its actors,
+    the re-run collects only the missing shards and the dataset equals an uninterrupted run's."""
+    import yaml
+
+    nodes, _ = cluster
+    out = tmp_path / "killed"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"collect": collect_section(out, executor="ray")}))
+    command = [str(Path(sys.executable).parent / "digiq"), "collect", "--params", str(params)]
+    env = {**os.environ, "RAY_ADDRESS": nodes.address}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("steps/*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(list(out.glob("steps/*.parquet")))
+    assert 1 <= kept < 4 and not (out / "manifest.json").exists()
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{4 - kept} shards collected, {kept} kept" in rerun.stdout
+    assert tree_hashes(out) == tree_hashes(reference)
+    end_orphan_browsers()
+    assert wait_for_no_browsers(10) == []
+
+
+def test_a_lost_node_loses_and_duplicates_nothing(cluster, reference, tmp_path):
+    """(Last: it removes the cluster's second node.)"""
+    nodes, worker_node = cluster
+    units, run = flaky_run(reference, tmp_path / "out", tmp_path / "markers", doomed=worker_node.node_id)
+    hang, done = tmp_path / "markers" / "hang", threading.Event()
+
+    def remove_when_hung() -> None:
+        while not hang.exists() and not done.is_set():
+            time.sleep(0.05)
+        if hang.exists():
+            nodes.remove_node(worker_node, allow_graceful=False)  # the raylet and its workers, SIGKILLed
+
+    remover = threading.Thread(target=remove_when_hung)
+    remover.start()
+    try:
+        summaries = run_units(units, run, workers=2, executor="ray")
+    finally:
+        done.set()
+        remover.join()
+    assert hang.exists() and len(ray.nodes()) == 2 and sum(n["Alive"] for n in ray.nodes()) == 1
+    assert sorted((s["task"], s["index"]) for s in summaries) == [(t, i) for t in TASKS for i in range(2)]
+    assert recorded(tmp_path / "out") == recorded(reference)
