@@ -68,8 +68,8 @@ class Inputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    q: list[str] = Field(default_factory=lambda: ["vlm", "image", "goal", "prev_action", "action"], description="channels of Q's input x_Q, from vlm, image, goal, prev_action, fields, action")
-    v: list[str] = Field(default_factory=lambda: ["image", "goal", "prev_action"], description="channels of V's input x_V, from vlm, image, goal, prev_action, fields (action is Q only)")
+    q: list[str] = Field(default_factory=lambda: list(ORDER), description="channels of Q's input x_Q, from vlm, image, goal, prev_action, fields, action")
+    v: list[str] = Field(default_factory=lambda: list(STATE_CHANNELS), description="channels of V's input x_V, from vlm, image, goal, prev_action, fields (action is Q only)")
 
     @field_validator("q")
     @classmethod

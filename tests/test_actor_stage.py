@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import (SMALL_CRITIC, command_app, copy_feature_repo, feature_project, project_params, write_params,
                       write_random_channels)
 from digiq.actor import METHODS, CandidatePolicy, check_dims
+from digiq.channels import Inputs
 from digiq.cli import actor as actor_cli
 from digiq.cli import critic as critic_cli
 from digiq.errors import DigiqError
@@ -145,8 +146,7 @@ def test_the_default_channel_inputs_train_critic_and_policy(tmp_path, method):
     root = feature_project(tmp_path, n_states=N_STATES, k=K, dim=DIM, seed=2)
     write_random_channels(root)
     write_params(root, seed=1, critic={**SMALL_CRITIC, "updates": 40, "lrs": [1e-3]},
-                 actor={**PARAMS["actor"], "inputs": {"q": ["vlm", "image", "goal", "prev_action", "action"],
-                                                      "v": ["image", "goal", "prev_action"]}},
+                 actor={**PARAMS["actor"], "inputs": Inputs().model_dump()},
                  digirl={"step_updates": 5, "instruction_updates": 5})
     result = invoke(root, "critic", "--out", str(root / "models" / "critic"), "-S", f"critic.metrics={root / 'critic.json'}",
                     "-S", f"critic.live_dir={root / 'dvclive' / 'critic'}")
@@ -154,4 +154,4 @@ def test_the_default_channel_inputs_train_critic_and_policy(tmp_path, method):
     result = run_actor(root, method)
     assert result.exit_code == 0, result.output
     policy = CandidatePolicy.from_pretrained(root / "actors" / "main" / method)
-    assert (policy.d_s, policy.d_sa) == (8 + 3 + 6, DIM + 8 + 3 + 6 + 6)
+    assert (policy.d_s, policy.d_sa) == (8 + 3 + 6 + 3, DIM + 8 + 3 + 6 + 3 + 6)

@@ -28,8 +28,8 @@ FIELD = {"ref": 2, "parent": 1, "tag": "input_text", "text": "", "value": "", "i
 # ----------------------------------------------------------------------------- Inputs
 
 def test_inputs_default_canonical_order_and_validation():
-    assert Inputs().q == ["vlm", "image", "goal", "prev_action", "action"]
-    assert Inputs().v == ["image", "goal", "prev_action"]
+    assert Inputs().q == ["vlm", "image", "goal", "prev_action", "fields", "action"]
+    assert Inputs().v == ["image", "goal", "prev_action", "fields"]
     assert Inputs(q=["action", "goal", "vlm"], v=["goal", "vlm"]).q == ["vlm", "goal", "action"]
     for bad, match in ((dict(v=["action"]), "Q channel"), (dict(q=["pixels"]), "unknown"), (dict(q=[]), "at least one"),
                        (dict(v=["goal", "goal"]), "twice")):
@@ -61,18 +61,21 @@ def _marked(b=2, k=3, d_s=4, d_sa=5, d_v=3, d_e=2):
     return dict(f_s=np.full((b, d_s), 1.0), f_sa=np.full((b, k, d_sa), 2.0), state=state, action=np.full((b, k, 2 * d_e), 6.0))
 
 
+OFFICIAL = Inputs(q=["vlm", "image", "goal", "prev_action", "action"], v=["image", "goal", "prev_action"])  # VLMDoubleCritic's
+
+
 def test_compose_puts_each_channel_in_its_slice_in_canonical_order():
-    x_v, x_q = compose(Inputs(), **_marked())
+    x_v, x_q = compose(OFFICIAL, **_marked())
     assert x_v.shape == (2, 6 + 2 + 4) and x_q.shape == (2, 3, 5 + 6 + 2 + 4 + 4)
     assert x_v.dtype == x_q.dtype == np.float32
     assert x_v[0].tolist() == [3.0] * 6 + [4.0] * 2 + [5.0] * 4  # V: image, goal, prev_action; no action, no f(s)
     assert x_q[1, 2].tolist() == [2.0] * 5 + [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [6.0] * 4
-    assert input_dims(Inputs(), d_s=4, d_sa=5, d_v=3, d_e=2) == (12, 21)
+    assert input_dims(OFFICIAL, d_s=4, d_sa=5, d_v=3, d_e=2) == (12, 21)
     x_v, x_q = compose(Inputs(q=["action", "goal"], v=["vlm", "goal"]), **_marked())
     assert x_v[0].tolist() == [1.0] * 4 + [4.0] * 2 and x_q[0, 0].tolist() == [4.0] * 2 + [6.0] * 4
     assert input_dims(Inputs(q=["action", "goal"], v=["vlm", "goal"]), d_s=4, d_sa=5, d_v=3, d_e=2) == (6, 6)
-    read = Inputs(q=["vlm", "image", "goal", "prev_action", "fields", "action"], v=["fields", "image", "goal", "prev_action"])
-    x_v, x_q = compose(read, **_marked())  # fields: after prev_action, before action, in both heads
+    read = Inputs()  # the default: fields after prev_action, before action, in both heads
+    x_v, x_q = compose(read, **_marked())
     assert x_v[0].tolist() == [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [7.0] * 2
     assert x_q[0, 1].tolist() == [2.0] * 5 + [3.0] * 6 + [4.0] * 2 + [5.0] * 4 + [7.0] * 2 + [6.0] * 4
     assert input_dims(read, d_s=4, d_sa=5, d_v=3, d_e=2) == (14, 23)
@@ -299,7 +302,7 @@ def test_channel_views_serve_training_sets_and_compose(tmp_path, tiny_models):
     assert len(with_next) and not f.next_channels["image"][~f.has_next].any()
 
     t = data.transitions(inputs=Inputs())
-    assert t.s.shape == (10, 64 + 8 + 16) and t.cand_sa.shape == (10, 3, 4 + 64 + 8 + 16 + 16)
+    assert t.s.shape == (10, 64 + 8 + 16 + 8) and t.cand_sa.shape == (10, 3, 4 + 64 + 8 + 16 + 8 + 16)
     assert np.array_equal(t.sa.numpy(), t.cand_sa[:, 0].numpy())
     for i in with_next:  # x_V(s') is the next state's own x_V
         nxt = fc.state_key(data.traj_id[i], data.step_id[i] + 1)

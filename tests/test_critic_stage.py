@@ -174,16 +174,17 @@ def test_a_fresh_workspace_trains_from_the_tracked_sources_alone(tmp_path):
 
 
 def test_the_critic_reads_the_channels_critic_inputs_selects(tmp_path):
-    """Default inputs: x_V = image ⊕ goal ⊕ prev_action, x_Q = vlm ⊕ those ⊕ action; recorded in config.json."""
+    """Default inputs: x_V = image ⊕ goal ⊕ prev_action ⊕ fields, x_Q = vlm ⊕ those ⊕ action; recorded in config.json."""
     project = feature_project(tmp_path, n_states=N_STATES, k=K, dim=DIM, seed=1)
     write_random_channels(project)
     write_params(project, seed=2, critic={**SMALL_CRITIC, "updates": 40, "lrs": [1e-3]})
     result = run_critic(project, "channels")
     assert result.exit_code == 0, result.output
     critic = DoubleCritic.from_pretrained(project / "channels" / "critic")
-    assert (critic.d_s, critic.d_sa) == (8 + 3 + 6, DIM + 8 + 3 + 6 + 6) and critic.config.inputs == CriticParams().inputs
+    assert (critic.d_s, critic.d_sa) == (8 + 3 + 6 + 3, DIM + 8 + 3 + 6 + 3 + 6) and critic.config.inputs == CriticParams().inputs
     metrics = json.loads((project / "channels" / "critic.json").read_text())
-    assert metrics["inputs"] == {"q": ["vlm", "image", "goal", "prev_action", "action"], "v": ["image", "goal", "prev_action"]}
+    assert metrics["inputs"] == {"q": ["vlm", "image", "goal", "prev_action", "fields", "action"],
+                                 "v": ["image", "goal", "prev_action", "fields"]}
     assert metrics["diagnostics"]["val"]["ranking_states"] > 0
 
 

@@ -81,7 +81,7 @@ def test_dvc_repro_runs_every_stage_of_a_small_configuration(tmp_path):
     assert all(m["episodes"] == 2 for m in [*sampled.values(), *greedy.values()])
     assert set(evaluation["protocols"]["sample"]["paired"]["against"]) == {"bc", "behavior", "random"}
     critic_inputs = json.loads((root / "models/critic/config.json").read_text())["config"]["inputs"]
-    assert critic_inputs["q"] == ["vlm", "image", "goal", "prev_action", "action"]
+    assert critic_inputs["q"] == ["vlm", "image", "goal", "prev_action", "fields", "action"]
     assert "Digi-Q" in (root / "reports/report.md").read_text()
     page = (root / "reports/report.html").read_text()
     assert re.search(r"<figure>\s*<svg\b", page) and 'src="http' not in page  # charts inline, nothing fetched
