@@ -83,3 +83,67 @@ def test_two_hosts_sharing_a_folder_each_clean_only_their_own_leftovers(tmp_path
     on_host("hostb", b, str(target), "from B")  # host B's next write sees its writer is gone and removes it
     assert target.read_text() == "from B" and not list(shared.glob(".*.tmp"))
 
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (UTS namespaces)")
+def test_embed_on_two_hosts_with_their_own_checkouts_equals_one_process(tmp_path):
+    """`accelerate launch --num_machines 2` of `digiq embed`: host A (rank 0) and host B (rank 1, its own hostname)
+    each run in their own working directory holding their own copy of the inputs (as after `dvc pull`), with
+    relative paths; only the chunk parts go to a folder both see. A's tables equal a one-process run's; B writes
+    nothing of its own."""
+    import pyarrow.parquet as pq
+    import yaml
+    from test_candidates import write_tiny_dataset
+    from tiny_llava import save_tiny_llava
+
+    from digiq import candidates as C
+    from digiq import embed as E
+    from digiq.config import EmbedParams, Params
+    from digiq.pipelines import embed as stage
+
+    a, b, shared = tmp_path / "host-a", tmp_path / "host-b", tmp_path / "shared"
+    dataset = write_tiny_dataset(a / "data" / "raw", n_traj=2, steps=3)  # 6 states, 3 chunks of 2
+    C.write_candidates(C.make_candidates(dataset, 4, seed=0), a / "data" / "candidates.parquet")
+    save_tiny_llava(a / "models" / "tiny")
+    shutil.copytree(a, b)  # B's checkout: the same inputs at the same relative paths
+    section = {"models": {"finetuned": "models/tiny"}, "candidates": "data/candidates.parquet", "out": "data/emb",
+               "metrics": "metrics", "dtype": "float32", "device": "cpu", "chunk_states": 2}
+    one = tmp_path / "one"
+    shutil.copytree(a, one)
+    cwd = os.getcwd()
+    os.chdir(one)
+    try:
+        stage.run(Params(collect={"out": "data/raw"}, embed=EmbedParams(**section, parts="parts")))
+    finally:
+        os.chdir(cwd)
+    for host in (a, b):
+        (host / "params.yaml").write_text(yaml.safe_dump({"collect": {"out": "data/raw"},
+                                                          "embed": {**section, "parts": str(shared / "parts")}}))
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    port = free_port()
+
+    def launch(rank: int, cwd: Path, host: str) -> subprocess.Popen:
+        argv = [accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "digiq.cli.main", "embed", "--params", "params.yaml"]
+        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$0" "$@"', *argv]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [launch(0, a, "hosta"), launch(1, b, "hostb")]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    for table in (E.STATES_FILE, E.CANDIDATES_FILE):
+        expected = pq.read_table(one / "data" / "emb" / "finetuned" / table)
+        assert expected.num_rows > 0 and pq.read_table(a / "data" / "emb" / "finetuned" / table).equals(expected), table
+    assert not (b / "data" / "emb").exists() and not (shared / "parts" / "finetuned").exists()
+    assert not list(tmp_path.rglob(".*.tmp"))
