@@ -1,15 +1,19 @@
-"""Fine-tuning throughput (samples/s), fp32 and bf16 side by side, on real transitions.
+"""Fine-tuning throughput (samples/s), fp32 and bf16 side by side, on real transitions, against the matmul peak.
 
     python benchmarks/finetune_bench.py --dataset data/raw --labels data/labels.parquet --base models/base
 
 Vision features are cached once (as the stage does); each dtype then runs ``--steps`` optimizer steps of the
 training loop (projector + language model forward/backward + AdamW) after ``--warmup`` steps, on a fresh
-LoRA (or full) model. bf16 is autocast over fp32 master weights, as in the stage.
+LoRA (or full) model. bf16 is autocast over fp32 master weights, as in the stage. The FLOPs of one step (forward
+and backward) are counted by ``torch.utils.flop_counter.FlopCounterMode``; achieved GFLOP/s = FLOPs per sample ×
+samples/s, against a square ``--matmul-n`` matmul of the same dtype measured before and after (the higher kept),
+as benchmarks/embed_bench.py reports extraction.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -25,12 +29,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--matmul-n", type=int, default=1024)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, comma-separated (bf16 takes minutes per step on CPUs without avx512_bf16/amx)")
     args = ap.parse_args()
 
     import numpy as np
     import torch
+    from embed_bench import matmul_gflops
+    from torch.utils.flop_counter import FlopCounterMode
 
     from digiq import finetune as F
     from digiq.config import FinetuneParams
@@ -49,6 +56,7 @@ def main() -> None:
     rows = np.arange(len(examples))
     results = {}
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        peak = matmul_gflops(dtype, args.matmul_n, 1.5)
         seed_everything(0)
         vlm = load_vlm(args.base, dtype="float32", device="cpu")
         t0 = time.perf_counter()
@@ -58,15 +66,22 @@ def main() -> None:
         model = F.make_trainable(vlm, spec)
         trainer = Trainer(VLM(model, vlm.processor), model, features, examples, rows, rows[:1], spec, dtype)
         batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
-        for b in batches[:args.warmup]:
-            trainer.train_step(b)
+        for i, b in enumerate(batches[:args.warmup]):
+            with FlopCounterMode(display=False) if i == 0 else contextlib.nullcontext() as counter:
+                trainer.train_step(b)
+            if i == 0:
+                flops_per_sample = counter.get_total_flops() / len(b)
         t0 = time.perf_counter()
         for b in batches[args.warmup:]:
             trainer.train_step(b)
         seconds = time.perf_counter() - t0
         samples = sum(len(b) for b in batches[args.warmup:])
-        results[str(dtype).removeprefix("torch.")] = {"train_samples_per_s": round(samples / seconds, 2),
-                                                      "vision_images_per_s": round(vision_rate, 2)}
+        peak = max(peak, matmul_gflops(dtype, args.matmul_n, 1.5))
+        achieved = flops_per_sample * samples / seconds / 1e9
+        results[str(dtype).removeprefix("torch.")] = {
+            "train_samples_per_s": round(samples / seconds, 2), "vision_images_per_s": round(vision_rate, 2),
+            "gflops_per_sample": round(flops_per_sample / 1e9, 4), "achieved_gflops": round(achieved, 2),
+            "peak_gflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 4)}
     bf16_flags = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags())
     summary = {"mode": args.mode, "batch_size": args.batch_size, "steps": args.steps, "threads": threads,
                "cpu_bf16_flags": bf16_flags, "auto_dtype": str(choose_dtype("cpu")).removeprefix("torch."),

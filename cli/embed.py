@@ -24,6 +24,7 @@ def embed(params: Any) -> None:
     m = outcome.metrics
     typer.echo(f"{m['states']} states, {m['candidates']} candidates ({m['computed_samples']} distinct samples computed, "
                f"{m['resumed_chunks']}/{m['chunks']} chunks resumed) in {m['seconds']:.1f} s = {m['samples_per_s']:.1f} samples/s; "
-               f"d = {m['d_state']}/{m['d_candidate']}, {m['dtype']} ({m['dtype_reason']}), layer {m['layer']}, "
+               f"d = {m['d_state']}/{m['d_candidate']}, {m['dtype']} ({m['dtype_reason']}), quantize {m['quantize']} "
+               f"({m['quantize_reason']}), layer {m['layer']}, "
                f"model {m['model_hash']}")
     typer.echo(f"wrote {outcome.out}/{{states,candidates}}.parquet, {params.embed.metrics}/embed-{params.embed.variant}.json")

@@ -201,6 +201,7 @@ class EmbedParams(Section):
     pooling: Literal["last", "mean"] = Field("last", description="last token or mean over tokens")
     batch_size: int = Field(64, ge=1, description="prompts (or screenshots) per forward pass")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype; auto: bf16 where the hardware has bf16 instructions, else float32 (float16 on a GPU without bf16), or $DIGIQ_DTYPE when set")
+    quantize: Literal["auto", "none", "int8"] = Field("auto", description="the frozen language model's linear weights: int8 (dynamic quantization, CPU, float32 compute dtype) or none; auto: int8 where the float32 compute dtype is the machine's choice (auto or $DIGIQ_DTYPE) on an x86 CPU with AVX2, else none (bf16 hardware keeps bf16), or $DIGIQ_QUANTIZE when set")
     device: str = Field("auto", description="auto | cpu | cuda")
     chunk_states: int = Field(64, ge=1, description="states per resumable part file")
     candidates: str = Field("data/candidates.parquet", description="candidate table (stage candidates)")

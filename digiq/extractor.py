@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from digiq.errors import DigiqError
+from digiq.runtime import ComputeDtype, Quantization
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +62,8 @@ class Extractor(Protocol):
     dim_state: int
     dim_candidate: int
     reads_elements: bool  # whether states() and candidates() use the DOM elements (else they may be None)
+    dtype: ComputeDtype | None  # the compute dtype and why (set by build_extractor)
+    quantization: Quantization | None  # the language model's weights: none | int8, and why (set by build_extractor)
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor: ...  # one row per screenshot
 
@@ -78,6 +81,8 @@ class VLMExtractor:
         self.vlm, self.layer, self.pooling, self.batch_size = vlm, layer, pooling, batch_size
         self.dim_state = self.dim_candidate = int(vlm.hidden_size)
         self.reads_elements = vlm.reading.reads_elements
+        self.dtype: ComputeDtype | None = None
+        self.quantization: Quantization | None = None
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.vlm.encode_images(list(images), batch_size=self.batch_size)
@@ -120,6 +125,8 @@ class VisionOnlyExtractor:
         self.dim_state = self.dim_vision
         self.dim_candidate = 2 * self.dim_vision + len(ACTION_KINDS) + 4 + TEXT_BUCKETS
         self.reads_elements = False
+        self.dtype: ComputeDtype | None = None
+        self.quantization: Quantization | None = None
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         import torch
@@ -153,16 +160,31 @@ class VisionOnlyExtractor:
 
 
 def build_extractor(variant: str, model_path: str | Path, *, layer: int, pooling: str, batch_size: int = 64,
-                    dtype: str = "auto", device: str = "auto") -> tuple[Extractor, str, str]:
-    """(extractor, model hash, dtype name) of an embedding variant — the one recipe shared by the embed stage and
-    the live featurizer of online evaluation, so that both compute the same f(s) and f(s, a)."""
+                    dtype: str | ComputeDtype = "auto", device: str = "auto",
+                    quantize: str = "auto") -> tuple[Extractor, str, str]:
+    """(extractor, model hash, precision) of an embedding variant — the one recipe shared by the embed stage and
+    the live featurizer of online evaluation, so that both compute the same f(s) and f(s, a).
+
+    ``dtype`` and ``quantize`` are resolved here (:func:`digiq.runtime.resolve_dtype`, ``resolve_quantize``);
+    the precision names both (``float32``, ``float32+int8``…) and the extractor keeps them (``.dtype``,
+    ``.quantization``) for the run's records. ``no_vlm`` runs no language model, so nothing is quantized."""
+    from digiq.runtime import resolve_device, resolve_dtype, resolve_quantize
     from digiq.vlm import load_vlm
 
-    vlm = load_vlm(model_path, dtype=dtype, device=device)
-    dtype_name = str(vlm.dtype).removeprefix("torch.")
+    device = resolve_device(device)
+    compute = dtype if isinstance(dtype, ComputeDtype) else resolve_dtype(dtype, device, setting="embed.dtype")
+    quant = resolve_quantize(quantize, compute, device, setting="embed.quantize")
+    if variant == "no_vlm" and quant.name != "none":
+        quant = Quantization("none", "no_vlm runs no language model")
+    vlm = load_vlm(model_path, dtype=compute.name, device=device, quantize=quant.name)
+    precision = compute.name + ("" if quant.name == "none" else f"+{quant.name}")
+    extractor: Extractor
     if variant == "no_vlm":
-        return VisionOnlyExtractor(vlm, batch_size=batch_size), model_hash(model_path, extra="no_vlm"), dtype_name
-    return VLMExtractor(vlm, layer, pooling, batch_size), model_hash(model_path), dtype_name
+        extractor, digest = VisionOnlyExtractor(vlm, batch_size=batch_size), model_hash(model_path, extra="no_vlm")
+    else:
+        extractor, digest = VLMExtractor(vlm, layer, pooling, batch_size), model_hash(model_path)
+    extractor.dtype, extractor.quantization = compute, quant
+    return extractor, digest, precision
 
 
 def featurize(extractor: Extractor, image: Image.Image, goal: str, observation: str,

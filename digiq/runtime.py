@@ -1,8 +1,10 @@
-"""Run-time choices that depend on the machine: dtype, threads, seeds, cache folder.
+"""Run-time choices that depend on the machine: dtype, int8 quantization, threads, seeds, cache folder.
 
 CPUs differ between machines of the same kind: with bf16 instructions (AMX, avx512_bf16) bf16 matmuls beat fp32,
 without them they are far slower (docs/benchmarks.md). So ``dtype: auto`` is resolved once per run from the
 hardware (:func:`resolve_dtype`), never hard-coded and never timed, and the run records what it chose and why.
+Where the dtype is float32 on a CPU, the frozen language model may run with int8 weights (:func:`resolve_quantize`),
+chosen the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class ComputeDtype:
     reason: str  # e.g. "auto: cpu has amx_bf16", "DIGIQ_DTYPE=float32", "finetune.dtype: bfloat16"
 
     @property
+    def named(self) -> bool:
+        """True when a setting named this dtype (rather than ``auto`` or ``$DIGIQ_DTYPE`` choosing it)."""
+        return not self.reason.startswith(("auto:", f"{DTYPE_ENV}="))
+
+    @property
     def torch(self) -> torch.dtype:
         import torch
 
@@ -104,6 +111,58 @@ def resolve_dtype(requested: str = "auto", device: str = "auto", *, setting: str
     if found:
         return ComputeDtype("bfloat16", f"auto: cpu has {' and '.join(found)}")
     return ComputeDtype("float32", "auto: cpu has no bf16 instructions (amx_bf16, avx512_bf16)")
+
+
+QUANTIZE_ENV = "DIGIQ_QUANTIZE"  # none | int8: the frozen language model's weights wherever a setting says "auto"
+QUANTIZE_NAMES = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a run stores the frozen language model's linear weights, and why (recorded beside the dtype)."""
+
+    name: str  # none | int8 (dynamic: int8 weights, activations quantized per call, float32 outside the matmuls)
+    reason: str  # e.g. "auto: float32 on an x86 cpu with avx2", "DIGIQ_QUANTIZE=none", "embed.quantize: int8"
+
+
+def resolve_quantize(requested: str, dtype: ComputeDtype, device: str = "auto", *,
+                     setting: str = "quantize") -> Quantization:
+    """The frozen language model's quantization for a run of compute dtype ``dtype``: the setting when it names
+    one, else ``$DIGIQ_QUANTIZE``, else the machine's (from the hardware and the dtype, never from a timing):
+
+    - int8 where the compute dtype is float32 by the machine's choice (``auto`` or ``$DIGIQ_DTYPE``) on an x86 CPU
+      with AVX2, whose int8 matrix kernels (fbgemm) torch has;
+    - none elsewhere: bf16 hardware keeps bf16, a GPU keeps its dtype, other CPUs stay float32, and a setting that
+      names float32 gets float32 throughout.
+
+    int8 needs the float32 compute dtype and a CPU (its kernels are CPU kernels)."""
+    if requested != "auto":
+        name, reason = requested, f"{setting}: {requested}"
+    elif os.environ.get(QUANTIZE_ENV):
+        name, reason = os.environ[QUANTIZE_ENV].lower(), f"{QUANTIZE_ENV}={os.environ[QUANTIZE_ENV]}"
+    else:
+        return _machine_quantize(dtype, resolve_device(device))
+    if name not in QUANTIZE_NAMES:
+        raise DigiqError(f"expected auto, none or int8, got {name!r}",
+                         field=QUANTIZE_ENV if reason.startswith(QUANTIZE_ENV) else setting)
+    if name == "int8" and (dtype.name != "float32" or resolve_device(device) != "cpu"):
+        raise DigiqError(f"int8 runs float32 activations on the CPU; the compute dtype is {dtype.name} ({dtype.reason}) "
+                         f"on {resolve_device(device)}: set the dtype to float32 (or DIGIQ_DTYPE=float32) and the "
+                         "device to cpu", field=QUANTIZE_ENV if reason.startswith(QUANTIZE_ENV) else setting)
+    return Quantization(name, reason)
+
+
+def _machine_quantize(dtype: ComputeDtype, device: str) -> Quantization:
+    if device != "cpu":
+        return Quantization("none", f"auto: {device} keeps {dtype.name}")
+    if dtype.name != "float32" or dtype.named:
+        return Quantization("none", f"auto: the compute dtype is {dtype.name} ({dtype.reason})")
+    import torch
+
+    engines = {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)
+    if "avx2" not in cpu_flags() or not engines:
+        return Quantization("none", "auto: no x86 int8 kernels here (fbgemm needs avx2)")
+    return Quantization("int8", "auto: float32 on an x86 cpu with avx2 (fbgemm int8 kernels)")
 
 
 def dtype_name(name: str) -> str:

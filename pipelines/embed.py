@@ -51,19 +51,20 @@ def run(params: Params, *, progress: bool = False, on_chunk: Callable[[int], Non
     set_threads()
     quiet_transformers()
     started = time.perf_counter()
-    extractor, model_hash, dtype_name = build_extractor(p.variant, model, layer=p.layer, pooling=p.pooling,
-                                                        batch_size=p.batch_size, dtype=dtype.name, device=device)
+    extractor, model_hash, _ = build_extractor(p.variant, model, layer=p.layer, pooling=p.pooling,
+                                               batch_size=p.batch_size, dtype=dtype, device=device, quantize=p.quantize)
     load_s = time.perf_counter() - started
     layer = p.layer if p.variant != "no_vlm" else -1
+    quant = extractor.quantization
     settings = {"variant": p.variant, "pooling": p.pooling if p.variant != "no_vlm" else "mean+patch",
-                "dtype": dtype_name, "marker": "patch"}
+                "dtype": dtype.name, "marker": "patch", **({"quantize": quant.name} if quant.name != "none" else {})}
     out = Path(p.out) / p.variant
     result = E.embed_dataset(Dataset(params.collect.out), candidates, extractor, out, Path(p.parts) / p.variant,
                              model_hash=model_hash, layer=layer, chunk_states=p.chunk_states, settings=settings,
                              candidates_file=p.candidates, progress=progress, on_chunk=on_chunk, ranks=ranks)
     metrics = {
         "variant": p.variant, "model": model, "model_hash": model_hash, "layer": layer, **settings,
-        "dtype_reason": dtype.reason, "states": result.states, "candidates": result.candidates,
+        "dtype_reason": dtype.reason, "quantize": quant.name, "quantize_reason": quant.reason, "states": result.states, "candidates": result.candidates,
         "d_state": result.dim_state, "d_candidate": result.dim_candidate, "computed_samples": result.computed,
         "screenshots_encoded": result.images, "chunks": result.chunks, "resumed_chunks": result.resumed_chunks,
         "seconds": round(result.seconds, 3), "load_seconds": round(load_s, 3),

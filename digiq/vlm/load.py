@@ -19,12 +19,14 @@ if TYPE_CHECKING:
 
 
 def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", *,
-             adapter: str | Path | None = None, **model_kwargs: Any) -> VLM:
+             adapter: str | Path | None = None, quantize: str = "none", **model_kwargs: Any) -> VLM:
     """Load the checkpoint folder ``path`` (AutoProcessor + AutoModelForImageTextToText) as a :class:`VLM`.
 
     ``dtype``: "auto" (chosen at run time, :func:`digiq.runtime.resolve_dtype`), "float32", "bfloat16",
     "float16" or a torch dtype. ``device``: "auto" (cuda when visible), "cpu", "cuda", "cuda:1"….
     ``adapter``: optional PEFT adapter folder (e.g. LoRA from fine-tuning) applied on top.
+    ``quantize``: "none" or "int8" (:func:`quantize_language_model`: a frozen model for inference only; the
+    caller resolves "auto" with :func:`digiq.runtime.resolve_quantize`).
     The tokenizer pads on the left; the model is in eval mode.
     """
     from digiq.runtime import dtype_from_name, resolve_device
@@ -64,10 +66,35 @@ def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto", device: str = 
     if adapter is not None:
         model = _apply_adapter(model, Path(adapter))
     model.eval()
+    if quantize == "int8":
+        quantize_language_model(model)
+    elif quantize != "none":
+        raise DigiqError(f"unknown quantization {quantize!r} (expected none or int8)", field="quantize")
 
     from digiq.vlm.model import VLM
 
     return VLM(model, processor, device=device, dtype=torch_dtype, path=path)
+
+
+def quantize_language_model(model: Any) -> None:
+    """Swap the language model's ``nn.Linear`` layers, in place, for dynamically quantized ones (PyTorch's fbgemm/x86
+    kernels): weights int8 per output channel, each call's input quantized to 8 bits over its own range, int32
+    accumulation, float32 outside the matmuls. The vision tower, projector, embeddings and LM head stay float32.
+
+    A row's result depends on the range of the other rows quantized with it (at quantization-noise level), so
+    features are deterministic for the same inputs and batches, equal across batchings only approximately."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = getattr(getattr(base, "model", None), "language_model", None)
+    if lm is None or next(lm.parameters()).dtype != torch.float32:
+        raise DigiqError("int8 quantization needs a float32 LLaVA-style model (model.language_model)", field="quantize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's eager quantization and quantized tensors are deprecated, still shipped
+        quantize_dynamic(lm, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def _apply_adapter(model: Any, adapter: Path) -> Any:

@@ -11,6 +11,8 @@ The costly part of f(s, a) is the screenshot, and each state has up to K = 64 ca
    through the language model once; its key/value cache is then shared by all candidates, which only run
    their own suffix (right-padded, so positions are those of the unbatched sequence).
 4. Features at layer ``k`` need only the first ``k`` decoder layers: the others are skipped (:mod:`digiq.vlm.decoder`).
+5. Last-token features without gradients (extraction) of a Llama-style LM run packed, with no padding tokens, and
+   compute only the last token at the read layer (:mod:`digiq.vlm.packed`).
 
 Layer numbering follows ``hidden_states`` of Hugging Face models: 0 is the embedding layer, ``k`` the output
 of decoder layer ``k``, and the last one (``num_layers``) is after the final norm. Negative ``k`` counts from
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from digiq.errors import DigiqError
 from digiq.vlm import prompts as P
 from digiq.vlm.decoder import Decoder, decoder_stack, expand_cache
+from digiq.vlm.packed import PackedDecoder, packed_supported
 from digiq.vlm.inputs import action_points, draw_tap_marker, pad_to_square, patch_grid, patch_index, square_point
 
 if TYPE_CHECKING:
@@ -88,6 +91,7 @@ class VLM:
         if pooler is not None:  # a BERT's pooler: LLaVA's output has no field for it. Skip its work but keep its
             pooler.forward = _no_pooling  # weights, so that a checkpoint saved from this model loads complete
         self._decoder = Decoder(self._lm, stack)
+        self._packed = PackedDecoder(self._lm) if packed_supported(self._lm) else None
         self.dtype = dtype or next(base.parameters()).dtype
         self.num_layers = self._decoder.num_layers
         self.hidden_size = self.config.text_config.hidden_size
@@ -185,6 +189,9 @@ class VLM:
         depth = self.num_layers if (yes_no or not truncate) else max(layers)
         use_prefix = prefix_cache and shared and n_rows > 1 and truncate and depth > 0
         prefix = self._shared_prefix(rows) if use_prefix else 0
+        if self._packed is not None and pooling == "last" and not yes_no and truncate and depth > 0 \
+                and not torch.is_grad_enabled():
+            return self._run_packed(rows, layers, depth, prefix, batch_size)
         pieces: list[VLMOutput] = []
         if prefix:
             state = self._run_prefix(rows[0], prefix, layers, depth)
@@ -361,6 +368,21 @@ class VLM:
         if yes_no and final is not None:
             out.yes_no = self._answer_logits(final[:, -1])
         return out
+
+    def _run_packed(self, rows: list[_Row], layers: list[int], depth: int, prefix: int, batch_size: int) -> VLMOutput:
+        import torch
+
+        state, n_src = None, 0
+        if prefix:
+            ids = torch.tensor(rows[0].ids[:prefix], device=self.device)
+            n_src = int(ids.eq(self.image_token_id).sum())
+            state = self._packed.prefix(self._embed(ids[None], [rows[0].sources[:n_src]])[0], depth)
+        parts = []
+        for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
+            ids = torch.tensor([t for r in chunk for t in r.ids[prefix:]], device=self.device)
+            embeds = self._embed(ids[None], [r.sources[n_src:] for r in chunk])[0]
+            parts.append(self._packed.last_token(embeds, [len(r.ids) - prefix for r in chunk], layers, depth, state))
+        return VLMOutput(features={k: torch.cat([p[k] for p in parts]).float() for k in layers})
 
     def _run_prefix(self, row: _Row, prefix: int, layers: list[int], depth: int) -> dict[str, Any]:
         import torch
