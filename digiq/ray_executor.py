@@ -10,7 +10,9 @@ the same commit as the local pool (:func:`~digiq.envs.workers.run_units`). Actor
 
 Faults are Ray's to handle, not a watchdog's: an actor whose process is killed, or whose node is lost, is restarted
 (``max_restarts``; on another node if its own is gone) and its unit re-run from the start (``max_task_retries``),
-``RunConfig.unit_retries`` times each. A unit's episodes depend only on (task, episode seed), and the driver commits
+``RunConfig.unit_retries`` times each. Ray cannot tell a hung actor from a slow one, so the driver reads each busy
+actor's step count every second (progress, and a heartbeat): one that has not moved for ``hang_timeout_s`` is killed
+with ``ray.kill(no_restart=False)``, and Ray restarts it and retries its unit as after a crash. A unit's episodes depend only on (task, episode seed), and the driver commits
 only returned results, one per unit, so a retried unit is committed once and equals the lost one. A browser crash
 inside an actor is handled as in the local pool (the episode is replayed from its seed). A restarted actor first ends
 the browsers its dead predecessor left on that host (:func:`~digiq.envs.browser_cleanup.end_orphan_browsers`).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from digiq.envs.browser_cleanup import end_orphan_browsers
@@ -42,7 +45,8 @@ def require_ray() -> Any:
 
 
 class BrowserActor:
-    """A Ray actor's body: one :class:`UnitRunner` (policy and browser), in the driver's folder."""
+    """A Ray actor's body: one :class:`UnitRunner` (policy and browser), in the driver's folder. It runs with two
+    threads, so that :meth:`steps` answers while :meth:`run_unit` plays."""
 
     def __init__(self, config: RunConfig, folder: str):
         try:
@@ -53,12 +57,20 @@ class BrowserActor:
         if os.path.isdir(folder):
             os.chdir(folder)
         self.runner = UnitRunner(config)
+        self.done_steps = 0
 
     def name(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
+    def steps(self) -> int:
+        """Steps played since this actor (re)started: the driver's progress and heartbeat."""
+        return self.done_steps
+
     def run_unit(self, unit: Unit) -> UnitResult:
-        return self.runner.run_unit(unit)
+        return self.runner.run_unit(unit, on_step=self._step)
+
+    def _step(self) -> None:
+        self.done_steps += 1
 
     def close(self) -> None:
         self.runner.close()
@@ -78,9 +90,9 @@ class RayExecutor:
         try:
             remote = ray.remote(BrowserActor).options(
                 num_cpus=1, max_restarts=config.unit_retries, max_task_retries=config.unit_retries,
-                scheduling_strategy="SPREAD")
+                max_concurrency=2, scheduling_strategy="SPREAD")
             actors = [remote.remote(config, os.getcwd()) for _ in range(self.workers)]
-            _dispatch(ray, actors, list(units), events)
+            _Dispatch(ray, actors, events, config.hang_timeout_s).run(list(units))
             ray.get([actor.close.remote() for actor in actors], timeout=60)  # every actor is idle now
         finally:
             for actor in actors:
@@ -100,34 +112,72 @@ def _connect(ray: Any, workers: int) -> bool:
     return True
 
 
-def _dispatch(ray: Any, actors: list[Any], todo: list[Unit], events: Events) -> None:
-    """Keep one unit in flight per actor; hand each result to the driver as it returns."""
-    last_task: list[str | None] = [None] * len(actors)
-    worker: list[str] = ray.get([actor.name.remote() for actor in actors])  # host:pid, to tell a restarted actor
-    flight: dict[Any, tuple[int, Unit]] = {}
-    idle = list(range(len(actors)))
-    while todo or flight:
-        while idle and todo:
-            a = idle.pop(0)
-            unit = next_unit(todo, last_task[a])
-            last_task[a] = unit.task
-            flight[actors[a].run_unit.remote(unit)] = (a, unit)
-        (ref,), _ = ray.wait(list(flight), num_returns=1)
-        a, unit = flight.pop(ref)
-        try:
-            result: UnitResult = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            raise DigiqError(f"unit {unit.key} failed on Ray after {_short(exc)}", field="executor") from None
-        if result.worker != worker[a]:
-            events.restart(f"{unit.key}: actor {a} restarted ({worker[a]} → {result.worker}); unit re-run")
-        worker[a] = result.worker
-        for summary in result.summaries:
-            for _ in range(summary["steps"]):
-                events.step()
-            events.episode(summary)
-        events.on_unit(unit, result)
-        idle.append(a)
+class _Dispatch:
+    """Keeps one unit in flight per actor and hands each result to the driver as it returns. Every ``POLL_S`` it
+    reads each busy actor's step count: new steps are progress; none for ``hang_timeout_s`` means a hung actor,
+    which is killed for Ray to restart (its unit is retried by Ray, as after a crash)."""
 
+    POLL_S = 1.0
+
+    def __init__(self, ray: Any, actors: list[Any], events: Events, hang_timeout_s: float):
+        self.ray, self.actors, self.events, self.hang_timeout_s = ray, actors, events, hang_timeout_s
+        self.last_task: list[str | None] = [None] * len(actors)
+        self.worker: list[str] = ray.get([actor.name.remote() for actor in actors])  # host:pid, to tell a restart
+        self.flight: dict[Any, tuple[int, Unit]] = {}
+        self.steps = [0] * len(actors)  # the actor's count when last read
+        self.heard = [time.monotonic()] * len(actors)  # when it last moved
+
+    def run(self, todo: list[Unit]) -> None:
+        idle = list(range(len(self.actors)))
+        while todo or self.flight:
+            while idle and todo:
+                a = idle.pop(0)
+                unit = next_unit(todo, self.last_task[a])
+                self.last_task[a], self.heard[a] = unit.task, time.monotonic()
+                self.flight[self.actors[a].run_unit.remote(unit)] = (a, unit)
+            ready, _ = self.ray.wait(list(self.flight), num_returns=1, timeout=self.POLL_S)
+            for ref in ready:
+                idle.append(self._finished(ref))
+            if not ready:
+                self._poll()
+
+    def _finished(self, ref: Any) -> int:
+        a, unit = self.flight.pop(ref)
+        try:
+            result: UnitResult = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            raise DigiqError(f"unit {unit.key} failed on Ray after {_short(exc)}", field="executor") from None
+        if result.worker != self.worker[a]:
+            self.events.restart(f"{unit.key}: actor {a} restarted ({self.worker[a]} → {result.worker}); unit re-run")
+            self.worker[a] = result.worker
+        self._progress(a, self.ray.get(self.actors[a].steps.remote()))  # the steps not polled yet
+        for summary in result.summaries:
+            self.events.episode(summary)
+        self.events.on_unit(unit, result)
+        return a
+
+    def _poll(self) -> None:
+        busy = {a: unit for a, unit in self.flight.values()}
+        refs = {a: self.actors[a].steps.remote() for a in busy}
+        now = time.monotonic()
+        for a, ref in refs.items():
+            try:
+                count = self.ray.get(ref, timeout=self.POLL_S)
+            except self.ray.exceptions.RayError:  # restarting, or too busy to answer: no news
+                count = None
+            if count is not None and count != self.steps[a]:
+                self._progress(a, count)
+                self.heard[a] = now
+            elif now - self.heard[a] > self.hang_timeout_s:
+                self.events.restart(f"{busy[a].key}: actor {a} silent for {self.hang_timeout_s:g} s; restarted it")
+                self.ray.kill(self.actors[a], no_restart=False)  # Ray restarts it and retries its unit
+                self.heard[a] = now
+
+    def _progress(self, a: int, count: int) -> None:
+        """Step events for the actor's steps since last read (``count`` below it: the actor restarted, counting anew)."""
+        for _ in range(count - self.steps[a] if count >= self.steps[a] else count):
+            self.events.step()
+        self.steps[a] = count
 
 def _short(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
