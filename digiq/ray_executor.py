@@ -91,6 +91,7 @@ class RayExecutor:
             remote = ray.remote(BrowserActor).options(
                 num_cpus=1, max_restarts=config.unit_retries, max_task_retries=config.unit_retries,
                 max_concurrency=2, scheduling_strategy="SPREAD")
+            _check_room(ray, self.workers)
             actors = [remote.remote(config, os.getcwd()) for _ in range(self.workers)]
             _Dispatch(ray, actors, events, config.hang_timeout_s).run(list(units))
             ray.get([actor.close.remote() for actor in actors], timeout=60)  # every actor is idle now
@@ -110,6 +111,14 @@ def _connect(ray: Any, workers: int) -> bool:
     kwargs: dict[str, Any] = {} if address else {"num_cpus": max(workers, os.cpu_count() or 1), "include_dashboard": False}
     ray.init(address=address, log_to_driver=False, configure_logging=False, **kwargs)
     return True
+
+
+def _check_room(ray: Any, workers: int) -> None:
+    """Refuse more browsers than the cluster has CPUs (an actor asks for one): the extra ones would wait forever."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < workers:
+        raise DigiqError(f"{workers} workers need {workers} CPUs on the Ray cluster (one per browser actor), it has {cpus}: "
+                         f"lower the stage's workers or add nodes (`ray start --num-cpus`)", field="workers")
 
 
 class _Dispatch:
@@ -158,18 +167,21 @@ class _Dispatch:
 
     def _poll(self) -> None:
         busy = {a: unit for a, unit in self.flight.values()}
-        refs = {a: self.actors[a].steps.remote() for a in busy}
-        now = time.monotonic()
-        for a, ref in refs.items():
+        asked = {self.actors[a].steps.remote(): a for a in busy}
+        answered, _ = self.ray.wait(list(asked), num_returns=len(asked), timeout=self.POLL_S)
+        counts = {}
+        for ref in answered:
             try:
-                count = self.ray.get(ref, timeout=self.POLL_S)
-            except self.ray.exceptions.RayError:  # restarting, or too busy to answer: no news
-                count = None
-            if count is not None and count != self.steps[a]:
-                self._progress(a, count)
+                counts[asked[ref]] = self.ray.get(ref)
+            except self.ray.exceptions.RayError:  # restarting: no news
+                pass
+        now = time.monotonic()
+        for a, unit in busy.items():
+            if counts.get(a, self.steps[a]) != self.steps[a]:
+                self._progress(a, counts[a])
                 self.heard[a] = now
             elif now - self.heard[a] > self.hang_timeout_s:
-                self.events.restart(f"{busy[a].key}: actor {a} silent for {self.hang_timeout_s:g} s; restarted it")
+                self.events.restart(f"{unit.key}: actor {a} silent for {self.hang_timeout_s:g} s; restarted it")
                 self.ray.kill(self.actors[a], no_restart=False)  # Ray restarts it and retries its unit
                 self.heard[a] = now
 

@@ -156,6 +156,16 @@ def test_ray_evaluation_equals_the_local_pools(cluster, tmp_path):
         assert episodes[0] == episodes[1]
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_one_clear_error(cluster, reference, tmp_path):
+    from digiq.envs.workers import Unit
+    from digiq.errors import DigiqError
+
+    params = collect_params(reference)
+    run = collection.behavior_run(params.collect, tmp_path / "out", params.gamma, BrowserConfig())
+    with pytest.raises(DigiqError, match=r"workers: 6 workers need 6 CPUs on the Ray cluster .* it has 4"):
+        run_units([Unit("click-button", (i,)) for i in range(6)], run, workers=6, executor="ray")
+
+
 def test_without_ray_one_error_names_the_setting(tmp_path):
     script = ("import sys; sys.modules['ray'] = None\n"
               "from digiq.envs.workers import make_executor, Unit, RunConfig\n"
