@@ -159,7 +159,10 @@ class _Dispatch:
         if result.worker != self.worker[a]:
             self.events.restart(f"{unit.key}: actor {a} restarted ({self.worker[a]} → {result.worker}); unit re-run")
             self.worker[a] = result.worker
-        self._progress(a, self.ray.get(self.actors[a].steps.remote()))  # the steps not polled yet
+        try:
+            self._progress(a, self.ray.get(self.actors[a].steps.remote(), timeout=30))  # the steps not polled yet
+        except self.ray.exceptions.RayError:  # the actor went away after returning: its unit is in all the same
+            pass
         for summary in result.summaries:
             self.events.episode(summary)
         self.events.on_unit(unit, result)
@@ -190,6 +193,7 @@ class _Dispatch:
         for _ in range(count - self.steps[a] if count >= self.steps[a] else count):
             self.events.step()
         self.steps[a] = count
+
 
 def _short(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
