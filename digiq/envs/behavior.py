@@ -9,8 +9,9 @@ Candidates: a tap on every visible clickable element (at a jittered point inside
 random point of the page (off-target), typing each phrase of the goal (its quoted strings, else its
 content words), PRESS_ENTER, a swipe up and down, and STATUS_TASK_COMPLETE.
 Heuristics (no per-task rules): prefer elements whose text matches the goal; fill empty text fields
-before pressing buttons; type only into a focused field, the phrase whose cue word ("username")
-matches the field; don't uncheck a box the goal asks for; don't repeat the last tap.
+before pressing buttons (with ``fill_all`` above 0 also those still empty once every phrase is typed,
+as a form that asks for one value twice needs); type only into a focused field, the phrase whose cue
+word ("username") matches the field; don't uncheck a box the goal asks for; don't repeat the last tap.
 
 The weights are named numbers (``Scores``); params.yaml's ``collect.behavior`` overrides some of them for
 the collection, the candidate stage and live evaluation alike. The default data set
@@ -63,6 +64,7 @@ class Scores:
     label_match: float = 1.0  # × relevance of a <label>'s text
     empty_field: float = 2.0  # tap an empty text field while goal phrases are still to be typed
     cue_match: float = 1.5  # the field's label/id is the goal word right before the phrase
+    fill_all: float = 0.0  # tap an empty text field once every goal phrase is typed somewhere (0: leave it empty)
     refocus: float = -1.5  # tap the field that already has focus
     keep_checked: float = -4.0  # × relevance: unchecking a box the goal asks for
     uncheck_other: float = 0.5  # unchecking a box the goal does not mention
@@ -183,6 +185,8 @@ class _Reader:
                 score += w.refocus
             elif self._empty(e) and self.untyped and not self._focused_empty():
                 score += w.empty_field + w.cue_match * self._cue(e)
+            elif self._empty(e) and self.phrases and not self._focused_empty() and e["tag"] in TEXT_ENTRY_TAGS:
+                score += w.fill_all  # every phrase is in some field: a form that repeats one ("both fields")
         elif tag == "label":  # a label names a field; it is rarely the target itself
             score += w.label_match * relevance
         else:
