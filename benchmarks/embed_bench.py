@@ -19,7 +19,9 @@ Each configuration runs :func:`digiq.embed.embed_chunk` on the first ``--states`
 from π_β (everything the stage does per chunk: PNG decode, one vision encoding per screenshot, f(s), f(s, a) for
 each distinct candidate); ``samples_per_s`` counts those distinct samples. ``mflops_per_candidate_forward``: one
 state's f(s, a) forward (its distinct candidates, the screenshot already encoded) per candidate. Timings are interleaved (repeat r runs every configuration once) and the best of
-``--repeats`` is kept, so load from other processes hits every configuration alike; the float32 matmul peak
+``--repeats`` is kept, so load from other processes hits every configuration alike (``cpu_seconds``, the process's
+CPU time, is the steadier measure on a loaded machine with ``--threads 1``: no thread waits for another; the
+``*_cpu`` fields divide by it, against a matmul peak timed in CPU time too); the float32 matmul peak
 (a square ``--matmul-n`` matmul, 2·n³ FLOPs) is measured before and after, the higher kept. ``flops`` are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions; it counts no attention scores on CPU and
 no quantized matmuls, so the int8 row reuses the float32 packed count: the same work). Cosines compare each row's
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -39,14 +42,15 @@ import numpy as np
 import torch
 
 
-def matmul_gflops(dtype: torch.dtype, n: int, seconds: float) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int, seconds: float, clock=time.perf_counter) -> float:  # noqa: ANN001
+    """GFLOP/s of square n×n matmuls for ``seconds`` of ``clock`` (wall time, or ``time.process_time``: CPU time)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    count, start = 0, clock()
+    while clock() - start < seconds:
         torch.mm(a, b)
         count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * count / (clock() - start) / 1e9
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -109,6 +113,7 @@ def main() -> None:
         return counter.get_total_flops() / len(actions)
 
     peak_before = matmul_gflops(torch.float32, args.matmul_n, 1.5)
+    cpu_peak_before = matmul_gflops(torch.float32, args.matmul_n, 1.5, time.process_time)
     configs = configurations(args.dtypes.split(","))
     extractors, rows, features = {}, {}, {}
     for name, dtype, quantize, packed in configs:
@@ -122,15 +127,19 @@ def main() -> None:
         rows[name] = {"name": name, "dtype": dtype, "quantize": quantize, "packed": packed, "states": len(steps),
                       "k": args.k, "distinct_samples": result.computed, "candidates": result.computed - len(steps),
                       "screenshots": result.images, "flops_per_chunk": counter.get_total_flops(),
-                      "mflops_per_candidate_forward": round(candidate_flops(extractors[name]) / 1e6, 2), "seconds": []}
+                      "mflops_per_candidate_forward": round(candidate_flops(extractors[name]) / 1e6, 2), "seconds": [],
+                      "cpu_seconds": []}
     for key in ("flops_per_chunk", "mflops_per_candidate_forward"):  # quantized matmuls are not counted: same work
         rows["float32+int8"][key] = rows["float32"][key]
     for _ in range(args.repeats):  # interleaved: load from other processes hits every configuration alike
         for name in extractors:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run(extractors[name])
             rows[name]["seconds"].append(round(time.perf_counter() - start, 3))
+            rows[name]["cpu_seconds"].append(round(time.process_time() - cpu, 3))
+            print(f"{name}: {rows[name]['seconds'][-1]} s", file=sys.stderr, flush=True)
     peak = max(peak_before, matmul_gflops(torch.float32, args.matmul_n, 1.5))
+    cpu_peak = max(cpu_peak_before, matmul_gflops(torch.float32, args.matmul_n, 1.5, time.process_time))
     ref_s, ref_c = features["float32-padded"]
     base = min(rows["float32-padded"]["seconds"])
     for name, row in rows.items():
@@ -138,9 +147,14 @@ def main() -> None:
         cs, cc = cosines(features[name][0], ref_s), cosines(features[name][1], ref_c)
         achieved = row["flops_per_chunk"] / best / 1e9
         row.update(samples_per_s=round(row["distinct_samples"] / best, 2), speedup_vs_padded=round(base / best, 3),
+                   samples_per_cpu_s=round(row["distinct_samples"] / min(row["cpu_seconds"]), 2),
+                   cpu_speedup_vs_padded=round(min(rows["float32-padded"]["cpu_seconds"]) / min(row["cpu_seconds"]), 3),
                    gflops_per_sample=round(row["flops_per_chunk"] / row["distinct_samples"] / 1e9, 4),
                    achieved_gflops=round(achieved, 2), peak_gflops=round(peak, 2),
                    fraction_of_peak=round(achieved / peak, 4),
+                   achieved_gflops_per_cpu_s=round(row["flops_per_chunk"] / min(row["cpu_seconds"]) / 1e9, 2),
+                   peak_gflops_per_cpu_s=round(cpu_peak, 2),
+                   fraction_of_peak_cpu=round(row["flops_per_chunk"] / min(row["cpu_seconds"]) / 1e9 / cpu_peak, 4),
                    cosine_to_fp32={"candidates_mean": float(cc.mean()), "candidates_min": float(cc.min()),
                                    "states_mean": float(cs.mean()), "states_min": float(cs.min())},
                    max_abs_diff_to_fp32=float(max(np.abs(features[name][0] - ref_s).max(),

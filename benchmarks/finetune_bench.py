@@ -7,7 +7,8 @@ training loop (projector + language model forward/backward + AdamW) after ``--wa
 LoRA (or full) model. bf16 is autocast over fp32 master weights, as in the stage. The FLOPs of one step (forward
 and backward) are counted by ``torch.utils.flop_counter.FlopCounterMode``; achieved GFLOP/s = FLOPs per sample ×
 samples/s, against a square ``--matmul-n`` matmul of the same dtype measured before and after (the higher kept),
-as benchmarks/embed_bench.py reports extraction.
+as benchmarks/embed_bench.py reports extraction (the ``*_cpu_s`` fields in CPU time: steadier on a loaded machine
+with ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     results = {}
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         peak = matmul_gflops(dtype, args.matmul_n, 1.5)
+        cpu_peak = matmul_gflops(dtype, args.matmul_n, 1.5, time.process_time)
         seed_everything(0)
         vlm = load_vlm(args.base, dtype="float32", device="cpu")
         t0 = time.perf_counter()
@@ -71,17 +73,22 @@ def main() -> None:
                 trainer.train_step(b)
             if i == 0:
                 flops_per_sample = counter.get_total_flops() / len(b)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for b in batches[args.warmup:]:
             trainer.train_step(b)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         samples = sum(len(b) for b in batches[args.warmup:])
         peak = max(peak, matmul_gflops(dtype, args.matmul_n, 1.5))
+        cpu_peak = max(cpu_peak, matmul_gflops(dtype, args.matmul_n, 1.5, time.process_time))
         achieved = flops_per_sample * samples / seconds / 1e9
         results[str(dtype).removeprefix("torch.")] = {
             "train_samples_per_s": round(samples / seconds, 2), "vision_images_per_s": round(vision_rate, 2),
             "gflops_per_sample": round(flops_per_sample / 1e9, 4), "achieved_gflops": round(achieved, 2),
-            "peak_gflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 4)}
+            "peak_gflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 4),
+            "train_samples_per_cpu_s": round(samples / cpu_seconds, 2),
+            "achieved_gflops_per_cpu_s": round(flops_per_sample * samples / cpu_seconds / 1e9, 2),
+            "peak_gflops_per_cpu_s": round(cpu_peak, 2),
+            "fraction_of_peak_cpu": round(flops_per_sample * samples / cpu_seconds / 1e9 / cpu_peak, 4)}
     bf16_flags = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags())
     summary = {"mode": args.mode, "batch_size": args.batch_size, "steps": args.steps, "threads": threads,
                "cpu_bf16_flags": bf16_flags, "auto_dtype": str(choose_dtype("cpu")).removeprefix("torch."),
