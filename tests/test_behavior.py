@@ -155,36 +155,31 @@ PASSWORD_GOAL = 'Enter the password "Kvp" into both text fields and press submit
 
 
 def password_page(password="", verify="", focus=None):
-    """enter-password's page (miniwob 1.1.0): one value, two fields."""
-    return [
-        _el(1, 0, "body", [0.0, 0.0, 1.0, 1.0], leaf=False),
-        _el(2, 1, "div", [0.0, 0.0, 1.0, 1.0], id="wrap", leaf=False),
-        _el(3, 2, "div", [0.2381, 0.0, 0.9476, 1.0], id="area", leaf=False),
-        _el(4, 3, "p", [0.2952, 0.0125, 0.4952, 0.9875], leaf=False),
-        _el(5, 4, "label", [0.2952, 0.0125, 0.3476, 0.3147], text="Password"),
-        _el(6, 4, "input_password", [0.3714, 0.0437, 0.4714, 0.8438], value=password, id="password", focused=focus == "password"),
-        _el(7, 3, "p", [0.5429, 0.0125, 0.7429, 0.9875], leaf=False),
-        _el(8, 7, "label", [0.5429, 0.0125, 0.5952, 0.4078], text="Verify password"),
-        _el(9, 7, "input_password", [0.619, 0.0437, 0.719, 0.7188], value=verify, id="verify", focused=focus == "verify"),
-        _el(10, 3, "button", [0.7905, 0.0125, 0.9381, 0.5539], text="Submit", id="subbtn"),
-    ]
+    """enter-password's page (miniwob 1.1.0): the login form's layout with one value asked twice."""
+    page = login_page(password, verify, {"password": "username", "verify": "password"}.get(focus))
+    page[5].update(text="Password")
+    page[6].update(tag="input_password", id="password")
+    page[8].update(text="Verify password")
+    page[9].update(id="verify")
+    page[10].update(text="Submit")
+    return page
 
 
 def test_fill_all_fills_a_field_left_empty_once_every_phrase_is_typed_and_is_off_by_default():
     half = password_page(password="Kvp")  # the one phrase is typed: nothing is "pending" any more
     v = view(PASSWORD_GOAL, half, [Action.type_text("Kvp")])
-    verify = next(c for c in BehaviorPolicy().candidates(v) if taps_on(half[8])(c))
+    verify = next(c for c in BehaviorPolicy().candidates(v) if taps_on(half[9])(c))
     assert verify.score == 0.0  # the default (fill_all 0): the empty field scores as any unnamed control
-    submit = next(c for c in BehaviorPolicy().candidates(v) if taps_on(half[9])(c))
+    submit = next(c for c in BehaviorPolicy().candidates(v) if taps_on(half[10])(c))
     assert submit.score == pytest.approx(1.5 + 3.0 * 0.8)  # submit_ready + goal_match × relevance ("submit")
-    assert taps_on(half[9])(_most_likely(BehaviorPolicy(noise=0.0), v))  # so π_β submits with one field empty
+    assert taps_on(half[10])(_most_likely(BehaviorPolicy(noise=0.0), v))  # so π_β submits with one field empty
     eager = BehaviorPolicy(noise=0.0, scores={"fill_all": 5.0})
-    assert next(c for c in eager.candidates(v) if taps_on(half[8])(c)).score == 5.0
-    assert taps_on(half[8])(_most_likely(eager, v))  # the verify field first
+    assert next(c for c in eager.candidates(v) if taps_on(half[9])(c)).score == 5.0
+    assert taps_on(half[9])(_most_likely(eager, v))  # the verify field first
     focused = view(PASSWORD_GOAL, password_page(password="Kvp", focus="verify"), [Action.tap(0.67, 0.38)])
     assert _most_likely(eager, focused).text == "Kvp"  # 2.5 + cue 1.5: "password" names "Verify password"
     done = password_page(password="Kvp", verify="Kvp")
-    assert taps_on(done[9])(_most_likely(eager, view(PASSWORD_GOAL, done, [Action.type_text("Kvp")])))
+    assert taps_on(done[10])(_most_likely(eager, view(PASSWORD_GOAL, done, [Action.type_text("Kvp")])))
     # while a phrase is untyped, fill_all changes nothing: the login form scores the same with and without it
     for page in (login_page(), login_page(username="vina"), login_page(username="vina", focus="username")):
         plain, filling = BehaviorPolicy().candidates(view(LOGIN_GOAL, page)), eager.candidates(view(LOGIN_GOAL, page))
