@@ -104,6 +104,8 @@ class EvaluateParams(BaseModel):
     workers: int = Field(3, ge=1, description="parallel browser processes")
     executor: Literal["local", "ray"] = Field("local", description="where the browsers run: local (processes of this machine) or ray "
                                                                "(actors on the cluster at RAY_ADDRESS, else a local Ray; the digiq[ray] extra)")
+    shared_model: bool = Field(False, description="executor ray: one feature model per node that the node's browser actors call, "
+                                                  "batching their steps (false: a model in every browser actor)")
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
@@ -127,6 +129,12 @@ class EvaluateParams(BaseModel):
             n = values["episodes_per_task"]
             values = {**values, "episodes_per_task": {p: n for p in values.get("protocols") or PROTOCOLS}}
         return values
+
+    @model_validator(mode="after")
+    def _shared_model_on_ray(self) -> EvaluateParams:
+        if self.shared_model and self.executor != "ray":
+            raise ValueError("shared_model needs executor: ray (the local pool keeps a model per worker)")
+        return self
 
     @model_validator(mode="after")
     def _every_protocol_has_episodes(self) -> EvaluateParams:
@@ -365,14 +373,17 @@ def _behavior(noise: float, scores: dict[str, float]) -> Any:
 
 def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy", actor_dir: str | None = None,
                       features: dict[str, Any] | None = None, threads: int = 1,
-                      behavior: dict[str, float] | None = None, feature_cache: str | None = None) -> EvalPolicy:
+                      behavior: dict[str, float] | None = None, feature_cache: str | None = None,
+                      featurizer: Any = None) -> EvalPolicy:
     """The policy of ``method`` under ``protocol`` (a rollout-worker factory: ``digiq.evaluate:build_eval_policy``);
     ``actor_dir`` is the trained policy's folder, or the critic's for critic-greedy; ``features`` the
-    :class:`~digiq.live_features.LiveFeaturizer` recipe, ``feature_cache`` the run's shared feature folder."""
+    :class:`~digiq.live_features.LiveFeaturizer` recipe, ``feature_cache`` the run's shared feature folder;
+    ``featurizer`` one already built (``reset()``, ``dims(inputs)``, ``(view, candidates, inputs) -> (x_V, x_Q)``,
+    e.g. a node's shared model), used instead of building one from ``features``."""
     behavior = dict(behavior or {})
     if method in BASELINES:
         return EvalPolicy(method, k, noise, protocol, behavior_scores=behavior)
-    if actor_dir is None or features is None:
+    if actor_dir is None or (features is None and featurizer is None):
         raise DigiqError(f"method {method!r} needs a trained policy folder and its feature recipe", field="actor_dir")
     import torch
 
@@ -381,7 +392,8 @@ def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy
     torch.set_num_threads(threads)
     actor = _load_chooser(method, actor_dir)
     inputs = getattr(actor.config, "inputs", None)
-    featurizer = LiveFeaturizer(**features, cache=feature_cache)
+    if featurizer is None:
+        featurizer = LiveFeaturizer(**features, cache=feature_cache)
     dims = featurizer.dims(inputs)
     if (actor.d_s, actor.d_sa) != dims:
         raise DigiqError(f"the policy expects features of width (x_V {actor.d_s}, x_Q {actor.d_sa}) but variant "

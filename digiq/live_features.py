@@ -1,8 +1,11 @@
-"""Live features: what a trained chooser reads at one live step, computed as the offline stages compute it.
+"""Live features: what a trained chooser reads at live steps, computed as the offline stages compute it.
 
     featurizer = LiveFeaturizer(variant, model, layer, pooling, dtype, device)
     featurizer.reset()                                   # at each episode start
     s, cand_sa = featurizer(view, candidates, inputs)    # x_V(s) [1, d_s], x_Q(s, a_k) [1, K, d_sa]
+
+    episodes = [EpisodeState() for _ in browsers]        # the batched, stateless form (one model, many browsers)
+    out = featurizer.batch([Request(view_b, candidates_b, inputs_b, episodes[b]) for b in ...])  # [(x_V, x_Q), ...]
 
 With ``inputs`` None (or an :class:`~digiq.channels.Inputs` that is VLM-only) these are today's features,
 f(s) and f(s, a_k) of the embed stage's extractor and recipe (``variant``, ``model``: its checkpoint folder, and
@@ -10,22 +13,33 @@ embed's ``layer``, ``pooling``, ``dtype``, ``device``); the screenshot is encode
 reuses the encoding. Other inputs add the channels of :mod:`digiq.channels` (``channels``: the channels stage's
 model, encoder and dtype), composed by :func:`digiq.channels.compose` as training sets are: v(s) and v(s_prev), the
 goal, the previous action (``view.previous_actions[-1]``, named on the previous page) and each candidate's type and
-text. The featurizer keeps the previous step's v and page between calls of one episode (:meth:`reset` forgets them),
-so it must see every step of an episode in order.
+text.
+
+Batching (:meth:`LiveFeaturizer.batch`): the models hold no episode. What a step reads of the step before (v(s_prev)
+and the previous page) is an :class:`EpisodeState` that the caller keeps, one per episode, and passes with each
+:class:`Request`; a request's features are a function of (view, candidates, inputs, episode state) alone, whatever
+else is in its batch. Across the requests of a batch the screenshots go through the VLM's vision tower and the
+channels' vision tower in one call each (image encodings are row-independent); the language model then runs state
+by state, as one step alone runs it (its shared-prefix cache is per state, and int8 dynamic quantization scales
+activations per call, so mixing states in one call would change their features). The sentence encoder encodes each
+new string alone (no padding: a string's vector does not depend on the strings beside it) and caches it. The
+single-view call is ``batch`` of one request with the featurizer's own episode state.
 
 Every method of an evaluation plays the same seeds and sees the same candidates in the same state (its first step
 always), so a state's features are computed once per run: with a ``cache`` folder, the features of a call are
 stored under the sha256 of everything they depend on (the recipe; whether channels are read and, if so, the channel
 models and the previous step's v and page; the screenshot's bytes, goal, observation, DOM elements and candidate
 strings) and read back by any later call, in any worker, with the same key: choosers reading different channel
-selections share an entry, as every channel is stored and the selection composed after. The cache is scratch space of one run (the evaluate stage removes it).
+selections share an entry, as every channel is stored and the selection composed after. The cache is scratch space
+of one run (the evaluate stage removes it); part files carry the writer's host and pid (several hosts may share it).
 """
-
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +61,47 @@ def vlm_only(inputs: Any) -> bool:
     return inputs is None or as_inputs(inputs).vlm_only
 
 
+@dataclass
+class EpisodeState:
+    """What the next step of one live episode reads of the step before: v(s_prev) [d_v] and the previous page
+    (None before the first step). Kept by the caller, one per episode; :meth:`LiveFeaturizer.batch` updates it."""
+
+    image: np.ndarray | None = None
+    elements: Any = None
+
+    def remember(self, v: np.ndarray, elements: Any, width: int) -> None:
+        """Make (v, page) the previous step's (v: the first ``width`` values of this step's image channel)."""
+        self.image, self.elements = np.asarray(v, np.float32)[:width], elements
+
+    def previous_key(self) -> bytes:
+        """Bytes that identify what this episode's next step reads of the previous one (its v and page)."""
+        if self.image is None:
+            return b"first step"
+        return self.image.tobytes() + json.dumps(self.elements, sort_keys=True, default=str).encode()
+
+
+@dataclass
+class Request:
+    """One live step to featurize: its view, candidates, the chooser's inputs and (when they read channels) its
+    episode's state."""
+
+    view: StepView
+    actions: list[Action]
+    inputs: Any = None
+    episode: EpisodeState | None = None
+
+    @property
+    def channels(self) -> bool:
+        return not vlm_only(self.inputs)
+
+
+Features = tuple["torch.Tensor", "torch.Tensor"]  # x_V [1, d_v_in], x_Q [1, K, d_q_in]
+
+
 class LiveFeaturizer:
-    """x_V(s) [1, d_s] and x_Q(s, a_k) [1, K, d_sa] of a live state (module docstring)."""
+    """x_V(s) [1, d_s] and x_Q(s, a_k) [1, K, d_sa] of live states, one or a batch at a time (module docstring)."""
+
+    episode: EpisodeState | None = None  # the single-view call's episode (:meth:`reset`)
 
     def __init__(self, variant: str, model: str, layer: int, pooling: str, dtype: str, device: str,
                  channels: dict[str, Any] | None = None, cache: str | None = None):
@@ -59,12 +112,12 @@ class LiveFeaturizer:
                                                                       dtype=dtype, device=device)
         self.recipe = json.dumps([variant, self.model_hash, layer, pooling, dtype_name])
         self.cache = Path(cache) if cache else None
-        self._channels: Any = None  # EpisodeChannels, loaded on the first call that reads a channel
+        self._channels: Any = None  # EpisodeChannels (its encoder and vision tower), loaded on first use
         self._channel_hash: str | None = None
 
     @property
     def channels(self) -> Any:
-        """The episode's :class:`~digiq.channels.EpisodeChannels` (loaded once, on first use)."""
+        """The channel models, an :class:`~digiq.channels.EpisodeChannels` (loaded once, on first use)."""
         if self._channels is None:
             from digiq.channels import ChannelsParams, EpisodeChannels
 
@@ -76,8 +129,7 @@ class LiveFeaturizer:
 
     def reset(self) -> None:
         """Forget the episode so far (the previous step's v and page): call at each episode start."""
-        if self._channels is not None:
-            self._channels.reset()
+        self.episode = EpisodeState()
 
     def dims(self, inputs: Any = None) -> tuple[int, int]:
         """(d_s, d_sa): the widths of x_V and x_Q under ``inputs``."""
@@ -88,44 +140,104 @@ class LiveFeaturizer:
 
         return input_dims(inputs, d_s, d_sa, self.channels.vision.dim, self.channels.encoder.dim)
 
-    def __call__(self, view: StepView, actions: list[Action], inputs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, view: StepView, actions: list[Action], inputs: Any = None) -> Features:
+        if self.episode is None:
+            self.reset()
+        return self.batch([Request(view, actions, inputs, self.episode)])[0]
+
+    def batch(self, requests: list[Request]) -> list[Features]:
+        """(x_V, x_Q) of each request, each as if it were computed alone; the episode states of requests that read
+        channels advance by one step. Steps of one episode go in separate, successive calls."""
+        episodes = [id(r.episode) for r in requests if r.channels]
+        if len(set(episodes)) != len(episodes) or any(r.channels and r.episode is None for r in requests):
+            raise DigiqError("each request that reads channels needs its own episode state (one step per episode "
+                             "and batch)", field="episode")
+        if any(r.view.screenshot is None for r in requests):
+            raise DigiqError("a live step has no screenshot", field="screenshot")
+        paths = [self.cache / f"{self.key(r.view, r.actions, r.inputs, r.episode)}.npz" if self.cache else None
+                 for r in requests]
+        arrays = [_load(path) if path is not None else None for path in paths]
+        todo = [i for i, a in enumerate(arrays) if a is None]
+        for i, computed in zip(todo, self.compute_many([requests[i] for i in todo]), strict=True):
+            arrays[i] = computed
+            if paths[i] is not None:
+                _store(paths[i], computed)
+        return [self._compose(r, a) for r, a in zip(requests, arrays, strict=True)]
+
+    def _compose(self, request: Request, arrays: dict[str, np.ndarray]) -> Features:
         import torch
 
-        if view.screenshot is None:
-            raise DigiqError("a live step has no screenshot", field="screenshot")
-        path = self.cache / f"{self.key(view, actions, inputs)}.npz" if self.cache else None
-        arrays = _load(path) if path is not None else None
-        if arrays is None:
-            arrays = self.compute(view, actions, with_channels=not vlm_only(inputs))
-            if path is not None:
-                _store(path, arrays)
-        if not vlm_only(inputs):
-            from digiq.channels import STATE_CHANNELS, compose
+        if not request.channels:
+            return (torch.from_numpy(arrays["f_s"]).unsqueeze(0).float(),
+                    torch.from_numpy(arrays["f_sa"]).unsqueeze(0).float())
+        from digiq.channels import STATE_CHANNELS, compose
 
-            self.channels.remember(arrays["image"][0], view.elements)
-            state = {name: arrays[name] for name in STATE_CHANNELS}
-            x_v, x_q = compose(inputs, f_s=arrays["f_s"][None], f_sa=arrays["f_sa"][None], state=state,
-                               action=arrays["action"][None])
-            return torch.from_numpy(x_v).float(), torch.from_numpy(np.ascontiguousarray(x_q)).float()
-        return torch.from_numpy(arrays["f_s"]).unsqueeze(0).float(), torch.from_numpy(arrays["f_sa"]).unsqueeze(0).float()
+        assert request.episode is not None
+        request.episode.remember(arrays["image"][0], request.view.elements, self.channels.vision.dim)
+        state = {name: arrays[name] for name in STATE_CHANNELS}
+        x_v, x_q = compose(request.inputs, f_s=arrays["f_s"][None], f_sa=arrays["f_sa"][None], state=state,
+                           action=arrays["action"][None])
+        return torch.from_numpy(x_v).float(), torch.from_numpy(np.ascontiguousarray(x_q)).float()
 
-    def compute(self, view: StepView, actions: list[Action], *, with_channels: bool) -> dict[str, np.ndarray]:
-        """f(s) [d_s], f(s, a_k) [K, d_sa] and, ``with_channels``, this step's channels: the state channels
-        (image, goal, prev_action, fields) [1, d] each and the candidates' action channel [K, 2·d_e]."""
+    def compute_many(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        """f(s) [d_s], f(s, a_k) [K, d_sa] of each request and, where it reads channels, this step's channels: the
+        state channels (image, goal, prev_action, fields) [1, d] each and the candidates' action channel [K, 2·d_e]
+        (nothing read from or written to the cache; episode states unchanged)."""
         from PIL import Image
 
-        from digiq.extractor import featurize
-
-        image = Image.fromarray(view.screenshot)
-        f_s, f_sa = featurize(self.extractor, image, view.goal, view.observation, actions, view.elements)
-        arrays = {"f_s": f_s, "f_sa": f_sa}
+        if not requests:
+            return []
+        images = [Image.fromarray(r.view.screenshot) for r in requests]
+        arrays = [{"f_s": f_s, "f_sa": f_sa} for f_s, f_sa in self._vlm_features(requests, images)]
+        with_channels = [i for i, r in enumerate(requests) if r.channels]
         if with_channels:
-            previous = view.previous_actions[-1] if view.previous_actions else None
-            arrays.update(self.channels.step(image, view.goal, view.elements, previous))
-            arrays["action"] = self.channels.actions(actions, view.elements)
+            v = self.channels.vision([images[i] for i in with_channels])
+            for row, i in enumerate(with_channels):
+                arrays[i].update(self._channel_arrays(requests[i], v[row]))
         return arrays
 
-    def key(self, view: StepView, actions: list[Action], inputs: Any = None) -> str:
+    def _vlm_features(self, requests: list[Request], images: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """f(s), f(s, a_k) per request: :func:`~digiq.extractor.featurize` for one; for several, the screenshots
+        encoded in one call and each state's language-model passes run as featurize runs them."""
+        from digiq.extractor import featurize
+
+        if len(requests) == 1:
+            v = requests[0].view
+            return [featurize(self.extractor, images[0], v.goal, v.observation, requests[0].actions, v.elements)]
+        tokens = self.extractor.encode(images)
+        out = []
+        for i, (r, image) in enumerate(zip(requests, images, strict=True)):
+            v, own = r.view, tokens[i:i + 1]
+            f_s = self.extractor.states(own, [v.goal], [v.observation], [v.elements])[0]
+            out.append((f_s, self.extractor.candidates(own, image.size, v.goal, v.observation, r.actions, v.elements)))
+        return out
+
+    def _channel_arrays(self, request: Request, v: np.ndarray) -> dict[str, np.ndarray]:
+        """This step's state channels (as :meth:`~digiq.channels.EpisodeChannels.step` defines them, the previous
+        step read from the request's episode state) and its candidates' action channel."""
+        from digiq.channels import action_strings, fields_string
+
+        view, episode = request.view, request.episode or EpisodeState()
+        first = episode.image is None
+        before = np.zeros_like(v) if first else episode.image
+        previous = view.previous_actions[-1] if view.previous_actions else None
+        prev = ("", "") if first else action_strings(previous, episode.elements)
+        candidates = [action_strings(a, view.elements) for a in request.actions]
+        fields = fields_string(view.elements)
+        encode = self._encoder([view.goal, *prev, fields, *(s for pair in candidates for s in pair)])
+        return {"image": np.concatenate([v, before])[None], "goal": encode([view.goal]),
+                "prev_action": _pairs(encode, [prev]), "fields": encode([fields]), "action": _pairs(encode, candidates)}
+
+    def _encoder(self, strings: list[str]) -> Any:
+        """The sentence encoder, every string of ``strings`` it has not seen encoded alone first."""
+        encoder = self.channels.encoder
+        for text in dict.fromkeys(strings):
+            if text not in encoder.cache:
+                encoder.warm([text])
+        return encoder
+
+    def key(self, view: StepView, actions: list[Action], inputs: Any = None,
+            episode: EpisodeState | None = None) -> str:
         """sha256 of everything the features of (view, actions) depend on (module docstring)."""
         from digiq.actions import format_action
 
@@ -134,12 +246,19 @@ class LiveFeaturizer:
         h.update(json.dumps([channels, view.goal, view.observation, [format_action(a) for a in actions]]).encode())
         h.update(json.dumps(view.elements, sort_keys=True, default=str).encode())
         if channels:  # the channels' models, and the previous step (f(s), f(s, a) read this screen alone)
-            previous = self.channels.previous_key()  # loads the channels (a clear error when none are named)
             if self._channel_hash is None:
+                self.channels  # noqa: B018 - a clear error when no channel models are named
                 self._channel_hash = channel_hash(self.channel_recipe)
-            h.update(self._channel_hash.encode() + previous)
+            h.update(self._channel_hash.encode() + (episode or self.episode or EpisodeState()).previous_key())
         h.update(f"{view.screenshot.shape}{view.screenshot.dtype}".encode() + view.screenshot.tobytes())
         return h.hexdigest()
+
+
+def _pairs(encoder: Any, strings: list[tuple[str, str]]) -> np.ndarray:
+    """e(type) ⊕ e(text) per (type, text) pair, [n, 2·d_e] (:func:`~digiq.channels.action_vectors`)."""
+    from digiq.channels import action_vectors
+
+    return action_vectors(encoder, strings)
 
 
 def channel_hash(recipe: dict[str, Any]) -> str | None:
@@ -164,6 +283,6 @@ def _load(path: Path) -> dict[str, np.ndarray] | None:
 def _store(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write-then-rename, so that a reader in another worker never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
+    part = path.with_name(f"{path.stem}.{os.getpid()}@{socket.gethostname()}.part.npz")
     np.savez(part, **arrays)
     os.replace(part, path)
