@@ -129,8 +129,10 @@ class Evaluation:
         return PolicySpec(FACTORY, kwargs)
 
     def run_config(self, method: str, protocol: str, browser: BrowserConfig) -> RunConfig:
+        shared = self.settings.shared_model and method not in BASELINES  # one model per node (Ray) serves the browsers
+        server = {"features": dict(self.features), "cache": self.feature_cache} if shared else None
         return RunConfig(policy=self.policy_spec(method, protocol), seed=self.settings.seed, max_steps=self.settings.max_steps,
-                         history=self.collect.history, browser=browser, hang_timeout_s=HANG_TIMEOUT_S)
+                         history=self.collect.history, browser=browser, hang_timeout_s=HANG_TIMEOUT_S, feature_server=server)
 
 
 def live_features(params: Params) -> dict[str, Any]:
@@ -309,7 +311,8 @@ def summarise(evaluation: Evaluation, prints: Fingerprints, timing: dict[str, An
         "behavior": dict(evaluation.collect.behavior),
         "max_steps": ev.max_steps,
         "time_limit_s": ev.time_limit_s,
-        "timing": {"this_run": timing, "estimate": wall_time_estimate(evaluation, timing)},
+        "timing": {"this_run": timing, "estimate": wall_time_estimate(evaluation, timing),  # how it ran, not what
+                   "executor": {"name": ev.executor, "workers": ev.workers, "shared_model": ev.shared_model}},
     }
 
 

@@ -20,16 +20,28 @@ The driver killed and re-run resumes from the committed shards like any run.
 
 Paths in the run configuration (trained models, caches) are read by the actors: the repository must sit at the same
 path on every node (a shared folder, or the same checkout with ``dvc pull``); actors start in the driver's folder.
+
+Shared model (``RunConfig.feature_server``, ``evaluate.shared_model``): instead of a live featurizer (the VLM and the
+channel models) in every browser actor, one :class:`FeatureServer` per node, pinned there
+(``NodeAffinitySchedulingStrategy``, no CPU reserved: it computes while the browsers wait for it). A browser actor's
+policy gets a :class:`ServerFeaturizer` that keeps its episode's state (:class:`~digiq.live_features.EpisodeState`)
+and sends each step to its node's server; the server collects the requests that arrive within ``wait_s`` (at most
+``max_batch``, and whatever queued while the previous batch ran) and computes them in one
+:meth:`~digiq.live_features.LiveFeaturizer.batch` call, whose results equal one step at a time's. A server killed is
+restarted by Ray and the call retried (featurization is a pure function of the request).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import socket
 import time
 from typing import Any
 
 from digiq.envs.browser_cleanup import end_orphan_browsers
+from digiq.envs.policy import PolicySpec
 from digiq.envs.workers import Events, RunConfig, Unit, UnitResult, UnitRunner, next_unit
 from digiq.errors import DigiqError
 
@@ -48,7 +60,7 @@ class BrowserActor:
     """A Ray actor's body: one :class:`UnitRunner` (policy and browser), in the driver's folder. It runs with two
     threads, so that :meth:`steps` answers while :meth:`run_unit` plays."""
 
-    def __init__(self, config: RunConfig, folder: str):
+    def __init__(self, config: RunConfig, folder: str, servers: dict[str, Any] | None = None):
         try:
             os.setpgrp()  # lead a process group: whoever ends orphans later ends this actor's chromedriver with it
         except OSError:  # already a session leader: its group is its own
@@ -56,7 +68,7 @@ class BrowserActor:
         end_orphan_browsers()
         if os.path.isdir(folder):
             os.chdir(folder)
-        self.runner = UnitRunner(config)
+        self.runner = UnitRunner(with_server(config, servers) if servers else config)
         self.done_steps = 0
 
     def name(self) -> str:
@@ -87,19 +99,127 @@ class RayExecutor:
         end_orphan_browsers()  # this host's, left by the actors of a run that was killed
         started = _connect(ray, self.workers)
         actors: list[Any] = []
+        servers: dict[str, Any] = {}
         try:
             remote = ray.remote(BrowserActor).options(
                 num_cpus=1, max_restarts=config.unit_retries, max_task_retries=config.unit_retries,
                 max_concurrency=2, scheduling_strategy="SPREAD")
             _check_room(ray, self.workers)
-            actors = [remote.remote(config, os.getcwd()) for _ in range(self.workers)]
+            servers = start_servers(ray, config, self.workers) if config.feature_server else {}
+            actors = [remote.remote(config, os.getcwd(), servers) for _ in range(self.workers)]
             _Dispatch(ray, actors, events, config.hang_timeout_s).run(list(units))
             ray.get([actor.close.remote() for actor in actors], timeout=60)  # every actor is idle now
         finally:
-            for actor in actors:
+            for actor in [*actors, *servers.values()]:
                 ray.kill(actor, no_restart=True)
             if started:
                 ray.shutdown()
+
+
+class FeatureServer:
+    """A Ray actor's body: one node's shared live featurizer (module docstring). Async: requests queue while a batch
+    runs in a thread, and the next batch takes them."""
+
+    def __init__(self, recipe: dict[str, Any], folder: str, threads: int, wait_s: float = 0.005, max_batch: int = 16):
+        import torch
+
+        from digiq.live_features import LiveFeaturizer
+
+        if os.path.isdir(folder):
+            os.chdir(folder)
+        torch.set_num_threads(threads)
+        self.featurizer = LiveFeaturizer(**recipe["features"], cache=recipe.get("cache"))
+        self.wait_s, self.max_batch = wait_s, max_batch
+        self.queue: list[tuple[Any, asyncio.Future]] = []
+        self.drainer: asyncio.Task | None = None
+        self.batches: list[int] = []  # the size of every batch run (benchmarks read it)
+
+    async def describe(self) -> dict[str, Any]:
+        return {"variant": self.featurizer.variant, "model": self.featurizer.model, "batches": list(self.batches),
+                "pid": os.getpid()}
+
+    async def dims(self, inputs: Any = None) -> tuple[int, int]:
+        return self.featurizer.dims(inputs)
+
+    async def featurize(self, request: Any) -> tuple[Any, Any, Any]:
+        """(x_V, x_Q, the request's episode state one step on) of one request, computed in a batch."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((request, future))
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.queue:
+            await asyncio.sleep(self.wait_s)  # let the other browsers' requests of this moment arrive
+            batch, self.queue = self.queue[:self.max_batch], self.queue[self.max_batch:]
+            try:
+                results = await loop.run_in_executor(None, self.featurizer.batch, [r for r, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.batches.append(len(batch))
+            for (request, future), (x_v, x_q) in zip(batch, results, strict=True):
+                future.set_result((x_v, x_q, request.episode))
+
+
+class ServerFeaturizer:
+    """What a browser actor's policy featurizes with when its node shares one model: the
+    :class:`~digiq.live_features.LiveFeaturizer` interface, its episode's state kept here, the work done by a
+    :class:`FeatureServer`."""
+
+    def __init__(self, server: Any):
+        from digiq.live_features import EpisodeState
+
+        self.ray, self.server = require_ray(), server
+        info = self.ray.get(server.describe.remote())
+        self.variant, self.model, self.episode = info["variant"], info["model"], EpisodeState()
+
+    def reset(self) -> None:
+        from digiq.live_features import EpisodeState
+
+        self.episode = EpisodeState()
+
+    def dims(self, inputs: Any = None) -> tuple[int, int]:
+        return tuple(self.ray.get(self.server.dims.remote(inputs)))
+
+    def __call__(self, view: Any, actions: list[Any], inputs: Any = None) -> tuple[Any, Any]:
+        from digiq.live_features import Request
+
+        x_v, x_q, self.episode = self.ray.get(self.server.featurize.remote(Request(view, list(actions), inputs, self.episode)))
+        return x_v, x_q
+
+
+def with_server(config: RunConfig, servers: dict[str, Any]) -> RunConfig:
+    """``config`` whose policy featurizes with this node's server (another node's when this one has none)."""
+    node = require_ray().get_runtime_context().get_node_id()
+    server = servers.get(node) or next(iter(servers.values()))
+    spec = config.policy
+    return dataclasses.replace(config, policy=PolicySpec(spec.name, {**spec.kwargs, "featurizer": ServerFeaturizer(server)}))
+
+
+def start_servers(ray: Any, config: RunConfig, workers: int) -> dict[str, Any]:
+    """node id -> a :class:`FeatureServer` pinned to that node, one on every live node with CPUs (browser actors
+    may land on any), each with as many compute threads as its node has CPUs (at most ``workers``)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    servers = {}
+    for node in ray.nodes():
+        cpus = int(node.get("Resources", {}).get("CPU", 0))
+        if node.get("Alive") and cpus > 0:
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            remote = ray.remote(FeatureServer).options(num_cpus=0, scheduling_strategy=strategy, max_restarts=-1,
+                                                       max_task_retries=config.unit_retries)
+            servers[node["NodeID"]] = remote.remote(config.feature_server, os.getcwd(), min(cpus, workers))
+    try:
+        ray.get([server.describe.remote() for server in servers.values()])  # loaded (a broken recipe fails here, once)
+    except ray.exceptions.RayError as exc:
+        for server in servers.values():
+            ray.kill(server, no_restart=True)
+        raise DigiqError(f"the shared feature model did not start: {_short(exc)}", field="evaluate.shared_model") from None
+    return servers
 
 
 def _connect(ray: Any, workers: int) -> bool:

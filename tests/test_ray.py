@@ -136,12 +136,12 @@ def test_a_killed_a_hung_actor_and_a_crashed_browser_lose_and_duplicate_nothing(
     assert orphan_browsers() == []  # the killed actor's browser: ended by its successor
 
 
-def eval_params(tmp_path: Path, **evaluate):
-    values = dict(methods=["behavior", "random"], protocols=["sample"], tasks=["click-button"], episodes_per_task=2, seed=1000, workers=2,
-                  episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "eval.json"),
-                  plots=str(tmp_path / "eval.csv"), actors=str(tmp_path / "actors"), **evaluate)
+def eval_params(tmp_path: Path, sections: dict | None = None, **evaluate):
+    values = {**dict(methods=["behavior", "random"], protocols=["sample"], tasks=["click-button"], episodes_per_task=2, seed=1000,
+                     workers=2, episodes_per_unit=1, shards=str(tmp_path / "shards"), out=str(tmp_path / "eval.json"),
+                     plots=str(tmp_path / "eval.csv"), actors=str(tmp_path / "actors")), **evaluate}
     col = {"seed": 0, "tasks": ["click-button"], "episodes_per_task": 60, "noise": 0.3, "max_steps": 4}
-    return validate_params({"collect": col, "evaluate": values, "candidates": {"k": 8}})
+    return validate_params({"collect": col, "evaluate": values, "candidates": {"k": 8}, **(sections or {})})
 
 
 def test_ray_evaluation_equals_the_local_pools(cluster, tmp_path):
@@ -154,6 +154,44 @@ def test_ray_evaluation_equals_the_local_pools(cluster, tmp_path):
     for name in shards:
         episodes = [json.loads((tmp_path / side / "shards" / name).read_text())["episodes"] for side in ("local", "ray")]
         assert episodes[0] == episodes[1]
+
+
+def test_a_shared_model_per_node_equals_a_model_per_browser(cluster, tmp_path):
+    """A trained chooser reading every channel (v(s_prev) and the previous page: episode state crosses the actor
+    boundary) evaluated by 4 browser actors on 2 nodes: with ``shared_model`` (one feature server per node, batching
+    its browsers' steps) every episode equals the one played with a model in every actor."""
+    import torch
+    from test_channels import save_tiny_bert
+    from tiny_llava import save_tiny_llava
+
+    from digiq.actor import CandidatePolicy
+    from digiq.channels import ORDER, STATE_CHANNELS, Inputs
+    from digiq.config import ActorParams
+    from digiq.live_features import LiveFeaturizer
+
+    llava, bert = save_tiny_llava(tmp_path / "llava"), save_tiny_bert(tmp_path / "bert")
+    inputs = Inputs(q=list(ORDER), v=list(STATE_CHANNELS))
+    channels = {"model": str(llava), "encoder": str(bert), "dtype": "float32"}
+    dims = LiveFeaturizer("finetuned", str(llava), 1, "last", "float32", "cpu", channels={**channels, "batch_size": 4}).dims(inputs)
+    torch.manual_seed(0)
+    CandidatePolicy(*dims, ActorParams(inputs=inputs), method="digiq").save_pretrained(tmp_path / "actors" / "digiq")
+    sections = {"embed": {"models": {"finetuned": str(llava)}, "layer": 1, "dtype": "float32", "device": "cpu"},
+                "channels": channels}
+    runs = {}
+    for shared in (False, True):
+        root = tmp_path / f"shared-{shared}"
+        params = eval_params(root, sections, methods=["digiq"], reference="digiq", episodes_per_task=4, workers=4,
+                             actors=str(tmp_path / "actors"), executor="ray", shared_model=shared)
+        runs[shared] = (evaluate_stage.run(params), root)
+    (per_worker, root_a), (per_node, root_b) = runs[False], runs[True]
+    assert per_node["timing"]["executor"] == {"name": "ray", "workers": 4, "shared_model": True}
+    assert {k: v for k, v in per_node.items() if k != "timing"} == {k: v for k, v in per_worker.items() if k != "timing"}
+    shards = sorted(p.relative_to(root_a / "shards") for p in (root_a / "shards").rglob("*.json"))
+    assert len(shards) == 4
+    for name in shards:  # every episode: its actions, steps and outcome
+        episodes = [json.loads((root / "shards" / name).read_text())["episodes"] for root in (root_a, root_b)]
+        assert episodes[0] == episodes[1]
+    assert per_node["protocols"]["sample"]["methods"]["digiq"]["episodes"] == 4
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_one_clear_error(cluster, reference, tmp_path):

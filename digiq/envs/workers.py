@@ -78,6 +78,7 @@ class RunConfig:
     episode_retries: int = 3  # browser restarts per episode before the unit fails
     hang_timeout_s: float = 120.0  # silence after which the parent kills and restarts a worker
     unit_retries: int = 3  # worker restarts per unit before the run fails (Ray: actor restarts and task retries)
+    feature_server: dict[str, Any] | None = None  # Ray: {features, cache} of the live featurizer one model per node serves
 
 
 @dataclass
