@@ -372,16 +372,17 @@ class VLM:
     def _run_packed(self, rows: list[_Row], layers: list[int], depth: int, prefix: int, batch_size: int) -> VLMOutput:
         import torch
 
-        state, n_src = None, 0
+        state, n_src, packed = None, 0, self._packed
+        assert packed is not None
         if prefix:
             ids = torch.tensor(rows[0].ids[:prefix], device=self.device)
             n_src = int(ids.eq(self.image_token_id).sum())
-            state = self._packed.prefix(self._embed(ids[None], [rows[0].sources[:n_src]])[0], depth)
+            state = packed.prefix(self._embed(ids[None], [rows[0].sources[:n_src]])[0], depth)
         parts = []
         for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
             ids = torch.tensor([t for r in chunk for t in r.ids[prefix:]], device=self.device)
             embeds = self._embed(ids[None], [r.sources[n_src:] for r in chunk])[0]
-            parts.append(self._packed.last_token(embeds, [len(r.ids) - prefix for r in chunk], layers, depth, state))
+            parts.append(packed.last_token(embeds, [len(r.ids) - prefix for r in chunk], layers, depth, state))
         return VLMOutput(features={k: torch.cat([p[k] for p in parts]).float() for k in layers})
 
     def _run_prefix(self, row: _Row, prefix: int, layers: list[int], depth: int) -> dict[str, Any]:
