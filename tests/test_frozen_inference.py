@@ -154,3 +154,33 @@ def test_int8_quantizes_the_language_model_only_deterministically_and_closely(tm
     monkeypatch.setenv("DIGIQ_QUANTIZE", "int8")
     vision, _, precision = build_extractor("no_vlm", folder, layer=2, pooling="last", device="cpu")
     assert precision == "float32" and vision.quantization.reason == "no_vlm runs no language model"
+
+
+def test_the_embed_stage_records_its_quantization_and_keeps_int8_parts_apart(tmp_path, monkeypatch):
+    import json
+
+    from test_candidates import write_tiny_dataset
+
+    from digiq import candidates as C
+    from digiq.config import EmbedParams, Params
+    from digiq.pipelines import embed as stage
+
+    dataset = write_tiny_dataset(tmp_path / "raw")
+    cand_path = tmp_path / "candidates.parquet"
+    C.write_candidates(C.make_candidates(dataset, 4, seed=0), cand_path)
+    model = str(save_tiny_llava(tmp_path / "model"))
+    monkeypatch.setenv("DIGIQ_DTYPE", "float32")  # the machine's float32: auto picks int8 on an x86 CPU with AVX2
+    outcomes = {}
+    for quantize in ("int8", "none"):
+        p = EmbedParams(models={"finetuned": model, "off_the_shelf": model, "no_vlm": model}, candidates=str(cand_path),
+                        out=str(tmp_path / quantize / "emb"), parts=str(tmp_path / quantize / "parts"),
+                        metrics=str(tmp_path / quantize / "metrics"), device="cpu", chunk_states=4, quantize=quantize)
+        outcomes[quantize] = stage.run(Params(collect={"out": str(tmp_path / "raw")}, embed=p))
+    m = outcomes["int8"].metrics
+    assert (m["dtype"], m["dtype_reason"], m["quantize"], m["quantize_reason"]) == (
+        "float32", "DIGIQ_DTYPE=float32", "int8", "embed.quantize: int8")
+    assert outcomes["none"].metrics["quantize"] == "none"
+    manifests = {q: json.loads((o.out / "embedding.json").read_text()) for q, o in outcomes.items()}
+    assert manifests["int8"]["quantize"] == "int8" and "quantize" not in manifests["none"]
+    saved = json.loads((tmp_path / "int8" / "metrics" / "embed-finetuned.json").read_text())
+    assert saved["quantize_reason"] == "embed.quantize: int8"
