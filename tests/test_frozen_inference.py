@@ -184,3 +184,21 @@ def test_the_embed_stage_records_its_quantization_and_keeps_int8_parts_apart(tmp
     assert manifests["int8"]["quantize"] == "int8" and "quantize" not in manifests["none"]
     saved = json.loads((tmp_path / "int8" / "metrics" / "embed-finetuned.json").read_text())
     assert saved["quantize_reason"] == "embed.quantize: int8"
+
+
+def test_int8_features_do_not_depend_on_the_other_states_of_a_chunk_nor_on_duplicates(tmp_path, monkeypatch):
+    from digiq.extractor import build_extractor
+
+    folder = save_tiny_llava(tmp_path / "tiny")
+    monkeypatch.setenv("DIGIQ_DTYPE", "float32")
+    monkeypatch.setenv("DIGIQ_QUANTIZE", "int8")
+    extractor, _, _ = build_extractor("finetuned", folder, layer=2, pooling="last", device="cpu")
+    tokens = extractor.encode([image(1), image(2), image(3)])
+    goals, observations = [GOAL, "x", GOAL * 3], [OBS, "", OBS]
+    chunk = extractor.states(tokens, goals, observations)
+    alone = [extractor.states(tokens[i:i + 1], goals[i:i + 1], observations[i:i + 1])[0] for i in range(3)]
+    assert (chunk == np.stack(alone)).all()  # the embed job's chunk and live featurization's single state agree
+    img = image(1)
+    distinct = extractor.candidates(tokens[:1], img.size, GOAL, OBS, ACTIONS)
+    repeated = extractor.candidates(tokens[:1], img.size, GOAL, OBS, ACTIONS + ACTIONS[::-1])  # live K, duplicates
+    assert (repeated[:len(ACTIONS)] == distinct).all() and (repeated[len(ACTIONS):] == distinct[::-1]).all()
