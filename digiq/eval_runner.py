@@ -144,7 +144,7 @@ def live_features(params: Params) -> dict[str, Any]:
         raise DigiqError(f"no model path for variant {variant!r} in embed.models", field="features.variant")
     channels = params.channels.model_dump(include={"model", "encoder", "dtype", "batch_size"})
     return {"variant": variant, "model": embed.models[variant], "layer": embed.layer, "pooling": embed.pooling,
-            "dtype": embed.dtype, "device": embed.device, "channels": channels}
+            "dtype": embed.dtype, "quantize": embed.quantize, "device": embed.device, "channels": channels}
 
 
 # ----------------------------------------------------------------------------------------------- checks

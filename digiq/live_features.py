@@ -104,12 +104,12 @@ class LiveFeaturizer:
     episode: EpisodeState | None = None  # the single-view call's episode (:meth:`reset`)
 
     def __init__(self, variant: str, model: str, layer: int, pooling: str, dtype: str, device: str,
-                 channels: dict[str, Any] | None = None, cache: str | None = None):
+                 channels: dict[str, Any] | None = None, cache: str | None = None, quantize: str = "auto"):
         from digiq.extractor import build_extractor
 
         self.variant, self.model, self.device, self.channel_recipe = variant, model, device, dict(channels or {})
         self.extractor, self.model_hash, dtype_name = build_extractor(variant, model, layer=layer, pooling=pooling,
-                                                                      dtype=dtype, device=device)
+                                                                      dtype=dtype, device=device, quantize=quantize)
         self.recipe = json.dumps([variant, self.model_hash, layer, pooling, dtype_name])
         self.cache = Path(cache) if cache else None
         self._channels: Any = None  # EpisodeChannels (its encoder and vision tower), loaded on first use

@@ -156,6 +156,23 @@ def test_int8_quantizes_the_language_model_only_deterministically_and_closely(tm
     assert precision == "float32" and vision.quantization.reason == "no_vlm runs no language model"
 
 
+def test_live_evaluation_follows_the_embed_stages_quantize_setting(tmp_path, monkeypatch):
+    """The live featurizer is built from the embed section, quantize included: a setting that names int8 or none is
+    what live features run, whatever $DIGIQ_QUANTIZE says (as in the embed stage)."""
+    from digiq.config import Params
+    from digiq.eval_runner import live_features
+    from digiq.live_features import LiveFeaturizer
+
+    folder = save_tiny_llava(tmp_path / "tiny")
+    monkeypatch.setenv("DIGIQ_DTYPE", "float32")
+    monkeypatch.setenv("DIGIQ_QUANTIZE", "none")
+    for quantize, precision in (("int8", "float32+int8"), ("none", "float32")):
+        recipe = live_features(Params(embed={"quantize": quantize, "models": {"finetuned": str(folder)}, "device": "cpu"}))
+        assert recipe["quantize"] == quantize
+        live = LiveFeaturizer(**{**recipe, "channels": None})
+        assert live.extractor.quantization.name == quantize and precision in live.recipe
+
+
 def test_the_embed_stage_records_its_quantization_and_keeps_int8_parts_apart(tmp_path, monkeypatch):
     import json
 
