@@ -96,13 +96,13 @@ class VLMExtractor:
         pages = elements if elements is not None else [None] * len(goals)
         prompts = [state_prompt(g, self.vlm.reading.observation(o, e), self.vlm.prompt_order)
                    for g, o, e in zip(goals, observations, pages, strict=True)]
-        # int8 quantizes each call's input over its own range: one state per call, so that f(s) is the same
-        # whether a state comes alone (live featurization) or with a chunk of others (the embed job)
-        step = 1 if self.quantization is not None and self.quantization.name == "int8" else self.batch_size
+        # one state per call, so that f(s) is the same bits whether a state comes alone (live featurization) or
+        # with a chunk of others (the embed job), and whatever the thread count: packed rows of several states, and
+        # int8's per-call activation range, make a state's features depend on its neighbours in the last bits
         with torch.inference_mode():
-            out = torch.cat([self.vlm.forward_features(tokens[i:i + step], prompts[i:i + step], layer=self.layer,
+            out = torch.cat([self.vlm.forward_features(tokens[i:i + 1], prompts[i:i + 1], layer=self.layer,
                                                        pooling=self.pooling, batch_size=self.batch_size)
-                             for i in range(0, len(prompts), step)])
+                             for i in range(len(prompts))])
         return out.float().cpu().numpy()
 
     def candidates(self, tokens: torch.Tensor, size: tuple[int, int], goal: str, observation: str,
