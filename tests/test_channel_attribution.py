@@ -16,8 +16,9 @@ from digiq.critic import DoubleCritic
 from digiq.errors import DigiqError
 from digiq.training_data import TrainingData
 
-WIDTHS = {"vlm": 3, "image": 4, "goal": 2, "prev_action": 2, "action": 2}  # vlm: f(s, a) in Q (f(s) is 5 wide in V)
+WIDTHS = {"vlm": 3, "image": 4, "goal": 2, "prev_action": 2, "fields": 2, "action": 2}  # vlm: f(s, a) in Q (f(s) is 5 wide in V)
 D_S = 5
+OFFICIAL = Inputs(q=["vlm", "image", "goal", "prev_action", "action"], v=["image", "goal", "prev_action"])  # VLMDoubleCritic's
 
 
 def linear_critic(inputs: Inputs, d_s: int, d_sa: int, *, standardize: bool = False, seed: int = 0) -> DoubleCritic:
@@ -34,14 +35,14 @@ def linear_critic(inputs: Inputs, d_s: int, d_sa: int, *, standardize: bool = Fa
 
 
 def test_slices_follow_the_canonical_order_and_check_the_width():
-    slices = head_slices(Inputs().q, WIDTHS, total=13)
+    slices = head_slices(OFFICIAL.q, WIDTHS, total=13)
     assert slices == {"vlm": slice(0, 3), "image": slice(3, 7), "goal": slice(7, 9), "prev_action": slice(9, 11), "action": slice(11, 13)}
     with pytest.raises(DigiqError, match="12"):
-        head_slices(Inputs().q, WIDTHS, total=12)
+        head_slices(OFFICIAL.q, WIDTHS, total=12)
 
 
 def test_linear_head_delta_is_the_weight_times_the_departure_from_the_mean():
-    inputs = Inputs()
+    inputs = OFFICIAL
     critic = linear_critic(inputs, 8, 13)
     slices = head_slices(inputs.q, WIDTHS, total=13)
     x = torch.randn(6, 4, 13)  # [B, K, d_q]: any leading shape
@@ -57,7 +58,7 @@ def test_linear_head_delta_is_the_weight_times_the_departure_from_the_mean():
 
 
 def test_standardized_head_uses_its_own_mean_and_scale():
-    inputs = Inputs()
+    inputs = OFFICIAL
     critic = linear_critic(inputs, 8, 13, standardize=True)
     fit_q = torch.randn(50, 13) * 3 + 2
     critic.fit_standardization(torch.randn(50, 8), fit_q)
@@ -71,7 +72,7 @@ def test_standardized_head_uses_its_own_mean_and_scale():
 
 
 def test_unstandardized_head_needs_a_mean():
-    critic = linear_critic(Inputs(), 8, 13)
+    critic = linear_critic(OFFICIAL, 8, 13)
     with pytest.raises(DigiqError, match="training mean"):
         head_mean(critic.online.q1)
     assert torch.equal(head_mean(critic.online.q1, torch.ones(13)), torch.ones(13))
@@ -92,7 +93,7 @@ def fake_data(n: int = 5, k: int = 3, seed: int = 1) -> TrainingData:
     mask[1::2, -1] = False
     candidates = rng.normal(size=(n, k, WIDTHS["vlm"])).astype(np.float32) * mask[..., None]
     channels = {"image": rng.normal(size=(n, 4)), "goal": rng.normal(size=(n, 2)), "prev_action": rng.normal(size=(n, 2)),
-                "action": rng.normal(size=(n, k, 2)) * mask[..., None]}
+                "fields": rng.normal(size=(n, 2)), "action": rng.normal(size=(n, k, 2)) * mask[..., None]}
     channels = {name: a.astype(np.float32) for name, a in channels.items()}
     frame = SimpleNamespace(state=rng.normal(size=(n, D_S)).astype(np.float32), candidates=candidates, candidate_mask=mask,
                             next_state=np.zeros((n, D_S), np.float32), channels=channels,
@@ -103,7 +104,7 @@ def fake_data(n: int = 5, k: int = 3, seed: int = 1) -> TrainingData:
 
 def test_table_has_one_row_per_valid_candidate_with_hand_computed_deltas():
     data = fake_data()
-    inputs = Inputs()
+    inputs = OFFICIAL
     critic = linear_critic(inputs, 8, 13)  # x_V: image 4 + goal 2 + prev_action 2
     rows, mean_rows = np.arange(5), np.array([0, 2, 4])
     table = attribution_table(critic, data, rows, mean_rows=mean_rows).to_pydict()
@@ -121,6 +122,13 @@ def test_table_has_one_row_per_valid_candidate_with_hand_computed_deltas():
     x_q = np.concatenate([f.candidates[3, 1], f.channels["image"][3], f.channels["goal"][3], f.channels["prev_action"][3], f.channels["action"][3, 1]])
     assert table["q"][at] == pytest.approx(float(w_q @ x_q + 1.0), abs=1e-5)
     assert table["v"][at] == table["v"][at - 1]  # V(s) is the same on each candidate row of a step
+
+
+def test_the_default_inputs_attribute_the_fields_channel_in_both_heads():
+    critic = linear_critic(Inputs(), 10, 15)  # x_V: image 4 + goal 2 + prev_action 2 + fields 2; x_Q: vlm 3 + those + action 2
+    table = attribution_table(critic, fake_data(), np.arange(5), mean_rows=np.array([0, 2, 4])).to_pydict()
+    assert [c for c in table if c.startswith("d")] == ["dv_image", "dv_goal", "dv_prev_action", "dv_fields", "dq_vlm",
+                                                       "dq_image", "dq_goal", "dq_prev_action", "dq_fields", "dq_action"]
 
 
 def test_vlm_only_critic_table_has_scores_and_no_deltas():
