@@ -235,7 +235,7 @@ def test_null_settings_take_the_collect_defaults():
     # live features are the embed stage's recipe for the variant the policies were trained on
     assert evaluation.features == {"variant": p.features.variant, "model": p.embed.models[p.features.variant],
                                    "layer": p.embed.layer, "pooling": p.embed.pooling, "dtype": p.embed.dtype,
-                                   "device": p.embed.device,
+                                   "quantize": p.embed.quantize, "device": p.embed.device,
                                    "channels": {"model": p.channels.model, "encoder": p.channels.encoder,
                                                 "dtype": p.channels.dtype, "batch_size": p.channels.batch_size}}
     assert evaluation.policy_spec("digiq", "sample").kwargs["features"] == evaluation.features
