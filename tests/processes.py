@@ -113,7 +113,7 @@ class Replacements:
 
 
 def temp_files(root: Path) -> list[Path]:
-    """What atomic writes leave when killed (``.<name>.<pid>.<random>.tmp``), anywhere under ``root``."""
+    """What atomic writes leave when killed (``.<name>.<pid>@<host>.<random>.tmp``), anywhere under ``root``."""
     return sorted(p for p in root.rglob(".*.tmp"))
 
 
