@@ -220,6 +220,18 @@ def _need(array: np.ndarray | None, name: str, what: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- live: one episode, step by step
 
+def state_channels(encoder: SentenceEncoder, v: np.ndarray, goal: str, elements: Elements, previous: Action | None,
+                   previous_v: np.ndarray | None, previous_elements: Elements) -> dict[str, np.ndarray]:
+    """One live step's state channels, each [1, d], as the channel tables define them: ``v`` is this screenshot's
+    v(s), ``previous`` the action the episode took at the last step, named on ``previous_elements`` (its page), and
+    ``previous_v`` that step's v (None at step 0: zeros and empty strings)."""
+    first = previous_v is None
+    before = np.zeros_like(v) if first else previous_v
+    prev = ("", "") if first else action_strings(previous, previous_elements)
+    return {"image": np.concatenate([v, before])[None], "goal": encoder([goal]),
+            "prev_action": action_vectors(encoder, [prev]), "fields": encoder([fields_string(elements)])}
+
+
 class EpisodeChannels:
     """The state and candidate channels of a live episode, step by step, as the offline tables define them.
 
@@ -252,23 +264,9 @@ class EpisodeChannels:
     def step(self, image: Image.Image, goal: str, elements: Elements, previous: Action | None) -> dict[str, np.ndarray]:
         """This step's state channels, each [1, d]; remembers the screenshot's v and the page for the next step."""
         v = self.vision([image])[0]
-        before = self.previous_image if self.previous_image is not None else np.zeros_like(v)
-        prev = action_strings(previous, self.previous_elements) if self.previous_image is not None else ("", "")
+        state = state_channels(self.encoder, v, goal, elements, previous, self.previous_image, self.previous_elements)
         self.previous_image, self.previous_elements = v, elements
-        return {"image": np.concatenate([v, before])[None], "goal": self.encoder([goal]),
-                "prev_action": action_vectors(self.encoder, [prev]), "fields": self.encoder([fields_string(elements)])}
-
-    def remember(self, v: np.ndarray, elements: Elements) -> None:
-        """Make (v, page) the previous step's, as :meth:`step` does (for a step whose channels were computed before)."""
-        self.previous_image, self.previous_elements = np.asarray(v, np.float32)[: self.vision.dim], elements
-
-    def previous_key(self) -> bytes:
-        """Bytes that identify what this episode's next step reads of the previous one (its v and page)."""
-        import json
-
-        if self.previous_image is None:
-            return b"first step"
-        return self.previous_image.tobytes() + json.dumps(self.previous_elements, sort_keys=True, default=str).encode()
+        return state
 
     def actions(self, actions: Sequence[Action], elements: Elements) -> np.ndarray:
         """The candidates' action channel [K, 2·d_e]."""

@@ -97,8 +97,8 @@ class VLMExtractor:
         prompts = [state_prompt(g, self.vlm.reading.observation(o, e), self.vlm.prompt_order)
                    for g, o, e in zip(goals, observations, pages, strict=True)]
         # one state per call, so that f(s) is the same bits whether a state comes alone (live featurization) or
-        # with a chunk of others (the embed job), and whatever the thread count: packed rows of several states, and
-        # int8's per-call activation range, make a state's features depend on its neighbours in the last bits
+        # with a chunk of others (the embed job): packed rows of several states, and int8's per-call activation
+        # range, make a state's features depend on its neighbours in the last bits
         with torch.inference_mode():
             out = torch.cat([self.vlm.forward_features(tokens[i:i + 1], prompts[i:i + 1], layer=self.layer,
                                                        pooling=self.pooling, batch_size=self.batch_size)

@@ -213,28 +213,16 @@ class LiveFeaturizer:
         return out
 
     def _channel_arrays(self, request: Request, v: np.ndarray) -> dict[str, np.ndarray]:
-        """This step's state channels (as :meth:`~digiq.channels.EpisodeChannels.step` defines them, the previous
-        step read from the request's episode state) and its candidates' action channel."""
-        from digiq.channels import action_strings, fields_string
+        """This step's state channels (:func:`~digiq.channels.state_channels`, the previous step read from the
+        request's episode state) and its candidates' action channel, every new string encoded alone."""
+        from digiq.channels import action_strings, action_vectors, state_channels
 
         view, episode = request.view, request.episode or EpisodeState()
-        first = episode.image is None
-        before = np.zeros_like(v) if first else episode.image
+        encoder: Any = _EachAlone(self.channels.encoder)  # a SentenceEncoder to the channel functions
         previous = view.previous_actions[-1] if view.previous_actions else None
-        prev = ("", "") if first else action_strings(previous, episode.elements)
-        candidates = [action_strings(a, view.elements) for a in request.actions]
-        fields = fields_string(view.elements)
-        encode = self._encoder([view.goal, *prev, fields, *(s for pair in candidates for s in pair)])
-        return {"image": np.concatenate([v, before])[None], "goal": encode([view.goal]),
-                "prev_action": _pairs(encode, [prev]), "fields": encode([fields]), "action": _pairs(encode, candidates)}
-
-    def _encoder(self, strings: list[str]) -> Any:
-        """The sentence encoder, every string of ``strings`` it has not seen encoded alone first."""
-        encoder = self.channels.encoder
-        for text in dict.fromkeys(strings):
-            if text not in encoder.cache:
-                encoder.warm([text])
-        return encoder
+        arrays = state_channels(encoder, v, view.goal, view.elements, previous, episode.image, episode.elements)
+        arrays["action"] = action_vectors(encoder, [action_strings(a, view.elements) for a in request.actions])
+        return arrays
 
     def key(self, view: StepView, actions: list[Action], inputs: Any = None,
             episode: EpisodeState | None = None) -> str:
@@ -254,11 +242,18 @@ class LiveFeaturizer:
         return h.hexdigest()
 
 
-def _pairs(encoder: Any, strings: list[tuple[str, str]]) -> np.ndarray:
-    """e(type) ⊕ e(text) per (type, text) pair, [n, 2·d_e] (:func:`~digiq.channels.action_vectors`)."""
-    from digiq.channels import action_vectors
+class _EachAlone:
+    """A sentence encoder that encodes each string it has not seen alone before reading its cache: padded beside
+    other strings, a string's vector changes in the last bits, so a step's channels would depend on its batch."""
 
-    return action_vectors(encoder, strings)
+    def __init__(self, encoder: Any):
+        self.encoder, self.dim = encoder, encoder.dim
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        for text in dict.fromkeys(texts):
+            if text not in self.encoder.cache:
+                self.encoder.warm([text])
+        return self.encoder(texts)
 
 
 def channel_hash(recipe: dict[str, Any]) -> str | None:
