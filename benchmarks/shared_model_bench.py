@@ -130,10 +130,9 @@ def evaluate(root: Path, actors: Path, model: str, channels: dict, tasks: list[s
     finally:
         sampler.done.set()
         sampler.join()
-    timing = metrics["timing"]["this_run"]["sample"]["digiq"]
+    steps, seconds = metrics["timing"]["this_run"]["sample"]["digiq"]["steps"], metrics["timing"]["pool"]["wall_seconds"]
     episodes_played = sorted((json.loads(p.read_text())["episodes"] for p in (root / "shards").rglob("*.json")), key=str)
-    return {**sampler.summary(workers), "steps": timing["steps"], "seconds": timing["seconds"],
-            "steps_per_s": timing["steps_per_second"]}, episodes_played
+    return {**sampler.summary(workers), "steps": steps, "seconds": seconds, "steps_per_s": round(steps / seconds, 2)}, episodes_played
 
 
 def main() -> None:

@@ -2,7 +2,11 @@
 
 Runs: every method of each protocol's table (:meth:`EvaluateParams.methods_of`) plays
 ``episodes_per_task[protocol]`` episodes per task; all methods of one protocol play the same (task, seed) episodes,
-so that they are compared in pairs (:func:`~digiq.evaluate.paired_section`).
+so that they are compared in pairs (:func:`~digiq.evaluate.paired_section`). One pool of browser workers plays
+them all: a unit is a (protocol, task, block of episodes) and each method of that protocol plays every episode of it
+in turn in the same browser, so that pages that several methods reach by the same actions are played once
+(``evaluate.reuse``, :mod:`digiq.envs.replay`), and so are the live features of a state
+(:class:`~digiq.live_features.LiveFeaturizer`'s cache and one model per worker).
 
 Resume: each (method, protocol, task, block of ``episodes_per_unit`` episodes) becomes one JSON shard under
 ``shards/<method>/<protocol>.<task>.…`` once all its episodes are in, written atomically; its name carries a
@@ -128,11 +132,19 @@ class Evaluation:
                           feature_cache=self.feature_cache)
         return PolicySpec(FACTORY, kwargs)
 
-    def run_config(self, method: str, protocol: str, browser: BrowserConfig) -> RunConfig:
-        shared = self.settings.shared_model and method not in BASELINES  # one model per node (Ray) serves the browsers
+    def run_config(self, runs: list[tuple[str, str]], browser: BrowserConfig) -> RunConfig:
+        """One worker configuration for every (protocol, method) in ``runs``: units name them by :func:`run_name`."""
+        shared = self.settings.shared_model and any(m not in BASELINES for _, m in runs)  # one model per node (Ray)
         server = {"features": dict(self.features), "cache": self.feature_cache} if shared else None
-        return RunConfig(policy=self.policy_spec(method, protocol), seed=self.settings.seed, max_steps=self.settings.max_steps,
-                         history=self.collect.history, browser=browser, hang_timeout_s=HANG_TIMEOUT_S, feature_server=server)
+        policies = tuple((run_name(run), self.policy_spec(run[1], run[0])) for run in runs)
+        return RunConfig(policy=policies[0][1], policies=policies, reuse=self.settings.reuse, seed=self.settings.seed,
+                         max_steps=self.settings.max_steps, history=self.collect.history, browser=browser,
+                         hang_timeout_s=HANG_TIMEOUT_S, feature_server=server)
+
+
+def run_name(run: tuple[str, str]) -> str:
+    """How a unit names the (protocol, method) of a run: ``protocol/method``."""
+    return "/".join(run)
 
 
 def live_features(params: Params) -> dict[str, Any]:
@@ -213,13 +225,13 @@ def read_shard(path: Path) -> dict[str, Any]:
 
 
 class ShardWriter:
-    """Collects episode summaries from the workers and writes a unit's shard once all of its episodes are in."""
+    """Collects the episode summaries of one (protocol, method) from the workers and writes a unit's shard once all
+    of its episodes are in."""
 
     def __init__(self, evaluation: Evaluation, run: tuple[str, str], units: list[Unit], fp: str, advance: Callable[[], None]):
         self.evaluation, (self.protocol, self.method), self.fp, self.advance = evaluation, run, fp, advance
         self.unit_of = {(u.task, i): u for u in units for i in u.indices}
         self.got: dict[Unit, dict[int, dict[str, Any]]] = {u: {} for u in units}
-        self.started = time.perf_counter()
 
     def __call__(self, summary: dict[str, Any]) -> None:
         unit = self.unit_of[(summary["task"], summary["index"])]
@@ -228,11 +240,11 @@ class ShardWriter:
         if fresh:
             self.advance()
         if len(self.got[unit]) == len(unit.indices):
-            episodes = [self.got[unit][i] for i in unit.indices]
+            done = [self.got[unit][i] for i in unit.indices]
+            episodes = [{k: v for k, v in e.items() if k not in ("run", "cost")} for e in done]
             write_json(self.evaluation.shard_path(self.method, self.protocol, unit, self.fp),
                        {"method": self.method, "protocol": self.protocol, "task": unit.task, "fingerprint": self.fp,
-                        "seconds": round(time.perf_counter() - self.started, 3), "episodes": episodes})
-            self.started = time.perf_counter()
+                        "episodes": episodes, "costs": [e["cost"] for e in done]})  # what it took: not a result
 
 
 def load_episodes(evaluation: Evaluation, run: tuple[str, str], fp: str) -> list[dict[str, Any]]:
@@ -255,33 +267,66 @@ def fingerprints(evaluation: Evaluation) -> Fingerprints:
     return {(protocol, method): evaluation.fingerprint(method, protocol) for protocol, method in evaluation.runs()}
 
 
-def run_methods(evaluation: Evaluation, prints: Fingerprints, *, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Run the episodes of every (protocol, method) that have no finished shard; return this run's timing per
-    protocol and method."""
+def run_methods(evaluation: Evaluation, prints: Fingerprints, *, progress: bool = False) -> dict[str, Any]:
+    """Run the episodes of every (protocol, method) that have no finished shard, all in one pool of browsers: a
+    unit is one (protocol, task, block of episodes) and every method of that protocol still to run it plays each of
+    its episodes in turn, so that what their episodes share is played once (``evaluate.reuse``). Return this run's
+    timing: per protocol and method, and for the whole pool."""
     ev = evaluation.settings
     browser = BrowserConfig(time_limit_s=ev.time_limit_s)
     browser.check()
     todo = {run: [u for u in evaluation.units(run[0]) if not evaluation.shard_path(run[1], run[0], u, fp).exists()]
             for run, fp in prints.items()}
+    units = pooled_units(evaluation, todo)
+    runs = [run for run in prints if todo[run]]
     total = sum(len(evaluation.tasks) * ev.episodes_per_task[protocol] for protocol, _ in prints)
-    timing: dict[str, dict[str, Any]] = {}
+    episodes: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
     with progress_bar("evaluate", total, enabled=progress, unit="episodes") as bar:
-        bar.update(completed=total - sum(len(u.indices) for units in todo.values() for u in units))
-        for run in (r for r in prints if todo[r]):
-            protocol, method = run
-            writer = ShardWriter(evaluation, run, todo[run], prints[run], bar.advance)
-            started = time.perf_counter()
-            episodes = run_units(todo[run], evaluation.run_config(method, protocol, browser), ev.workers, on_episode=writer,
-                                 executor=ev.executor)
-            timing.setdefault(protocol, {})[method] = method_timing(episodes, time.perf_counter() - started)
-    return timing
+        bar.update(completed=total - sum(len(u.indices) for us in todo.values() for u in us))
+        writers = {run_name(run): ShardWriter(evaluation, run, todo[run], prints[run], bar.advance) for run in runs}
+        by_name = {run_name(run): run for run in runs}
+
+        def finished_episode(summary: dict[str, Any]) -> None:
+            writers[summary["run"]](summary)
+            episodes[by_name[summary["run"]]].append(summary)
+
+        started = time.perf_counter()
+        if units:
+            run_units(units, evaluation.run_config(runs, browser), ev.workers, on_episode=finished_episode, executor=ev.executor)
+        seconds = time.perf_counter() - started
+    timing: dict[str, Any] = {}
+    for (protocol, method), eps in episodes.items():
+        timing.setdefault(protocol, {})[method] = method_timing(eps)
+    return {"methods": timing, "pool": pool_timing([e for eps in episodes.values() for e in eps], seconds, ev)}
 
 
-def method_timing(episodes: list[dict[str, Any]], seconds: float) -> dict[str, float]:
-    steps = sum(e["steps"] for e in episodes)
+def pooled_units(evaluation: Evaluation, todo: dict[tuple[str, str], list[Unit]]) -> list[Unit]:
+    """One unit per (protocol, task, block) that some method still has to play, naming those methods (in the order of
+    the protocol's table); tasks in order, so that a worker keeps its browser on one task."""
+    pooled = []
+    for protocol in evaluation.settings.protocols:
+        for unit in evaluation.units(protocol):
+            runs = tuple(run_name(run) for run, units in todo.items() if run[0] == protocol and unit in units)
+            if runs:
+                pooled.append(Unit(unit.task, unit.indices, runs=runs))
+    return sorted(pooled, key=lambda u: (u.task, u.indices[0]))
+
+
+def method_timing(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A method's episodes of this run: the seconds its episodes took in the workers (policy and browser; a page
+    another method had already played costs no browser time), per episode and in all."""
+    seconds, steps = sum(e["cost"]["seconds"] for e in episodes), sum(e["steps"] for e in episodes)
     return {"seconds": round(seconds, 2), "episodes": len(episodes), "steps": steps,
             "seconds_per_episode": round(seconds / max(len(episodes), 1), 3),
-            "steps_per_second": round(steps / seconds, 2) if seconds > 0 else 0.0}
+            "steps_per_second": round(steps / seconds, 2) if seconds > 0 else 0.0,
+            "pages": {k: sum(e["cost"][k] for e in episodes) for k in ("browser", "reused", "replayed")}}
+
+
+def pool_timing(episodes: list[dict[str, Any]], seconds: float, ev: EvaluateParams) -> dict[str, Any]:
+    """The whole pool: wall seconds, episodes, and where the pages of all episodes came from."""
+    pages = {k: sum(e["cost"][k] for e in episodes) for k in ("browser", "reused", "replayed")}
+    return {"wall_seconds": round(seconds, 1), "episodes": len(episodes), "workers": ev.workers, "reuse": ev.reuse,
+            "pages": pages, "pages_from_browser": round((pages["browser"] + pages["replayed"]) / max(sum(pages.values()), 1), 3)}
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -311,18 +356,17 @@ def summarise(evaluation: Evaluation, prints: Fingerprints, timing: dict[str, An
         "behavior": dict(evaluation.collect.behavior),
         "max_steps": ev.max_steps,
         "time_limit_s": ev.time_limit_s,
-        "timing": {"this_run": timing, "estimate": wall_time_estimate(evaluation, timing),  # how it ran, not what
+        "timing": {"this_run": timing["methods"], "pool": timing["pool"],  # how it ran, not what
+                   "seconds_per_episode_vs_random": against_random(timing["methods"]),
                    "executor": {"name": ev.executor, "workers": ev.workers, "shared_model": ev.shared_model}},
     }
 
 
-def wall_time_estimate(evaluation: Evaluation, timing: dict[str, Any]) -> dict[str, Any]:
-    """Seconds per episode measured in this run (per protocol and method), scaled to the configured episode count."""
-    tasks, episodes = len(evaluation.tasks), evaluation.settings.episodes_per_task
-    per_run = {f"{protocol}/{m}": round(t["seconds_per_episode"] * tasks * episodes[protocol], 1)
-               for protocol, methods in timing.items() for m, t in methods.items() if t["episodes"]}
-    return {"seconds_per_method": per_run,
-            "note": "measured seconds/episode (with this run's worker count) × tasks × episodes_per_task of the protocol"}
+def against_random(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each method's worker seconds per episode over random's, in a protocol of this run where random played."""
+    return {m: round(t["seconds_per_episode"] / table["random"]["seconds_per_episode"], 3)
+            for table in methods.values() if table.get("random", {}).get("seconds_per_episode")
+            for m, t in table.items() if m != "random"}
 
 
 def plot_rows(metrics: dict[str, Any]) -> str:

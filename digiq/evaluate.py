@@ -54,6 +54,7 @@ model, and the heavy pieces load inside :func:`build_eval_policy` (in each rollo
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -106,6 +107,9 @@ class EvaluateParams(BaseModel):
                                                                "(actors on the cluster at RAY_ADDRESS, else a local Ray; the digiq[ray] extra)")
     shared_model: bool = Field(False, description="executor ray: one feature model per node that the node's browser actors call, "
                                                   "batching their steps (false: a model in every browser actor)")
+    reuse: bool = Field(True, description="every method of a protocol plays each (task, seed) in turn in one browser, and what "
+                                          "their episodes share (the same actions from the same first page) is played once "
+                                          "(digiq/envs/replay.py); false: every episode is played whole. Results are the same")
     time_limit_s: float = Field(120.0, gt=0, description="MiniWoB episode clock in seconds (raised from 10 s: featurization is slow)")
     episodes_per_unit: int = Field(10, ge=1, description="episodes per result shard (the unit of resume)")
     actors: str = Field("models/actor", description="folder with one trained policy per method")
@@ -387,19 +391,31 @@ def build_eval_policy(method: str, k: int, noise: float, protocol: str = "greedy
         raise DigiqError(f"method {method!r} needs a trained policy folder and its feature recipe", field="actor_dir")
     import torch
 
-    from digiq.live_features import LiveFeaturizer
-
     torch.set_num_threads(threads)
     actor = _load_chooser(method, actor_dir)
     inputs = getattr(actor.config, "inputs", None)
     if featurizer is None:
-        featurizer = LiveFeaturizer(**features, cache=feature_cache)
+        featurizer = shared_featurizer(features, feature_cache)
     dims = featurizer.dims(inputs)
     if (actor.d_s, actor.d_sa) != dims:
         raise DigiqError(f"the policy expects features of width (x_V {actor.d_s}, x_Q {actor.d_sa}) but variant "
                          f"{featurizer.variant!r} of {featurizer.model} gives {dims}: evaluate with the "
                          f"features the policy was trained on", file=actor_dir, field="features.variant")
     return EvalPolicy(method, k, noise, protocol, featurizer=featurizer, actor=actor, inputs=inputs, behavior_scores=behavior)
+
+
+_FEATURIZERS: dict[str, Any] = {}  # one model per process, whichever of its policies asks
+
+
+def shared_featurizer(features: dict[str, Any] | None, cache: str | None) -> Any:
+    """The process's :class:`~digiq.live_features.LiveFeaturizer` of this recipe and cache: the policies of a worker
+    play one episode at a time (each ``reset()`` starts its episode), so they can share one model."""
+    from digiq.live_features import LiveFeaturizer
+
+    key = json.dumps([features, cache], sort_keys=True, default=str)
+    if key not in _FEATURIZERS:
+        _FEATURIZERS[key] = LiveFeaturizer(**(features or {}), cache=cache)
+    return _FEATURIZERS[key]
 
 
 def _load_chooser(method: str, folder: str) -> Any:

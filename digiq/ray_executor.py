@@ -196,8 +196,13 @@ def with_server(config: RunConfig, servers: dict[str, Any]) -> RunConfig:
     """``config`` whose policy featurizes with this node's server (another node's when this one has none)."""
     node = require_ray().get_runtime_context().get_node_id()
     server = servers.get(node) or next(iter(servers.values()))
-    spec = config.policy
-    return dataclasses.replace(config, policy=PolicySpec(spec.name, {**spec.kwargs, "featurizer": ServerFeaturizer(server)}))
+    featurizer = ServerFeaturizer(server)
+
+    def served(spec: PolicySpec) -> PolicySpec:
+        return PolicySpec(spec.name, {**spec.kwargs, "featurizer": featurizer})
+
+    return dataclasses.replace(config, policy=served(config.policy),
+                               policies=tuple((name, served(spec)) for name, spec in config.policies))
 
 
 def start_servers(ray: Any, config: RunConfig, workers: int) -> dict[str, Any]:

@@ -245,7 +245,8 @@ def test_null_settings_take_the_collect_defaults():
 def test_live_observation_quotes_as_many_actions_as_the_data(tmp_path):
     # the policies were trained on observations with collect.history previous actions: live ones must match
     short, longer = _evaluation(tmp_path), _evaluation(tmp_path, collect={"history": 8})
-    assert (short.run_config("behavior", "sample", None).history, longer.run_config("behavior", "sample", None).history) == (1, 8)
+    runs = [("sample", "behavior")]
+    assert (short.run_config(runs, None).history, longer.run_config(runs, None).history) == (1, 8)
     assert short.fingerprint("behavior", "sample") != longer.fingerprint("behavior", "sample")
 
 
@@ -369,6 +370,31 @@ def test_behavior_and_random_in_a_real_browser(tmp_path):
     again = stage.run(params)
     assert again["protocols"]["sample"]["methods"]["random"] == data["protocols"]["sample"]["methods"]["random"]
     assert again["timing"]["this_run"] == {"sample": {"random": again["timing"]["this_run"]["sample"]["random"]}}
+
+
+@pytest.mark.browser
+def test_methods_share_what_their_episodes_have_in_common_and_get_the_same_episodes(tmp_path):
+    """evaluate.reuse: every method of a protocol plays a (task, seed) in turn in one browser and a page another
+    method reached by the same actions is not played again; each episode is what playing it whole gives."""
+    def run(reuse: bool) -> dict:
+        folder = tmp_path / f"reuse-{reuse}"
+        params = _params(folder, methods=["behavior", "random"], tasks=["click-checkboxes", "enter-text"],
+                         episodes_per_task=4, episodes_per_unit=2, reuse=reuse)
+        metrics = stage.run(params)
+        episodes = {}
+        for shard in sorted(Path(params.evaluate.shards).rglob("*.json")):
+            data = json.loads(shard.read_text())
+            for e in data["episodes"]:
+                episodes[(data["protocol"], data["method"], e["task"], e["index"])] = e
+        return {"episodes": episodes, "pool": metrics["timing"]["pool"], "tables": metrics["protocols"]}
+
+    shared, whole = run(True), run(False)
+    assert len(whole["episodes"]) == 3 * 2 * 4  # behavior and random (sample), behavior-mode (greedy)
+    assert shared["episodes"] == whole["episodes"] and shared["tables"] == whole["tables"]
+    assert whole["pool"]["pages"]["reused"] == 0 and whole["pool"]["pages"]["replayed"] == 0
+    assert shared["pool"]["pages"]["reused"] >= 2 * 4  # at least random's first page of every sampled episode
+    played = lambda pool: pool["pages"]["browser"] + pool["pages"]["replayed"]  # noqa: E731
+    assert played(shared["pool"]) < played(whole["pool"])
 
 
 def test_cli_refuses_collection_seeds_with_one_line(tmp_path):

@@ -14,13 +14,13 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from digiq.actions import describe_action
 from digiq.envs.behavior import tap_target
-from digiq.envs.miniwob import MiniWoBEnv
+from digiq.envs.miniwob import Observation, StepResult
 from digiq.envs.policy import Policy
 from digiq.envs.view import StepView
 from digiq.schema import Action, Step, Trajectory
@@ -88,8 +88,20 @@ def action_description(action: Action, elements: list[dict[str, Any]]) -> str:
     return describe_action(action, tap_target(action, elements))
 
 
+class Env(Protocol):
+    """What an episode is played in: a :class:`~digiq.envs.miniwob.MiniWoBEnv`, or a
+    :class:`~digiq.envs.replay.ReplayingEnv` over one."""
+
+    @property
+    def task(self) -> str: ...
+
+    def reset(self, seed: int) -> Observation: ...
+
+    def step(self, action: Action) -> StepResult: ...
+
+
 def run_episode(
-    env: MiniWoBEnv,
+    env: Env,
     policy: Policy,
     *,
     index: int,

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 
 from digiq.envs.browser_cleanup import end_orphan_browsers, remove_profiles_of, wait_for_exit
 from digiq.envs.miniwob import BrowserConfig, BrowserError, MiniWoBEnv
-from digiq.envs.policy import PolicySpec
-from digiq.envs.rollout import episode_seed, run_episode, to_trajectory, trajectory_id
+from digiq.envs.policy import Policy, PolicySpec
+from digiq.envs.replay import ReplayingEnv
+from digiq.envs.rollout import Episode, episode_seed, run_episode, to_trajectory, trajectory_id
 from digiq.errors import DigiqError
 
 _PR_SET_PDEATHSIG = 1
@@ -40,15 +41,19 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class Unit:
-    """A block of episodes of one task; ``shard`` names the dataset shard it becomes (None: not recorded)."""
+    """A block of episodes of one task; ``shard`` names the dataset shard it becomes (None: not recorded). With
+    ``runs``, every episode is played by each of those policies, one after the other in one browser, so that what they
+    share of an episode is played once (:mod:`digiq.envs.replay`)."""
 
     task: str
     indices: tuple[int, ...]
     shard: str | None = None
+    runs: tuple[str, ...] = ()  # names of RunConfig.policies that play each episode in turn (empty: RunConfig.policy)
 
     @property
     def key(self) -> str:
-        return self.shard or f"{self.task}[{self.indices[0]}:{self.indices[-1] + 1}]"
+        block = self.shard or f"{self.task}[{self.indices[0]}:{self.indices[-1] + 1}]"
+        return f"{block} {','.join(self.runs)}" if self.runs else block
 
 
 def episode_blocks(episodes: int, size: int) -> list[tuple[int, ...]]:
@@ -79,6 +84,17 @@ class RunConfig:
     hang_timeout_s: float = 120.0  # silence after which the parent kills and restarts a worker
     unit_retries: int = 3  # worker restarts per unit before the run fails (Ray: actor restarts and task retries)
     feature_server: dict[str, Any] | None = None  # Ray: {features, cache} of the live featurizer one model per node serves
+    policies: tuple[tuple[str, PolicySpec], ...] = ()  # named policies that units with ``runs`` play
+    reuse: bool = True  # the policies of a unit's runs share what their episodes have in common (digiq.envs.replay)
+
+    def spec(self, run: str) -> PolicySpec:
+        """The policy of ``run`` ("": ``policy``)."""
+        if not run:
+            return self.policy
+        named = dict(self.policies)
+        if run not in named:
+            raise DigiqError(f"unit run {run!r} names no policy (known: {', '.join(named) or 'none'})", field="runs")
+        return named[run]
 
 
 @dataclass
@@ -395,12 +411,19 @@ class _PngBuffer:
 
 
 class UnitRunner:
-    """One policy and one browser (restarted on a browser error) running whole units: a local worker's or a Ray actor's."""
+    """Policies (built when first needed) and one browser (restarted on a browser error) running whole units: a local
+    worker's or a Ray actor's."""
 
     def __init__(self, config: RunConfig):
         self.config = config
-        self.policy = config.policy.build()
+        self.policies: dict[str, Policy] = {}
         self.env: MiniWoBEnv | None = None
+        self.replay = ReplayingEnv(reuse=config.reuse)
+
+    def policy(self, run: str = "") -> Policy:
+        if run not in self.policies:
+            self.policies[run] = self.config.spec(run).build()
+        return self.policies[run]
 
     def run_unit(self, unit: Unit, on_step: Callable[[], None] | None = None,
                  on_episode: Callable[[dict[str, Any]], None] | None = None) -> UnitResult:
@@ -408,24 +431,31 @@ class UnitRunner:
         result = UnitResult(unit.key, [], f"{socket.gethostname()}:{os.getpid()}")
         images = _PngBuffer()
         for index in unit.indices:
-            episode = self._episode_with_retries(unit.task, index, on_step)
-            result.summaries.append(episode.summary())
-            if on_episode is not None:
-                on_episode(episode.summary())
-            if recorded:
-                result.trajectories.append(to_trajectory(episode, images.put_image, trajectory_id(unit.task, self.config.seed, index)))
+            for run in unit.runs or ("",):
+                episode, cost = self._episode_with_retries(unit.task, index, run, on_step)
+                summary = episode.summary() | ({"run": run, "cost": cost} if run else {})
+                result.summaries.append(summary)
+                if on_episode is not None:
+                    on_episode(summary)
+                if recorded:
+                    result.trajectories.append(to_trajectory(episode, images.put_image, trajectory_id(unit.task, self.config.seed, index)))
         result.images = images.images
         return result
 
-    def _episode_with_retries(self, task: str, index: int, on_step: Callable[[], None] | None):
+    def _episode_with_retries(self, task: str, index: int, run: str, on_step: Callable[[], None] | None) -> tuple[Episode, dict[str, Any]]:
+        """The episode and what it cost: wall seconds, and where its resets and steps came from (ReplayCounts)."""
         seed = episode_seed(self.config.seed, task, index)
+        policy = self.policy(run)
+        started, before = time.perf_counter(), self.replay.counts.as_dict()
         for attempt in range(self.config.episode_retries + 1):
             try:
-                env = self._env(task)
-                episode = run_episode(env, self.policy, index=index, seed=seed, max_steps=self.config.max_steps,
+                self.replay.attach(self._env(task))
+                episode = run_episode(self.replay, policy, index=index, seed=seed, max_steps=self.config.max_steps,
                                       history=self.config.history, on_step=on_step)
                 episode.retries = attempt
-                return episode
+                counts = self.replay.counts.as_dict()
+                return episode, {"seconds": round(time.perf_counter() - started, 4),
+                                 **{k: counts[k] - before[k] for k in counts}}
             except BrowserError as exc:
                 self.close()
                 if attempt == self.config.episode_retries:
