@@ -144,11 +144,16 @@ def action_vectors(encoder: SentenceEncoder, strings: Sequence[tuple[str, str]])
 class VisionTower:
     """v(s): the mean over patches of the frozen vision tower's features (as the no_vlm extractor's f(s))."""
 
-    def __init__(self, model: str | Path, *, dtype: str = "float32", device: str = "auto", batch_size: int = 64):
+    def __init__(self, model: str | Path, *, dtype: str = "float32", device: str = "auto", batch_size: int = 64,
+                 share: Any = None):
+        """``share``: a loaded VLM to run the tower of instead, where it gives the same features
+        (:meth:`~digiq.vlm.model.VLM.same_vision`): then one tower pass per screenshot serves f(s) and v(s)."""
         from digiq.extractor import VisionOnlyExtractor
         from digiq.vlm import load_vlm
 
-        self.extractor = VisionOnlyExtractor(load_vlm(model, dtype=dtype, device=device), batch_size=batch_size)
+        vlm = load_vlm(model, dtype=dtype, device=device)
+        self.shared = share is not None and share.same_vision(vlm)
+        self.extractor = VisionOnlyExtractor(share if self.shared else vlm, batch_size=batch_size)
         self.dim = self.extractor.dim_vision
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -249,12 +254,13 @@ class EpisodeChannels:
         self.reset()
 
     @classmethod
-    def load(cls, params: ChannelsParams, device: str | None = None) -> EpisodeChannels:
-        """The models the channels stage used (``channels.model``'s vision tower, ``channels.encoder``)."""
+    def load(cls, params: ChannelsParams, device: str | None = None, share: Any = None) -> EpisodeChannels:
+        """The models the channels stage used (``channels.model``'s vision tower, ``channels.encoder``); ``share``:
+        a loaded VLM whose tower serves v(s) where it gives the same features (:class:`VisionTower`)."""
         from digiq.text_encoder import SentenceEncoder
 
         device = device or params.device
-        vision = VisionTower(params.model, dtype=params.dtype, device=device, batch_size=params.batch_size)
+        vision = VisionTower(params.model, dtype=params.dtype, device=device, batch_size=params.batch_size, share=share)
         return cls(SentenceEncoder(params.encoder, batch_size=params.batch_size), vision)
 
     def reset(self) -> None:

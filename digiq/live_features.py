@@ -124,7 +124,8 @@ class LiveFeaturizer:
             if not self.channel_recipe:
                 raise DigiqError("this chooser reads channels beyond the VLM feature, but the live recipe names no "
                                  "channel models (channels.model, channels.encoder)", field="channels")
-            self._channels = EpisodeChannels.load(ChannelsParams(**self.channel_recipe), device=self.device)
+            self._channels = EpisodeChannels.load(ChannelsParams(**self.channel_recipe), device=self.device,
+                                                  share=getattr(self.extractor, "vlm", None))
         return self._channels
 
     def reset(self) -> None:

@@ -98,3 +98,29 @@ def test_one_step_per_episode_and_batch(recipe):
         featurizer.batch([Request(view, cands, ALL, state), Request(after, more, ALL, state)])
     with pytest.raises(DigiqError, match="its own episode state"):
         featurizer.batch([Request(view, cands, ALL)])
+
+
+def test_the_image_channel_reads_the_tower_pass_of_f_s_and_gets_the_same_bits(recipe):
+    """Where the channel model's vision tower is the extractor's (frozen weights, same dtype), one tower pass per
+    screenshot serves f(s) and v(s); the features equal those of a separately loaded channel tower exactly."""
+    import torch
+
+    from digiq.channels import ChannelsParams, EpisodeChannels
+    from digiq.live_features import LiveFeaturizer
+    from digiq.vlm import load_vlm
+
+    shared, apart = LiveFeaturizer(**recipe), LiveFeaturizer(**recipe)
+    apart._channels = EpisodeChannels.load(ChannelsParams(**recipe["channels"]), device="cpu")
+    assert shared.channels.vision.shared and not apart.channels.vision.shared
+    calls = []
+    tower = shared.extractor.vlm._llava.vision_tower
+    tower.register_forward_hook(lambda *args: calls.append(1))
+    for featurizer in (shared, apart):
+        featurizer.reset()
+    for view, cands in episode(0):
+        before = len(calls)
+        for (x_v, x_q), (y_v, y_q) in [(shared(view, cands, ALL), apart(view, cands, ALL))]:
+            assert torch.equal(x_v, y_v) and torch.equal(x_q, y_q)
+        assert len(calls) - before == 1  # f(s)'s pass, then v(s) from it
+    bf16 = load_vlm(recipe["model"], dtype="bfloat16", device="cpu")
+    assert not bf16.same_vision(shared.extractor.vlm)  # another dtype: the channel keeps its own tower
