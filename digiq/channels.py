@@ -147,12 +147,13 @@ class VisionTower:
     def __init__(self, model: str | Path, *, dtype: str = "float32", device: str = "auto", batch_size: int = 64,
                  share: Any = None):
         """``share``: a loaded VLM to run the tower of instead, where it gives the same features
-        (:meth:`~digiq.vlm.model.VLM.same_vision`): then one tower pass per screenshot serves f(s) and v(s)."""
+        (:func:`~digiq.vlm.vision.same_vision`): then one tower pass per screenshot serves f(s) and v(s)."""
         from digiq.extractor import VisionOnlyExtractor
         from digiq.vlm import load_vlm
+        from digiq.vlm.vision import same_vision
 
         vlm = load_vlm(model, dtype=dtype, device=device)
-        self.shared = share is not None and share.same_vision(vlm)
+        self.shared = share is not None and same_vision(share, vlm)
         self.extractor = VisionOnlyExtractor(share if self.shared else vlm, batch_size=batch_size)
         self.dim = self.extractor.dim_vision
 

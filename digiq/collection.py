@@ -30,8 +30,9 @@ from digiq.store import MANIFEST, SCREENSHOTS_DIR, STEP_SCHEMA, Dataset
 
 PLAN_FILE = "collect.json"
 # modules of digiq/envs that decide where and how episodes run, not what they contain (tests/test_ray.py: the same
-# shards from every executor): changing them keeps a collection's shards
-EXECUTION_ONLY = ("workers.py", "browser_cleanup.py")
+# shards from every executor; tests/test_evaluate.py: the same episodes with and without replay): changing them
+# keeps a collection's shards
+EXECUTION_ONLY = ("workers.py", "local_pool.py", "replay.py", "browser_cleanup.py")
 SOURCE = "miniwob/behavior"
 
 

@@ -108,12 +108,13 @@ def test_the_image_channel_reads_the_tower_pass_of_f_s_and_gets_the_same_bits(re
     from digiq.channels import ChannelsParams, EpisodeChannels
     from digiq.live_features import LiveFeaturizer
     from digiq.vlm import load_vlm
+    from digiq.vlm.vision import same_vision
 
     shared, apart = LiveFeaturizer(**recipe), LiveFeaturizer(**recipe)
     apart._channels = EpisodeChannels.load(ChannelsParams(**recipe["channels"]), device="cpu")
     assert shared.channels.vision.shared and not apart.channels.vision.shared
     calls = []
-    tower = shared.extractor.vlm._llava.vision_tower
+    tower = shared.extractor.vlm.vision_tower
     tower.register_forward_hook(lambda *args: calls.append(1))
     for featurizer in (shared, apart):
         featurizer.reset()
@@ -123,4 +124,4 @@ def test_the_image_channel_reads_the_tower_pass_of_f_s_and_gets_the_same_bits(re
             assert torch.equal(x_v, y_v) and torch.equal(x_q, y_q)
         assert len(calls) - before == 1  # f(s)'s pass, then v(s) from it
     bf16 = load_vlm(recipe["model"], dtype="bfloat16", device="cpu")
-    assert not bf16.same_vision(shared.extractor.vlm)  # another dtype: the channel keeps its own tower
+    assert not same_vision(bf16, shared.extractor.vlm)  # another dtype: the channel keeps its own tower

@@ -25,8 +25,6 @@ Gradients flow when the caller enables them (LoRA fine-tuning); the vision tower
 
 from __future__ import annotations
 
-import hashlib
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from digiq.errors import DigiqError
 from digiq.vlm import prompts as P
 from digiq.vlm.decoder import Decoder, decoder_stack, expand_cache
 from digiq.vlm.packed import PackedDecoder, packed_supported
+from digiq.vlm.vision import LastCall, tower_features
 from digiq.vlm.inputs import action_points, draw_tap_marker, pad_to_square, patch_grid, patch_index, square_point
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class VLM:
         if tok_id != self.image_token_id:
             raise DigiqError(f"tokenizer maps {self.image_token!r} to {tok_id} but the model's image token id is "
                              f"{self.image_token_id}", file=self.path)
-        self._last_vision: tuple[str, torch.Tensor] | None = None  # (pixels' digest, features): vision_features
+        self._last_vision = LastCall()
         self.strategy = self.config.vision_feature_select_strategy
         self.feature_layer = self.config.vision_feature_layer
         mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
@@ -121,43 +120,18 @@ class VLM:
 
     def vision_features(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """The vision tower's selected features (``vision_feature_layer``/``select_strategy`` of the config),
-        before the projector: ``[B, n_image_tokens, vision_hidden]``. Always without gradients. The tower is frozen,
-        so a call on the same pixels as the last one returns the last result (live evaluation's image channel
-        reads the tower right after f(s) did, :meth:`same_vision`)."""
+        before the projector: ``[B, n_image_tokens, vision_hidden]``. Without gradients; a call on the pixels of
+        the last call returns its result (:mod:`digiq.vlm.vision`)."""
         import torch
 
         pixel_values = images if isinstance(images, torch.Tensor) else self.prepare_images(images)
-        key = hashlib.sha256(pixel_values.detach().cpu().numpy().tobytes()).hexdigest() + str(tuple(pixel_values.shape))
-        if self._last_vision is not None and self._last_vision[0] == key:
-            return self._last_vision[1]
-        features = self._vision_tower_features(pixel_values)
-        self._last_vision = (key, features)
-        return features
+        return self._last_vision(pixel_values, lambda: tower_features(
+            self.vision_tower, pixel_values, device=self.device, dtype=self.dtype, feature_layer=self.feature_layer,
+            strategy=self.strategy))
 
-    def same_vision(self, other: VLM) -> bool:
-        """Whether ``other`` turns a screenshot into the same vision features: the same pre-processing, dtype and
-        device, the same selected layers, and a vision tower with equal weights (fine-tuning leaves it frozen)."""
-        import torch
-
-        settings = ("dtype", "device", "strategy", "feature_layer", "pad_fill")
-        if any(getattr(self, name) != getattr(other, name) for name in settings):
-            return False
-        if self.processor.image_processor.to_dict() != other.processor.image_processor.to_dict():
-            return False
-        mine, theirs = self._llava.vision_tower.state_dict(), other._llava.vision_tower.state_dict()
-        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-
-    def _vision_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        with torch.no_grad():
-            out = self._llava.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True,
-                                           return_dict=True)
-            layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-            selected = [out.hidden_states[i] for i in layers]
-            if self.strategy == "default":
-                selected = [h[:, 1:] for h in selected]
-            return torch.cat(selected, dim=-1)
+    @property
+    def vision_tower(self) -> Any:
+        return self._llava.vision_tower
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The multimodal projector (differentiable: LoRA fine-tuning may train it)."""
