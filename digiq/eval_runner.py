@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from digiq.atomic import write_json
 from digiq.envs.miniwob import BrowserConfig, check_tasks
 from digiq.envs.policy import PolicySpec
+from digiq.envs.replay import ReplayCounts
 from digiq.envs.rollout import episode_seed
 from digiq.envs.workers import RunConfig, Unit, episode_blocks, run_units
 from digiq.errors import DigiqError
@@ -233,6 +234,10 @@ class ShardWriter:
         self.unit_of = {(u.task, i): u for u in units for i in u.indices}
         self.got: dict[Unit, dict[int, dict[str, Any]]] = {u: {} for u in units}
 
+    def received(self) -> list[dict[str, Any]]:
+        """Every episode summary this run handed in (with its cost)."""
+        return [summary for got in self.got.values() for summary in got.values()]
+
     def __call__(self, summary: dict[str, Any]) -> None:
         unit = self.unit_of[(summary["task"], summary["index"])]
         fresh = summary["index"] not in self.got[unit]
@@ -280,24 +285,19 @@ def run_methods(evaluation: Evaluation, prints: Fingerprints, *, progress: bool 
     units = pooled_units(evaluation, todo)
     runs = [run for run in prints if todo[run]]
     total = sum(len(evaluation.tasks) * ev.episodes_per_task[protocol] for protocol, _ in prints)
-    episodes: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
     with progress_bar("evaluate", total, enabled=progress, unit="episodes") as bar:
         bar.update(completed=total - sum(len(u.indices) for us in todo.values() for u in us))
         writers = {run_name(run): ShardWriter(evaluation, run, todo[run], prints[run], bar.advance) for run in runs}
-        by_name = {run_name(run): run for run in runs}
-
-        def finished_episode(summary: dict[str, Any]) -> None:
-            writers[summary["run"]](summary)
-            episodes[by_name[summary["run"]]].append(summary)
-
         started = time.perf_counter()
         if units:
-            run_units(units, evaluation.run_config(runs, browser), ev.workers, on_episode=finished_episode, executor=ev.executor)
+            run_units(units, evaluation.run_config(runs, browser), ev.workers,
+                      on_episode=lambda summary: writers[summary["run"]](summary), executor=ev.executor)
         seconds = time.perf_counter() - started
     timing: dict[str, Any] = {}
-    for (protocol, method), eps in episodes.items():
-        timing.setdefault(protocol, {})[method] = method_timing(eps)
-    return {"methods": timing, "pool": pool_timing([e for eps in episodes.values() for e in eps], seconds, ev)}
+    for protocol, method in runs:
+        timing.setdefault(protocol, {})[method] = method_timing(writers[run_name((protocol, method))].received())
+    played = [summary for writer in writers.values() for summary in writer.received()]
+    return {"methods": timing, "pool": pool_timing(played, seconds, ev)}
 
 
 def pooled_units(evaluation: Evaluation, todo: dict[tuple[str, str], list[Unit]]) -> list[Unit]:
@@ -318,13 +318,17 @@ def method_timing(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     seconds, steps = sum(e["cost"]["seconds"] for e in episodes), sum(e["steps"] for e in episodes)
     return {"seconds": round(seconds, 2), "episodes": len(episodes), "steps": steps,
             "seconds_per_episode": round(seconds / max(len(episodes), 1), 3),
-            "steps_per_second": round(steps / seconds, 2) if seconds > 0 else 0.0,
-            "pages": {k: sum(e["cost"][k] for e in episodes) for k in ("browser", "reused", "replayed")}}
+            "steps_per_second": round(steps / seconds, 2) if seconds > 0 else 0.0, "pages": pages_of(episodes)}
+
+
+def pages_of(episodes: list[dict[str, Any]]) -> dict[str, int]:
+    """Where the pages of ``episodes`` came from: summed :class:`~digiq.envs.replay.ReplayCounts` of their costs."""
+    return {k: sum(e["cost"][k] for e in episodes) for k in ReplayCounts().as_dict()}
 
 
 def pool_timing(episodes: list[dict[str, Any]], seconds: float, ev: EvaluateParams) -> dict[str, Any]:
     """The whole pool: wall seconds, episodes, and where the pages of all episodes came from."""
-    pages = {k: sum(e["cost"][k] for e in episodes) for k in ("browser", "reused", "replayed")}
+    pages = pages_of(episodes)
     return {"wall_seconds": round(seconds, 1), "episodes": len(episodes), "workers": ev.workers, "reuse": ev.reuse,
             "pages": pages, "pages_from_browser": round((pages["browser"] + pages["replayed"]) / max(sum(pages.values()), 1), 3)}
 

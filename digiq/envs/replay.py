@@ -20,7 +20,7 @@ from digiq.envs.miniwob import MiniWoBEnv, Observation, StepResult
 from digiq.errors import DigiqError
 from digiq.schema import Action
 
-Path = tuple[Action, ...]
+Prefix = tuple[Action, ...]  # the actions of an episode so far
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EpisodeTree:
 
     task: str
     seed: int
-    nodes: dict[Path, Observation | StepResult] = field(default_factory=dict)
+    nodes: dict[Prefix, Observation | StepResult] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,8 +54,8 @@ class ReplayingEnv:
         self.reuse = reuse
         self.env: MiniWoBEnv | None = None
         self.tree: EpisodeTree | None = None
-        self.path: Path = ()
-        self.at: Path | None = None  # the prefix the browser's page stands at in the tree's episode (None: unknown or ended)
+        self.path: Prefix = ()
+        self.at: Prefix | None = None  # the prefix the browser's page stands at in the tree's episode (None: unknown or ended)
         self.counts = ReplayCounts()
 
     def attach(self, env: MiniWoBEnv) -> None:
@@ -81,7 +81,7 @@ class ReplayingEnv:
         assert isinstance(node, StepResult)
         return node
 
-    def _node(self, path: Path, play: Any) -> Observation | StepResult:
+    def _node(self, path: Prefix, play: Any) -> Observation | StepResult:
         assert self.tree is not None
         node = self.tree.nodes.get(path)
         if node is None:
@@ -102,7 +102,7 @@ class ReplayingEnv:
         self.at = ()
         return obs
 
-    def _play_step(self, prefix: Path, action: Action) -> StepResult:
+    def _play_step(self, prefix: Prefix, action: Action) -> StepResult:
         if self.at != prefix:
             self._replay(prefix)
         self.at = None  # until the step is known to have left the page standing
@@ -110,7 +110,7 @@ class ReplayingEnv:
         self.at = None if result.done else (*prefix, action)
         return result
 
-    def _replay(self, prefix: Path) -> None:
+    def _replay(self, prefix: Prefix) -> None:
         """Bring the browser to ``prefix`` from the seed, checking each page against the tree."""
         assert self.tree is not None
         self.at = None
@@ -121,7 +121,7 @@ class ReplayingEnv:
         self.counts.replayed += len(prefix) + 1
         self.at = prefix
 
-    def _check(self, path: Path, got: Observation | StepResult) -> None:
+    def _check(self, path: Prefix, got: Observation | StepResult) -> None:
         assert self.tree is not None
         if not same_page(self.tree.nodes[path], got):
             raise DigiqError(
